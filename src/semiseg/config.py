@@ -1,0 +1,378 @@
+"""Typed run configuration.
+
+A config is YAML. A file may inherit from others with ``_base_: other.yaml`` (or a list; paths are
+relative to the file); mappings merge deeply, everything else is replaced. Command-line overrides
+``--set train.iters=200`` are applied last (the value is parsed as YAML). The merged mapping is then
+checked against the dataclasses below: an unknown key or a wrong type raises :class:`ConfigError`
+naming the dotted key. The ``method`` section and every entry of ``plugins`` are validated against
+the config dataclass registered by that method or plug-in, so each method owns its options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyntheticConfig:
+    """Procedural dataset (the built-in default): thin branching curves and blob lesions."""
+
+    num_labeled_pool: int = 24  # images in the training pool (labeled + unlabeled)
+    num_val: int = 4
+    num_test: int = 8
+    size: int = 96  # square image side
+    num_classes: int = 3  # 2 = background/vessel, 3 = + lesion, 4 = + second lesion kind
+    channels: int = 3
+
+
+@dataclass
+class StrongAugConfig:
+    """Strong view recipe (DESIGN §3.1, UniMatch)."""
+
+    color_jitter: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.25])
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    cutmix_p: float = 0.5
+    cutmix_area: list[float] = field(default_factory=lambda: [0.02, 0.4])
+    cutmix_aspect: float = 0.3  # aspect ratio sampled in U(a, 1/a)
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str | None = None
+    # Labeled subset of the training pool: a fraction in (0, 1] (float) or a count (int >= 1).
+    labeled: float | int = 0.125
+    split_seed: int | None = None  # None: use the run seed (seed changes split, init and aug)
+    split_dir: str | None = None  # folder with labeled.txt / unlabeled.txt / val.txt / test.txt
+    num_classes: int | None = None  # None: the dataset's own
+    class_names: list[str] | None = None
+    resize: float = 1.0  # scale every image (and mask) by this factor when loading
+    long_side: int | None = None  # or: resize so the long side has this length
+    crop_size: int = 128
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    hflip: bool = True
+    batch_size: int = 4
+    unlabeled_batch_size: int = 4
+    num_workers: int = 0
+    mean: list[float] | None = None  # None: ImageNet for RGB, 0.5 for greyscale
+    std: list[float] | None = None
+    hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # MedSeg NIfTI only
+    mask_suffix: str = "_1stHO"  # CHASE_DB1: which observer
+    strong: StrongAugConfig = field(default_factory=StrongAugConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["unet", "deeplabv3plus"] = "unet"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net levels
+    backbone: str = "resnet101"  # DeepLabV3+: a timm ResNet name
+    pretrained: bool = False  # ImageNet weights through timm (needs the network)
+    weights: str | None = None  # local backbone weights file (offline ImageNet weights)
+    output_stride: int = 16
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    low_level_channels: int = 48
+    fp_dropout: float = 0.5  # feature-perturbation Dropout2d (UniMatch)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.01
+    lr_multi: float = 1.0  # head lr = lr * lr_multi (backbone keeps lr)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    poly_power: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 800
+    amp: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 20
+    eval_every: int = 0  # 0: validate only at the end (when a val split exists)
+    ckpt_every: int = 100
+    threads: int | None = None  # torch.set_num_threads; None: torch's default
+
+
+@dataclass
+class EvalConfig:
+    mode: Literal["whole", "sliding"] = "whole"
+    window: int = 128  # sliding-window size
+    overlap: float = 0.5  # sliding-window overlap fraction in [0, 1)
+    size_divisor: int = 32  # whole-image mode pads to a multiple of this
+    splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated at the end of training
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    deterministic: bool = False
+    run_dir: str | None = None  # None: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: Any = None  # the registered method's config dataclass
+    plugins: dict[str, Any] = field(default_factory=dict)  # name -> plug-in config dataclass
+
+
+# --------------------------------------------------------------------------------------------
+# Registries of method / plug-in config classes (filled by the modules that define them)
+# --------------------------------------------------------------------------------------------
+
+METHOD_CONFIGS: dict[str, type] = {}
+PLUGIN_CONFIGS: dict[str, type] = {}
+
+
+def _ensure_registries() -> None:
+    from . import methods, plugins  # noqa: F401  (importing registers the config classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file and everything it inherits through ``_base_``."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular _base_ inheritance")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise ConfigError(f"{path}: invalid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        merged = _deep_merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
+    return _deep_merge(merged, raw)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
+    tree = dict(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.iters=200")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        parts = key.strip().split(".")
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a section")
+            node[part] = dict(child)
+            node = node[part]
+        node[parts[-1]] = value
+    return tree
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; return it (dataclasses are built). Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return build_dataclass(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected str, got {value!r}")
+    raise ConfigError(f"{key}: unsupported schema type {tp!r}")  # pragma: no cover
+
+
+def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{dotted}: unknown config key (known here: {known})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(prefix)
+    return obj
+
+
+def build_config(tree: dict) -> RunConfig:
+    """Validate a merged raw mapping into a :class:`RunConfig`."""
+    _ensure_registries()
+    tree = dict(tree)
+    method_raw = tree.pop("method", None) or {"name": "supervised"}
+    plugins_raw = tree.pop("plugins", None) or {}
+    cfg: RunConfig = build_dataclass(RunConfig, tree)
+    if not isinstance(method_raw, dict):
+        raise ConfigError(f"method: expected a mapping, got {method_raw!r}")
+    name = method_raw.get("name", "supervised")
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHOD_CONFIGS))})")
+    cfg.method = build_dataclass(METHOD_CONFIGS[name], {**method_raw, "name": name}, "method")
+    if not isinstance(plugins_raw, dict):
+        raise ConfigError(f"plugins: expected a mapping of plug-in name to options, got {plugins_raw!r}")
+    for pname, options in plugins_raw.items():
+        if pname not in PLUGIN_CONFIGS:
+            known = ", ".join(sorted(PLUGIN_CONFIGS)) or "none"
+            raise ConfigError(f"plugins.{pname}: unknown plug-in (known: {known})")
+        cfg.plugins[pname] = build_dataclass(PLUGIN_CONFIGS[pname], options or {}, f"plugins.{pname}")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    d = cfg.data
+    if isinstance(d.labeled, float) and not 0.0 < d.labeled <= 1.0:
+        raise ConfigError(f"data.labeled: a fraction must be in (0, 1], got {d.labeled}")
+    if isinstance(d.labeled, int) and d.labeled < 1:
+        raise ConfigError(f"data.labeled: a count must be >= 1, got {d.labeled}")
+    if d.crop_size < 8:
+        raise ConfigError(f"data.crop_size: must be >= 8, got {d.crop_size}")
+    if d.batch_size < 1 or d.unlabeled_batch_size < 1:
+        raise ConfigError("data.batch_size: batch sizes must be >= 1")
+    if d.resize <= 0:
+        raise ConfigError(f"data.resize: must be > 0, got {d.resize}")
+    if len(d.scale_range) != 2 or d.scale_range[0] > d.scale_range[1]:
+        raise ConfigError(f"data.scale_range: expected [low, high], got {d.scale_range}")
+    if cfg.train.iters < 1:
+        raise ConfigError(f"train.iters: must be >= 1, got {cfg.train.iters}")
+    if not 0.0 <= cfg.eval.overlap < 1.0:
+        raise ConfigError(f"eval.overlap: must be in [0, 1), got {cfg.eval.overlap}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a config file (or the defaults when ``path`` is None), apply overrides, validate."""
+    tree = load_yaml_tree(path) if path is not None else {}
+    tree = apply_overrides(tree, overrides or [])
+    return build_config(tree)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain mapping of a resolved config (round-trips through :func:`build_config`)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Stable short hash of everything that changes a run's result."""
+    import hashlib
+    import json
+
+    tree = config_to_dict(cfg)
+    for volatile in ("run_dir", "name"):
+        tree.pop(volatile, None)
+    for volatile in ("log_every", "ckpt_every", "threads"):
+        tree["train"].pop(volatile, None)
+    blob = json.dumps(tree, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""Datasets, readers, augmentations and samplers."""

@@ -1,0 +1,194 @@
+"""The data contract every dataset follows.
+
+A dataset *builder* (one small module per format, registered in :data:`DATASETS`) turns a
+:class:`~semiseg.config.DataConfig` into a :class:`DatasetSource`: lists of :class:`Record` (cheap,
+picklable references to an image and an optional mask) for the training pool, extra unlabeled
+images, validation and test, plus class names and the channel count. :func:`make_splits` then picks
+the labeled subset (fraction or count, seeded) or reads split files, so no builder repeats that.
+
+Pixels are read lazily by :func:`semiseg.data.io.read_record` through the reader named by
+``Record.reader``; images come back as float32 ``H×W×C`` in [0, 1], masks as uint8 ``H×W`` with
+255 = ignore.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..config import DataConfig
+from ..errors import DataError
+
+IGNORE_INDEX = 255
+
+
+@dataclass(frozen=True)
+class Record:
+    """Reference to one image (and its mask, if labeled).
+
+    ``reader`` names a function in :data:`semiseg.data.io.READERS` (``"file"`` for ordinary image
+    files, ``"nifti"`` / ``"h5"`` for slices of volumes, ``"synthetic"`` for generated images);
+    ``index`` is the slice index or generator seed where the reader needs one.
+    """
+
+    name: str
+    image: str
+    mask: str | None = None
+    reader: str = "file"
+    index: int | None = None
+    label_map: str | None = None  # name of a mask value mapping (e.g. "cityscapes_trainid")
+
+    def unlabeled(self) -> Record:
+        return replace(self, mask=None)
+
+
+@dataclass
+class DatasetSource:
+    """What a builder returns: the records of each part and the dataset's metadata."""
+
+    train_pool: list[Record]  # labeled candidates (must have masks); split into labeled/unlabeled
+    test: list[Record]
+    class_names: list[str]
+    in_channels: int
+    val: list[Record] = field(default_factory=list)
+    extra_unlabeled: list[Record] = field(default_factory=list)  # images that never had masks
+    palette: list[tuple[int, int, int]] | None = None
+    # The paper-style labeled subset for a fraction, when the dataset defines one (else None).
+    fixed_labeled: Callable[[float | int], list[str]] | None = None
+
+
+@dataclass
+class DataSplits:
+    """The four parts a run uses, after the labeled subset has been chosen."""
+
+    labeled: list[Record]
+    unlabeled: list[Record]
+    val: list[Record]
+    test: list[Record]
+    class_names: list[str]
+    in_channels: int
+    palette: list[tuple[int, int, int]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+DatasetBuilder = Callable[[DataConfig], DatasetSource]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    def wrap(fn: DatasetBuilder) -> DatasetBuilder:
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """PASCAL-VOC style colour map (background black), extended to any number of classes."""
+    palette = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+def labeled_count(pool_size: int, labeled: float | int, key: str = "data.labeled") -> int:
+    """Number of labeled images for a fraction (float) or count (int) of a pool."""
+    if isinstance(labeled, float):
+        count = int(round(pool_size * labeled)) if labeled < 1.0 else pool_size
+    else:
+        count = int(labeled)
+    if count < 1:
+        raise DataError(f"{key}={labeled}: gives zero labeled images out of {pool_size}")
+    if count > pool_size:
+        raise DataError(f"{key}={labeled}: asks for {count} labeled images but the pool has {pool_size}")
+    return count
+
+
+def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Record]:
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}")
+    return [by_name[n] for n in names]
+
+
+def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits:
+    """Choose the labeled subset (or read ``cfg.split_dir``) and return the run's four parts."""
+    num_classes = cfg.num_classes or len(source.class_names)
+    class_names = cfg.class_names or source.class_names
+    if len(class_names) != num_classes:
+        class_names = [*class_names, *(f"class_{i}" for i in range(len(class_names), num_classes))][:num_classes]
+    palette = source.palette or default_palette(num_classes)
+    if len(palette) < num_classes:
+        palette = default_palette(num_classes)
+
+    pool = list(source.train_pool)
+    if cfg.split_dir:
+        split_dir = Path(cfg.split_dir)
+        if not split_dir.is_absolute() and cfg.root:
+            split_dir = Path(cfg.root) / split_dir
+        everything = pool + source.extra_unlabeled + source.val + source.test
+        by_name = {r.name: r for r in everything}
+        labeled = read_split_file(split_dir / "labeled.txt", by_name, "data.split_dir")
+        unl_file = split_dir / "unlabeled.txt"
+        unlabeled = read_split_file(unl_file, by_name, "data.split_dir") if unl_file.is_file() else []
+        val_file, test_file = split_dir / "val.txt", split_dir / "test.txt"
+        val = read_split_file(val_file, by_name, "data.split_dir") if val_file.is_file() else source.val
+        test = read_split_file(test_file, by_name, "data.split_dir") if test_file.is_file() else source.test
+        unlabeled = [r.unlabeled() for r in unlabeled]
+    else:
+        if not pool:
+            raise DataError(f"data.name={cfg.name}: the training pool is empty (no labeled images found)")
+        chosen_names = source.fixed_labeled(cfg.labeled) if source.fixed_labeled else None
+        if chosen_names is None:
+            count = labeled_count(len(pool), cfg.labeled)
+            rng = random.Random(seed)
+            order = sorted(pool, key=lambda r: r.name)
+            rng.shuffle(order)
+            chosen_names = [r.name for r in order[:count]]
+        chosen = set(chosen_names)
+        labeled = [r for r in pool if r.name in chosen]
+        unlabeled = [r.unlabeled() for r in pool if r.name not in chosen] + [
+            r.unlabeled() for r in source.extra_unlabeled
+        ]
+        val, test = source.val, source.test
+    if not labeled:
+        raise DataError("labeled split is empty: nothing to train on (check data.labeled / data.split_dir)")
+    missing_mask = [r for r in labeled if r.mask is None]
+    if missing_mask:
+        raise DataError(f"{missing_mask[0].image}: labeled image has no mask")
+    return DataSplits(
+        labeled=labeled,
+        unlabeled=unlabeled,
+        val=val,
+        test=test,
+        class_names=list(class_names),
+        in_channels=source.in_channels,
+        palette=[tuple(c) for c in palette],
+    )
+
+
+def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
+    """Build the dataset named by ``cfg.name`` and choose its splits."""
+    from . import formats  # noqa: F401  (registers the builders)
+
+    if cfg.name not in DATASETS:
+        known = ", ".join(sorted(DATASETS))
+        raise DataError(f"data.name: unknown dataset {cfg.name!r} (known: {known})")
+    source = DATASETS[cfg.name](cfg)
+    split_seed = cfg.split_seed if cfg.split_seed is not None else seed
+    return make_splits(source, cfg, split_seed)

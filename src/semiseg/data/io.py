@@ -1,0 +1,204 @@
+"""Reading records into arrays, with the checks that give bad input a clear one-line error.
+
+Readers are registered by name (``Record.reader``); format modules add their own (NIfTI, h5).
+A reader returns the *raw* image (float32 H×W×C in [0, 1]) and raw mask (integer H×W or None);
+:func:`read_record` then applies the record's label map, the configured resize, and validates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..config import DataConfig
+from ..errors import DataError
+from .base import IGNORE_INDEX, Record
+
+Reader = Callable[[Record, DataConfig], tuple[np.ndarray, np.ndarray | None]]
+READERS: dict[str, Reader] = {}
+LABEL_MAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm")
+
+
+def register_reader(name: str) -> Callable[[Reader], Reader]:
+    def wrap(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_label_map(name: str):
+    def wrap(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        LABEL_MAPS[name] = fn
+        return fn
+
+    return wrap
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file fully (decoding now), or raise DataError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    return img
+
+
+def pil_to_float(img: Image.Image) -> np.ndarray:
+    """PIL image -> float32 H×W×C in [0, 1]; greyscale stays 1 channel, alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        return (arr / peak)[..., None].clip(0, 1)
+    if img.mode in ("1", "L", "LA", "F"):
+        img = img.convert("L")
+    elif img.mode != "RGB":
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def read_mask_file(path: str | Path) -> np.ndarray:
+    """Index mask (PNG palette/L/1-bit) -> uint8 H×W of class indices (255 = ignore)."""
+    img = open_image(path)
+    if img.mode == "1":
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in ("RGB", "RGBA"):
+        arr = np.asarray(img)
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise DataError(f"{path}: colour mask; masks must hold class indices (mode L or P)")
+        return arr[..., 0].astype(np.uint8)
+    arr = np.asarray(img)
+    if arr.ndim != 2:
+        raise DataError(f"{path}: mask must be single-channel, got shape {arr.shape}")
+    if arr.max(initial=0) > 255:
+        raise DataError(f"{path}: mask value {int(arr.max())} does not fit the 0..255 index range")
+    return arr.astype(np.uint8)
+
+
+@register_reader("file")
+def read_file_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    image = pil_to_float(open_image(record.image))
+    mask = read_mask_file(record.mask) if record.mask else None
+    return image, mask
+
+
+def target_size(height: int, width: int, cfg: DataConfig) -> tuple[int, int]:
+    """Size after ``data.long_side`` / ``data.resize``."""
+    if cfg.long_side:
+        scale = cfg.long_side / max(height, width)
+    else:
+        scale = cfg.resize
+    if scale == 1.0:
+        return height, width
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: tuple[int, int]):
+    """Resize image (bilinear) and mask (nearest) to ``size`` = (H, W)."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image, mask
+    channels = [
+        np.asarray(Image.fromarray(image[..., c]).resize((w, h), Image.BILINEAR), dtype=np.float32)
+        for c in range(image.shape[2])
+    ]
+    image = np.stack(channels, axis=-1)
+    if mask is not None:
+        mask = np.asarray(Image.fromarray(mask).resize((w, h), Image.NEAREST))
+    return image, mask
+
+
+def read_record(
+    record: Record, cfg: DataConfig, num_classes: int, in_channels: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read, map, resize and validate one record. Results are cached per process (read-only arrays)."""
+    key = (record, cfg.resize, cfg.long_side, tuple(cfg.hu_window), num_classes, in_channels)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = _read_uncached(record, cfg, num_classes, in_channels)
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = hit
+    return hit
+
+
+_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
+_CACHE_SIZE = 256
+
+
+def _read_uncached(record: Record, cfg: DataConfig, num_classes: int, in_channels: int | None):
+    if record.reader not in READERS:
+        raise DataError(f"{record.image}: no reader named {record.reader!r}")
+    image, mask = READERS[record.reader](record, cfg)
+    where = record.image if record.index is None else f"{record.image}[{record.index}]"
+    if in_channels is not None and image.shape[2] != in_channels:
+        raise DataError(
+            f"{where}: image has {image.shape[2]} channel(s) but the model expects {in_channels}"
+        )
+    if mask is not None:
+        if record.label_map:
+            mask = LABEL_MAPS[record.label_map](mask)
+        if mask.shape[:2] != image.shape[:2]:
+            raise DataError(
+                f"{record.mask}: mask size {mask.shape[1]}x{mask.shape[0]} differs from image "
+                f"{where} size {image.shape[1]}x{image.shape[0]}"
+            )
+        bad = (mask >= num_classes) & (mask != IGNORE_INDEX)
+        if bad.any():
+            raise DataError(
+                f"{record.mask}: mask value {int(mask[bad].max())} is not a class index "
+                f"(dataset has {num_classes} classes; 255 = ignore)"
+            )
+        mask = mask.astype(np.uint8)
+    size = target_size(image.shape[0], image.shape[1], cfg)
+    image, mask = resize_pair(image.astype(np.float32), mask, size)
+    image.setflags(write=False)
+    if mask is not None:
+        mask.setflags(write=False)
+    return image, mask
+
+
+def normalization(cfg: DataConfig, channels: int) -> tuple[list[float], list[float]]:
+    """Mean/std per channel: the configured ones, else ImageNet (RGB) or 0.5/0.5 (greyscale)."""
+    if cfg.mean is not None and cfg.std is not None:
+        if len(cfg.mean) != channels or len(cfg.std) != channels:
+            raise DataError(f"data.mean/data.std: need {channels} values, got {len(cfg.mean)}/{len(cfg.std)}")
+        return list(cfg.mean), list(cfg.std)
+    if channels == 3:
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    return [0.5] * channels, [0.5] * channels
+
+
+def normalize(image: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """C×H×W (or N×C×H×W) tensor in [0, 1] -> normalised."""
+    shape = (-1, 1, 1)
+    m = torch.tensor(mean, dtype=image.dtype, device=image.device).view(shape)
+    s = torch.tensor(std, dtype=image.dtype, device=image.device).view(shape)
+    return (image - m) / s
+
+
+def image_to_tensor(image: np.ndarray, cfg: DataConfig) -> torch.Tensor:
+    """H×W×C float array in [0, 1] -> normalised C×H×W tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    mean, std = normalization(cfg, t.shape[0])
+    return normalize(t, mean, std)
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

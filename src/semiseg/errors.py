@@ -1,0 +1,19 @@
+"""User-facing errors: one line, naming the file or config key, non-zero exit from the CLI."""
+
+from __future__ import annotations
+
+
+class SemisegError(Exception):
+    """An error caused by user input (config, data, paths). The CLI prints it on one line and exits 2."""
+
+
+class ConfigError(SemisegError):
+    """Unknown key, wrong type or bad value in a config; the message names the dotted key."""
+
+
+class DataError(SemisegError):
+    """Missing, unreadable or inconsistent data; the message names the file."""
+
+
+class TrainingError(SemisegError):
+    """Training cannot go on (NaN loss, existing run directory, ...)."""

@@ -1,0 +1,34 @@
+"""Supervised baseline: labeled loss only, same augmentations and schedule (DESIGN §3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..losses import dice_loss, supervised_ce
+from .base import Batch, Method, MethodConfig, StepInfo, register_method
+
+
+@dataclass
+class SupervisedConfig(MethodConfig):
+    name: str = "supervised"
+    dice_weight: float = 0.0  # > 0: loss_x = (CE + w·Dice) / (1 + w) (the medical UniMatch variant uses 1)
+
+
+def labeled_loss(logits: Tensor, target: Tensor, dice_weight: float) -> Tensor:
+    """``loss_x``: CE, or (CE + w·Dice)/(1 + w) for the medical variant."""
+    ce = supervised_ce(logits, target)
+    if dice_weight <= 0:
+        return ce
+    return (ce + dice_weight * dice_loss(logits, target)) / (1.0 + dice_weight)
+
+
+@register_method("supervised")
+class Supervised(Method):
+    Config = SupervisedConfig
+    uses_unlabeled = False
+
+    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+        loss_x = labeled_loss(self.net(batch.x_l), batch.y_l, self.cfg.dice_weight)
+        return {"loss_x": loss_x, "total": loss_x}
