@@ -11,6 +11,7 @@ the config dataclass registered by that method or plug-in, so each method owns i
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: validate only at the end (when a val split exists)
     ckpt_every: int = 100
     threads: int | None = None  # torch.set_num_threads; None: torch's default
+    sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under torchrun on CUDA
+    progress: Literal["auto", "bar", "log", "none"] = "auto"  # auto: bar on a TTY, log lines otherwise
 
 
 @dataclass
@@ -124,6 +127,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
+    protocol: str = "custom"  # label for result records (cpu-small, paper, ...)
     seed: int = 0
     deterministic: bool = False
     run_dir: str | None = None  # None: runs/<name>
@@ -186,6 +190,9 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return _deep_merge(merged, raw)
 
 
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config mapping."""
     tree = dict(tree)
@@ -197,6 +204,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e30" as a string
         parts = key.strip().split(".")
         node = tree
         for i, part in enumerate(parts[:-1]):
@@ -231,8 +240,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if isinstance(value, int) and not isinstance(value, bool) and int in args:
+            return value  # ``float | int``: an integer stays a count, not a fraction
         errors = []
-        for arg in typing.get_args(tp):
+        for arg in args:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
@@ -313,7 +325,9 @@ def build_config(tree: dict) -> RunConfig:
         raise ConfigError(f"method: expected a mapping, got {method_raw!r}")
     name = method_raw.get("name", "supervised")
     if name not in METHOD_CONFIGS:
-        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHOD_CONFIGS))})")
+        raise ConfigError(
+            f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHOD_CONFIGS))})"
+        )
     cfg.method = build_dataclass(METHOD_CONFIGS[name], {**method_raw, "name": name}, "method")
     if not isinstance(plugins_raw, dict):
         raise ConfigError(f"plugins: expected a mapping of plug-in name to options, got {plugins_raw!r}")

@@ -58,3 +58,22 @@ def pseudo_label(logits: Tensor) -> tuple[Tensor, Tensor]:
         probs = logits.detach().softmax(dim=1)
         confidence, label = probs.max(dim=1)
     return label, confidence
+
+
+def masked_softmax_mse(
+    logits: Tensor,
+    target_probs: Tensor,
+    confidence: Tensor,
+    ignore: Tensor,
+    threshold: float = 0.0,
+    pixel_weight: Tensor | None = None,
+) -> Tensor:
+    """Mean Teacher's consistency: per-pixel ``mean_c (softmax(logits) − p_teacher)²``, summed over
+    pixels with ``conf ≥ τ`` that are not ignored (times ``pixel_weight``), divided by the number of
+    non-ignored pixels — the normalisation of :func:`masked_pseudo_ce`."""
+    mse = (logits.softmax(dim=1) - target_probs.detach()).pow(2).mean(dim=1)
+    not_ignored = (ignore != IGNORE_INDEX).float()
+    weight = (confidence >= threshold).float() * not_ignored
+    if pixel_weight is not None:
+        weight = weight * pixel_weight
+    return (mse * weight).sum() / not_ignored.sum().clamp_min(1.0)

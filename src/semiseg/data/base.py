@@ -13,10 +13,12 @@ Pixels are read lazily by :func:`semiseg.data.io.read_record` through the reader
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from ..config import DataConfig
 from ..errors import DataError
@@ -57,6 +59,9 @@ class DatasetSource:
     palette: list[tuple[int, int, int]] | None = None
     # The paper-style labeled subset for a fraction, when the dataset defines one (else None).
     fixed_labeled: Callable[[float | int], list[str]] | None = None
+    # How a fraction becomes a count when make_splits draws the subset: "round" (default) or
+    # "floor" (at least 1), whichever reproduces the dataset's papers (CHASE_DB1: 23/8 -> 2).
+    labeled_rounding: Literal["round", "floor"] = "round"
 
 
 @dataclass
@@ -103,10 +108,37 @@ def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
     return palette
 
 
-def labeled_count(pool_size: int, labeled: float | int, key: str = "data.labeled") -> int:
-    """Number of labeled images for a fraction (float) or count (int) of a pool."""
+def require_root(cfg: DataConfig, layout: str) -> Path:
+    """``cfg.root`` as a Path, or a one-line DataError naming ``data.root`` / the missing folder.
+
+    ``layout`` is a short hint of what the folder should hold (shown when ``data.root`` is unset).
+    """
+    if not cfg.root:
+        raise DataError(f"data.root: required for dataset {cfg.name!r} (a folder with {layout})")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: data.root folder not found (dataset {cfg.name!r})")
+    return root
+
+
+def labeled_count(
+    pool_size: int,
+    labeled: float | int,
+    key: str = "data.labeled",
+    rounding: Literal["round", "floor"] = "round",
+) -> int:
+    """Number of labeled images for a fraction (float) or count (int) of a pool.
+
+    ``rounding="floor"`` truncates with a minimum of 1 (the CHASE_DB1 papers: 23 × 1/8 -> 2,
+    23 × 1/4 -> 5); ``"round"`` rounds to nearest (MedSeg: 70 × 1/8 -> 9, 70 × 1/4 -> 18).
+    """
     if isinstance(labeled, float):
-        count = int(round(pool_size * labeled)) if labeled < 1.0 else pool_size
+        if labeled >= 1.0:
+            count = pool_size
+        elif rounding == "floor":
+            count = max(1, math.floor(pool_size * labeled + 1e-9))
+        else:
+            count = int(round(pool_size * labeled))
     else:
         count = int(labeled)
     if count < 1:
@@ -119,7 +151,9 @@ def labeled_count(pool_size: int, labeled: float | int, key: str = "data.labeled
 def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Record]:
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    names = [
+        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
     missing = [n for n in names if n not in by_name]
     if missing:
         raise DataError(f"{path}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}")
@@ -131,7 +165,9 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
     num_classes = cfg.num_classes or len(source.class_names)
     class_names = cfg.class_names or source.class_names
     if len(class_names) != num_classes:
-        class_names = [*class_names, *(f"class_{i}" for i in range(len(class_names), num_classes))][:num_classes]
+        class_names = [*class_names, *(f"class_{i}" for i in range(len(class_names), num_classes))][
+            :num_classes
+        ]
     palette = source.palette or default_palette(num_classes)
     if len(palette) < num_classes:
         palette = default_palette(num_classes)
@@ -155,7 +191,7 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
             raise DataError(f"data.name={cfg.name}: the training pool is empty (no labeled images found)")
         chosen_names = source.fixed_labeled(cfg.labeled) if source.fixed_labeled else None
         if chosen_names is None:
-            count = labeled_count(len(pool), cfg.labeled)
+            count = labeled_count(len(pool), cfg.labeled, rounding=source.labeled_rounding)
             rng = random.Random(seed)
             order = sorted(pool, key=lambda r: r.name)
             rng.shuffle(order)

@@ -145,9 +145,7 @@ def _read_uncached(record: Record, cfg: DataConfig, num_classes: int, in_channel
     image, mask = READERS[record.reader](record, cfg)
     where = record.image if record.index is None else f"{record.image}[{record.index}]"
     if in_channels is not None and image.shape[2] != in_channels:
-        raise DataError(
-            f"{where}: image has {image.shape[2]} channel(s) but the model expects {in_channels}"
-        )
+        raise DataError(f"{where}: image has {image.shape[2]} channel(s) but the model expects {in_channels}")
     if mask is not None:
         if record.label_map:
             mask = LABEL_MAPS[record.label_map](mask)
@@ -192,7 +190,7 @@ def normalize(image: torch.Tensor, mean: list[float], std: list[float]) -> torch
 
 def image_to_tensor(image: np.ndarray, cfg: DataConfig) -> torch.Tensor:
     """H×W×C float array in [0, 1] -> normalised C×H×W tensor."""
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    t = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)  # copies the read-only cached array
     mean, std = normalization(cfg, t.shape[0])
     return normalize(t, mean, std)
 

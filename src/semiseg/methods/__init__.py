@@ -1,6 +1,73 @@
-"""Training methods; importing this package registers every built-in method."""
+"""Training methods; importing this package registers every built-in method.
 
-from . import supervised  # noqa: F401
+:func:`build_method` is what the trainer calls: it builds the configured method around the segmenter
+and attaches the configured plug-ins (``plugins.<name>`` sections, see :mod:`semiseg.plugins.base`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import supervised  # noqa: F401  (registration order: supervised first)
 from .base import METHODS, Batch, Method, MethodConfig, StepInfo, register_method
+from .fixmatch import FixMatch, FixMatchConfig
+from .mean_teacher import MeanTeacher, MeanTeacherConfig
+from .supervised import Supervised, SupervisedConfig, labeled_loss
+from .unimatch import UniMatch, UniMatchConfig
 
-__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StepInfo", "register_method"]
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..models.base import Segmenter
+
+
+def build_method(cfg: RunConfig, model: Segmenter, num_classes: int) -> Method:
+    """``METHODS[cfg.method.name](model, cfg.method, num_classes)`` with ``cfg.plugins`` attached.
+
+    Each plug-in is built as ``PLUGINS[name](plugin_cfg, num_classes=..., model=model,
+    total_steps=cfg.train.iters)``. Raises :class:`~semiseg.errors.ConfigError` naming
+    ``plugins.<name>`` when the method cannot host it (a method without plug-in hooks, or a plug-in
+    that needs unlabeled data on a method that uses none, e.g. ``supervised``).
+    """
+    from ..errors import ConfigError
+    from ..plugins.base import PLUGINS, PluginHost
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    method = METHODS[name](model, cfg.method, num_classes)
+    plugins = {}
+    for pname, pcfg in cfg.plugins.items():
+        if pname not in PLUGINS:
+            raise ConfigError(f"plugins.{pname}: unknown plug-in (known: {', '.join(sorted(PLUGINS))})")
+        cls = PLUGINS[pname]
+        if cls.needs_unlabeled and not method.uses_unlabeled:
+            raise ConfigError(
+                f"plugins.{pname}: needs unlabeled data, but method {name!r} uses none; "
+                f"remove plugins.{pname} or choose a semi-supervised method"
+            )
+        if not isinstance(method, PluginHost):
+            raise ConfigError(f"plugins.{pname}: method {name!r} does not accept plug-ins")
+        plugins[pname] = cls(pcfg, num_classes=num_classes, model=model, total_steps=cfg.train.iters)
+    if plugins:
+        method.attach_plugins(plugins)
+    return method
+
+
+__all__ = [
+    "METHODS",
+    "Batch",
+    "FixMatch",
+    "FixMatchConfig",
+    "MeanTeacher",
+    "MeanTeacherConfig",
+    "Method",
+    "MethodConfig",
+    "StepInfo",
+    "Supervised",
+    "SupervisedConfig",
+    "UniMatch",
+    "UniMatchConfig",
+    "build_method",
+    "labeled_loss",
+    "register_method",
+]

@@ -76,9 +76,21 @@ class Method(nn.Module):
     def __init__(self, model: Segmenter, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__()
         self.model = model
-        self.net: nn.Module = model  # replaced by the DDP wrapper under torchrun
+        self.use_net(model)
         self.cfg = cfg
         self.num_classes = num_classes
+
+    @property
+    def net(self) -> nn.Module:
+        """The module to call in training steps: ``self.model`` or its DDP wrapper."""
+        return self.__dict__["_net"]
+
+    def use_net(self, module: nn.Module) -> None:
+        """Set the module training steps call (the trainer passes the DDP wrapper under torchrun).
+
+        Kept out of ``_modules`` so ``state_dict()`` holds the weights once, under ``model.``.
+        """
+        self.__dict__["_net"] = module
 
     def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -28,7 +28,7 @@ class SegOutput:
 
 
 class Segmenter(nn.Module):
-    """Base class: subclasses implement :meth:`encode`, :meth:`decode` and :meth:`param_groups`."""
+    """Base class: subclasses implement :meth:`encode`, :meth:`decode` and :meth:`backbone_parameters`."""
 
     in_channels: int
     num_classes: int

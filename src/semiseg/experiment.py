@@ -1,0 +1,383 @@
+"""Grids of runs: datasets × labeled fractions × methods × seeds under one protocol.
+
+A grid file (YAML)::
+
+    name: table1_cpu_small
+    protocol: protocols/cpu_small.yaml      # config files, relative to the grid file or built-in
+    datasets: {chase_db1: datasets/chase_db1.yaml, covid_infnet: datasets/covid_infnet.yaml}
+    fractions: [0.125, 0.25]
+    methods: {supervised: methods/supervised.yaml, unimatch: methods/unimatch.yaml}
+    seeds: [0, 1, 2]
+    overrides: [train.iters=800]            # applied to every cell (optional)
+    output: runs/table1_cpu_small           # one run directory per cell below it
+
+Every cell is one ordinary run (``semiseg train``) in ``<output>/<dataset>/<fraction>/<method>/seed<k>``.
+The grid is **cached and resumable**: a cell whose ``results.json`` carries the cell's config hash is
+never re-run; a cell interrupted mid-way resumes from its ``latest.pt``; a cell whose config changed
+is moved aside (``<dir>.stale-<old hash>``, never deleted) and re-run, leaving other cells alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .checkpoint import atomic_write_text, load_checkpoint
+from .config import RunConfig, apply_overrides, build_config, config_hash, load_yaml_tree
+from .errors import ConfigError, SemisegError
+
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class Cell:
+    dataset: str
+    fraction: float | int
+    method: str
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} {fraction_label(self.fraction)} {self.method} seed {self.seed}"
+
+
+@dataclass
+class Grid:
+    name: str
+    path: Path
+    protocol: str
+    output: Path
+    cells: list[Cell] = field(default_factory=list)
+    baseline: str | None = None  # ablation tables: improvements are relative to this method
+    rare_classes: dict[str, list[str]] = field(default_factory=dict)  # dataset -> classes for Table 2
+
+
+def fraction_label(fraction: float | int) -> str:
+    if isinstance(fraction, int):
+        return f"{fraction}lab"
+    inv = 1 / fraction
+    return f"1-{round(inv)}" if abs(inv - round(inv)) < 1e-6 else f"{fraction:g}"
+
+
+def _resolve(ref: str, grid_dir: Path) -> Path:
+    for candidate in (grid_dir / ref, BUILTIN_CONFIGS / ref, Path(ref)):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"{grid_dir}: grid refers to {ref!r}, which is neither beside it nor a built-in config")
+
+
+def _named(value, key: str, path: Path) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {str(v): f"{key}/{v}.yaml" for v in value}
+    raise ConfigError(f"{path}: '{key}' must be a list of names or a mapping name -> config file")
+
+
+GRID_KEYS = {
+    "name",
+    "protocol",
+    "datasets",
+    "fractions",
+    "methods",
+    "seeds",
+    "overrides",
+    "output",
+    "dataset_overrides",
+    "baseline",
+    "rare_classes",
+}
+
+
+def load_grid(
+    path: str | Path, output: str | Path | None = None, extra_overrides: list[str] | None = None
+) -> Grid:
+    """Read a grid file and build every cell's validated config (so a typo fails before any run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: grid file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - GRID_KEYS
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown grid key {sorted(unknown)[0]!r} (known: {', '.join(sorted(GRID_KEYS))})"
+        )
+    for key in ("protocol", "datasets", "fractions", "methods", "seeds"):
+        if key not in raw:
+            raise ConfigError(f"{path}: grid needs '{key}'")
+    grid_dir = path.parent
+    name = str(raw.get("name", path.stem))
+    protocol_file = _resolve(str(raw["protocol"]), grid_dir)
+    datasets = _named(raw["datasets"], "datasets", path)
+    methods = _named(raw["methods"], "methods", path)
+    overrides = [*raw.get("overrides", []), *(extra_overrides or [])]
+    per_dataset = raw.get("dataset_overrides", {}) or {}
+    out = Path(output or raw.get("output") or Path("runs") / name)
+    grid = Grid(
+        name,
+        path,
+        protocol_file.stem,
+        out,
+        baseline=raw.get("baseline"),
+        rare_classes=raw.get("rare_classes", {}) or {},
+    )
+    protocol_tree = load_yaml_tree(protocol_file)
+    for ds_name, ds_ref in datasets.items():
+        ds_tree = load_yaml_tree(_resolve(ds_ref, grid_dir))
+        for fraction in raw["fractions"]:
+            for m_name, m_ref in methods.items():
+                m_tree = load_yaml_tree(_resolve(m_ref, grid_dir))
+                for seed in raw["seeds"]:
+                    tree = _merge_all(protocol_tree, ds_tree, m_tree)
+                    run_dir = out / ds_name / fraction_label(fraction) / m_name / f"seed{seed}"
+                    tree = apply_overrides(
+                        tree,
+                        [
+                            f"data.labeled={fraction}",
+                            f"seed={seed}",
+                            f"name={name}-{ds_name}-{fraction_label(fraction)}-{m_name}-s{seed}",
+                            *overrides,
+                            *per_dataset.get(ds_name, []),
+                        ],
+                    )
+                    try:
+                        cfg = build_config(tree)
+                    except ConfigError as exc:
+                        raise ConfigError(
+                            f"{path} [{ds_name} {fraction} {m_name} seed {seed}]: {exc}"
+                        ) from None
+                    grid.cells.append(Cell(ds_name, fraction, m_name, seed, cfg, run_dir))
+    return grid
+
+
+def _merge_all(*trees: dict) -> dict:
+    from .config import _deep_merge
+
+    merged: dict = {}
+    for tree in trees:
+        merged = _deep_merge(merged, tree)
+    return merged
+
+
+def cell_state(cell: Cell) -> str:
+    """``done`` (results for this exact config), ``partial`` (resumable), ``stale`` or ``new``."""
+    want = config_hash(cell.cfg)
+    results = cell.run_dir / "results.json"
+    if results.is_file():
+        try:
+            have = json.loads(results.read_text()).get("config_hash")
+        except json.JSONDecodeError:
+            have = None
+        return "done" if have == want else "stale"
+    latest = cell.run_dir / "latest.pt"
+    if latest.is_file():
+        try:
+            have = load_checkpoint(latest).get("config_hash")
+        except SemisegError:
+            have = None
+        return "partial" if have == want else "stale"
+    if cell.run_dir.exists() and any(cell.run_dir.iterdir()):
+        return "stale"
+    return "new"
+
+
+def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
+    """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states)."""
+    from .trainer import train
+
+    states = {id(c): cell_state(c) for c in grid.cells}
+    todo = [c for c in grid.cells if states[id(c)] != "done"]
+    done = len(grid.cells) - len(todo)
+    log(f"grid {grid.name}: {len(grid.cells)} cells, {done} done, {len(todo)} to run -> {grid.output}")
+    if dry_run:
+        for c in grid.cells:
+            log(f"  [{states[id(c)]:7s}] {c.label}")
+        return
+    durations: list[float] = []
+    for i, cell in enumerate(todo):
+        state = states[id(cell)]
+        if state == "stale":
+            old = cell.run_dir
+            aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
+            old.rename(aside)
+            log(f"  config changed for {cell.label}: previous run moved to {aside}")
+        eta = ""
+        if durations:
+            eta = f", ETA {statistics.mean(durations) * (len(todo) - i) / 60:.1f} min"
+        log(
+            f"[{done + i + 1}/{len(grid.cells)}] {'resuming' if state == 'partial' else 'running'} "
+            f"{cell.label} ({len(todo) - i - 1} left after this{eta})"
+        )
+        start = time.perf_counter()
+        train(cell.cfg, cell.run_dir, resume=state == "partial")
+        durations.append(time.perf_counter() - start)
+
+
+def collect_records(grid: Grid) -> list[dict]:
+    """One record per finished cell with the keys of the benchmark files."""
+    records = []
+    for cell in grid.cells:
+        path = cell.run_dir / "results.json"
+        if cell_state(cell) != "done":
+            continue
+        payload = json.loads(path.read_text())
+        test = payload["results"].get("test")
+        if test is None:
+            continue
+        records.append(
+            {
+                "dataset": cell.dataset,
+                "fraction": cell.fraction,
+                "method": cell.method,
+                "seed": cell.seed,
+                "protocol": grid.protocol,
+                "miou": test["miou"],
+                "iou": test["iou"],
+                "dice": test.get("dice"),
+                "steps": payload["steps"],
+                "seconds": payload["seconds"],
+                "config_hash": payload["config_hash"],
+                "weights": payload.get("weights", "final"),
+                "run_dir": str(cell.run_dir),
+            }
+        )
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int]:
+    """Mean and sample std (n−1; 0 for one value) over the non-missing values."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.mean(vals), std, len(vals)
+
+
+def _fmt(mean: float, std: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Group by (dataset, fraction, method): mean/std of mIoU and per-class IoU over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["dataset"], r["fraction"], r["method"]), []).append(r)
+    rows = []
+    for (dataset, fraction, method), recs in groups.items():
+        classes = list(recs[0]["iou"])
+        row = {
+            "dataset": dataset,
+            "fraction": fraction,
+            "method": method,
+            "seeds": sorted(r["seed"] for r in recs),
+            "miou": mean_std([r["miou"] for r in recs]),
+            "iou": {c: mean_std([r["iou"].get(c) for r in recs]) for c in classes},
+            "seconds": mean_std([r["seconds"] for r in recs]),
+        }
+        rows.append(row)
+    return rows
+
+
+def table1_markdown(rows: list[dict], caption: str) -> str:
+    """Paper Table 1 style: per-class IoU ± std and mIoU ± std, per dataset and fraction."""
+    out = [caption, ""]
+    keyed: dict[tuple, list[dict]] = {}
+    for row in rows:
+        keyed.setdefault((row["dataset"], row["fraction"]), []).append(row)
+    for (dataset, fraction), group in keyed.items():
+        classes = list(group[0]["iou"])
+        out.append(f"**{dataset}, {fraction_label(fraction)} labeled** (IoU %, mean ± std over seeds)")
+        out.append("")
+        out.append("| method | seeds | " + " | ".join(classes) + " | mIoU |")
+        out.append("|---|---|" + "---|" * (len(classes) + 1))
+        for row in group:
+            cells = [_fmt(*row["iou"][c]) for c in classes]
+            out.append(
+                f"| {row['method']} | {len(row['seeds'])} | "
+                + " | ".join(cells)
+                + f" | **{_fmt(*row['miou'])}** |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]], caption: str) -> str:
+    """Paper Table 2 style: rare-class IoU and mIoU, (improvement over ``baseline``) in parentheses."""
+    out = [caption, ""]
+    keyed: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        keyed.setdefault((row["dataset"], row["fraction"]), {})[row["method"]] = row
+    for (dataset, fraction), by_method in keyed.items():
+        base = by_method.get(baseline)
+        classes = rare.get(dataset) or [c for c in next(iter(by_method.values()))["iou"]][1:]
+        out.append(f"**{dataset}, {fraction_label(fraction)} labeled** (IoU %; (Δ) vs {baseline})")
+        out.append("")
+        out.append("| method | " + " | ".join(classes) + " | mIoU |")
+        out.append("|---|" + "---|" * (len(classes) + 1))
+        for method, row in by_method.items():
+            cells = []
+            for c in [*classes, None]:
+                m = row["miou"][0] if c is None else row["iou"][c][0]
+                text = f"{100 * m:.2f}"
+                if base is not None and method != baseline:
+                    b = base["miou"][0] if c is None else base["iou"][c][0]
+                    text += f" ({100 * (m - b):+.2f})"
+                cells.append(text)
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def rows_csv(rows: list[dict]) -> str:
+    lines = ["dataset,fraction,method,n_seeds,metric,mean,std"]
+    for row in rows:
+        n = len(row["seeds"])
+        lines.append(
+            f"{row['dataset']},{row['fraction']},{row['method']},{n},miou,{row['miou'][0]:.6f},{row['miou'][1]:.6f}"
+        )
+        for c, (m, s, _) in row["iou"].items():
+            lines.append(f"{row['dataset']},{row['fraction']},{row['method']},{n},iou/{c},{m:.6f},{s:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(grid: Grid, records: list[dict], out_dir: Path | None = None) -> dict[str, Path]:
+    """records.json, table1.md (+ table2.md with a baseline), summary.csv, split files used."""
+    from .trainer import json_safe
+
+    out_dir = out_dir or grid.output
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarize(records)
+    weights = {r["weights"] for r in records} or {"final"}
+    caption = (
+        f"*{grid.name}* — protocol `{grid.protocol}`; test split evaluated with the "
+        f"{'/'.join(sorted(weights))} weights (no checkpoint selection on test)."
+    )
+    paths = {
+        "records": out_dir / "records.json",
+        "table1": out_dir / "table1.md",
+        "csv": out_dir / "summary.csv",
+    }
+    atomic_write_text(json.dumps(json_safe(records), indent=1), paths["records"])
+    atomic_write_text(table1_markdown(rows, caption) + "\n", paths["table1"])
+    atomic_write_text(rows_csv(rows), paths["csv"])
+    if grid.baseline:
+        paths["table2"] = out_dir / "table2.md"
+        atomic_write_text(
+            table2_markdown(rows, grid.baseline, grid.rare_classes, caption) + "\n", paths["table2"]
+        )
+    return paths

@@ -1,0 +1,150 @@
+"""Mean Teacher (Tarvainen & Valpola, NeurIPS 2017), for segmentation as in SSL4MIS.
+
+The teacher is an exponential moving average of the student's weights; the student is trained on
+the labeled loss plus a consistency loss towards the teacher on the unlabeled batch::
+
+    θ'_t   = m·θ'_{t−1} + (1 − m)·θ_t                 after every step (m_t = min(m, 1 − 1/(t+1))
+                                                       while ``ema_warmup``, the original code's warm-up)
+    p_t    = softmax f_θ'(x_w)                        teacher, eval mode, no grad
+    p_s    = softmax f_θ(x_u)                         student, x_u = strong view x_s1 (or x_w)
+    loss_u = Σ_pixels mean_c (p_s − p_t)²·[c_t ≥ τ]·[not ignored] / #not-ignored     (``mse``)
+             or Σ CE(f_θ(x_u), argmax p_t)·[c_t ≥ τ]·[not ignored] / #not-ignored   (``ce``)
+    total  = loss_x + w(t)·λ·loss_u,   w(t) = exp(−5(1 − min(1, step / (rampup·T)))²)
+
+BatchNorm running statistics (float buffers) are averaged like the weights; integer buffers are
+copied. The network evaluated and saved as the run's result is the teacher (``eval_teacher``) or the
+student.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..losses import masked_pseudo_ce, masked_softmax_mse, pseudo_label
+from ..models.base import Segmenter
+from ..plugins.base import PluginHost, StepContext
+from .base import Batch, Method, StepInfo, register_method
+from .fixmatch import eval_mode
+from .supervised import SupervisedConfig, labeled_loss
+
+
+@dataclass
+class MeanTeacherConfig(SupervisedConfig):
+    name: str = "mean_teacher"
+    ema_momentum: float = 0.99  # m (SSL4MIS)
+    ema_warmup: bool = True  # m_t = min(m, 1 − 1/(t+1)): a fast-moving teacher at the start
+    consistency: Literal["mse", "ce"] = "mse"
+    consistency_weight: float = 0.1  # λ (SSL4MIS)
+    rampup: float = 0.3  # fraction of training over which w(t) ramps from exp(−5) to 1 (0: no ramp)
+    threshold: float = 0.0  # τ on the teacher's confidence (0: every pixel, the original method)
+    student_view: Literal["strong", "weak"] = "strong"  # what the student sees of the unlabeled batch
+    eval_teacher: bool = True  # evaluate / export the teacher (else the student)
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.ema_momentum <= 1.0:
+            raise ConfigError(f"{prefix}.ema_momentum: must be in [0, 1], got {self.ema_momentum}")
+        if not 0.0 <= self.rampup <= 1.0:
+            raise ConfigError(f"{prefix}.rampup: must be in [0, 1], got {self.rampup}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"{prefix}.threshold: must be in [0, 1], got {self.threshold}")
+        if self.consistency_weight < 0:
+            raise ConfigError(f"{prefix}.consistency_weight: must be >= 0, got {self.consistency_weight}")
+
+
+def sigmoid_rampup(step: int, length: float) -> float:
+    """Laine & Aila's ramp-up ``exp(−5(1 − t)²)``, ``t = clip(step / length, 0, 1)``; 1 if length ≤ 0."""
+    if length <= 0:
+        return 1.0
+    t = min(max(step / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``teacher ← m·teacher + (1 − m)·student`` for parameters and float buffers; other buffers
+    (BatchNorm's ``num_batches_tracked``) are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
+        if t.is_floating_point():
+            t.mul_(momentum).add_(s, alpha=1.0 - momentum)
+        else:
+            t.copy_(s)
+
+
+@register_method("mean_teacher")
+class MeanTeacher(PluginHost, Method):
+    """Mean Teacher with an EMA teacher, ramped consistency and plug-in hooks (module docstring)."""
+
+    Config = MeanTeacherConfig
+    cfg: MeanTeacherConfig
+    uses_unlabeled = True
+
+    def __init__(self, model: Segmenter, cfg: MeanTeacherConfig, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        self.teacher = copy.deepcopy(model)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def momentum_at(self, step: int) -> float:
+        m = self.cfg.ema_momentum
+        return min(m, 1.0 - 1.0 / (step + 1)) if self.cfg.ema_warmup else m
+
+    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x_l, y_l, x_w = batch.x_l, batch.y_l, batch.x_w
+        assert x_w is not None, "mean_teacher needs unlabeled data"
+        x_u = batch.x_s1 if cfg.student_view == "strong" and batch.x_s1 is not None else x_w
+        ignore = batch.ignore if batch.ignore is not None else torch.zeros_like(x_w[:, 0], dtype=torch.uint8)
+        n_l, n_u = x_l.shape[0], x_w.shape[0]
+        need_feats = self.plugins_need_features
+
+        # Teacher on the weak view (eval mode, no grad).
+        with torch.no_grad(), eval_mode(self.teacher):
+            t_out = self.teacher(x_w, return_features=need_feats)
+        t_logits = t_out.logits if need_feats else t_out
+        pseudo_w, conf_w = pseudo_label(t_logits)
+        probs_t = t_logits.softmax(dim=1)
+
+        # Student on cat(x_l, x_u), one pass.
+        out = self.net(torch.cat((x_l, x_u)), return_features=need_feats)
+        logits, feats = (out.logits, out.features) if need_feats else (out, None)
+        logits_l, logits_u = logits.split([n_l, n_u])
+        ctx = StepContext(
+            batch, info, logits_l, logits_u, pseudo_w, conf_w, ignore,
+            features_l=None if feats is None else [f[:n_l] for f in feats],
+            features_w=None if feats is None else [f[n_l:] for f in feats],
+            teacher_features_w=t_out.features if need_feats else None,
+            extras={"teacher_logits_w": t_logits},
+        )  # fmt: skip
+        weight = self.plugin_pixel_weights(ctx)
+
+        loss_x = labeled_loss(logits_l, y_l, cfg.dice_weight)
+        if cfg.consistency == "mse":
+            loss_u = masked_softmax_mse(logits_u, probs_t, conf_w, ignore, cfg.threshold, weight)
+        else:
+            loss_u = masked_pseudo_ce(logits_u, pseudo_w, conf_w, ignore, cfg.threshold, weight)
+        ramp = cfg.consistency_weight * sigmoid_rampup(info.step, cfg.rampup * info.total_steps)
+        total = loss_x + ramp * loss_u
+        losses = {
+            "loss_x": loss_x,
+            "loss_u": loss_u,
+            "consistency_weight": torch.tensor(ramp, device=loss_x.device),
+            "total": total,
+        }
+        return self.add_plugin_losses(ctx, losses)
+
+    def after_step(self, info: StepInfo) -> None:
+        """EMA update of the teacher from the student just stepped, then plug-in hooks."""
+        ema_update(self.teacher, self.model, self.momentum_at(info.step))
+        super().after_step(info)
+
+    def eval_model(self) -> nn.Module:
+        return self.teacher if self.cfg.eval_teacher else self.model

@@ -1,0 +1,97 @@
+"""UniMatch (Yang et al., CVPR 2023), following the official training step (DESIGN §3.1).
+
+Per iteration, with ``n_l`` labeled and ``n_u`` unlabeled images::
+
+    ŷ_mix, c_mix   = f_eval(x_w.flip(0))                       mix source: partner weak view, eval, no grad
+    p_l, p_w, p_fp = f(cat(x_l, x_w), fp_from=n_l)             one pass; feature perturbation on x_w only
+    ŷ_w, c_w       = argmax / max softmax p_w                   detached
+    x̃_sj, ỹ_j, c̃_j, ĩ_j = mix(x_sj, ŷ_w, c_w, ignore)          j = 1, 2: inside the CutMix box (or
+                                                                ClassMix / SupMix mask) from the partner
+    p_s1, p_s2     = f(cat(x̃_s1, x̃_s2))
+    loss_x  = CE(p_l, y_l)                                     (or (CE + w·Dice)/(1 + w), medical)
+    loss_sj = Σ CE(p_sj, ỹ_j)·[c̃_j ≥ τ]·[ĩ_j ≠ 255] / #(ĩ_j ≠ 255)
+    loss_fp = Σ CE(p_fp, ŷ_w)·[c_w ≥ τ]·[ignore ≠ 255] / #(ignore ≠ 255)
+    total   = (loss_x + 0.25·loss_s1 + 0.25·loss_s2 + 0.5·loss_fp) / 2,   τ = 0.95
+
+Unlike the official code, the labeled half is not feature-perturbed (its perturbed logits were
+computed and discarded there). ``mix: supmix`` replaces CutMix by SupMix with probability
+``supmix_p`` per sample and strong view (SupMix paper eq. 7–11), ``mix: classmix`` by ClassMix.
+Plug-ins (e.g. SUFD, eq. 12) add their terms to ``total`` after the ``/2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..losses import masked_pseudo_ce, pseudo_label
+from ..plugins.base import StepContext
+from .base import Batch, StepInfo, register_method
+from .fixmatch import ConsistencyConfig, WeakStrongMethod
+from .supervised import labeled_loss
+
+
+@dataclass
+class UniMatchConfig(ConsistencyConfig):
+    name: str = "unimatch"
+    weight_s1: float = 0.25  # weight of loss_s1 (strong view 1)
+    weight_s2: float = 0.25  # weight of loss_s2 (strong view 2)
+    weight_fp: float = 0.5  # weight of loss_fp (feature perturbation)
+
+
+@register_method("unimatch")
+class UniMatch(WeakStrongMethod):
+    """UniMatch: dual strong views + feature perturbation (see the module docstring)."""
+
+    Config = UniMatchConfig
+    cfg: UniMatchConfig
+
+    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x_l, y_l, x_w, x_s1, x_s2 = batch.x_l, batch.y_l, batch.x_w, batch.x_s1, batch.x_s2
+        assert x_w is not None and x_s1 is not None and x_s2 is not None, "unimatch needs x_w, x_s1, x_s2"
+        ignore = self.unlabeled_ignore(batch)
+        n_l, n_u = x_l.shape[0], x_w.shape[0]
+
+        # Mix source: the partner's (flipped batch) weak prediction, eval mode, no grad.
+        partner = self.partner_prediction(x_w) if self.mixer.uses_partner([batch.box1, batch.box2]) else None
+
+        # One forward of cat(x_l, x_w); feature perturbation only on the unlabeled half.
+        out = self.net(torch.cat((x_l, x_w)), fp_from=n_l, return_features=self.plugins_need_features)
+        logits_l, logits_w = out.logits.split([n_l, n_u])
+        logits_fp = out.logits_fp
+        pseudo_w, conf_w = pseudo_label(logits_w)  # detached
+        feats = out.features
+        ctx = StepContext(
+            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
+            features_l=None if feats is None else [f[:n_l] for f in feats],
+            features_w=None if feats is None else [f[n_l:] for f in feats],
+            teacher_features_w=None if feats is None else [f[n_l:].detach() for f in feats],
+        )  # fmt: skip
+        weight = self.plugin_pixel_weights(ctx)
+
+        # Two strong views, each mixed with its own mask; targets assembled under the same masks.
+        t1 = self.strong_target(x_s1, batch.box1, ctx, weight, partner)
+        t2 = self.strong_target(x_s2, batch.box2, ctx, weight, partner)
+        logits_s1, logits_s2 = self.net(torch.cat((t1.image, t2.image))).chunk(2)
+
+        tau = cfg.threshold
+        loss_x = labeled_loss(logits_l, y_l, cfg.dice_weight)
+        loss_s1 = masked_pseudo_ce(logits_s1, t1.label, t1.confidence, t1.ignore, tau, t1.weight)
+        loss_s2 = masked_pseudo_ce(logits_s2, t2.label, t2.confidence, t2.ignore, tau, t2.weight)
+        loss_fp = masked_pseudo_ce(logits_fp, pseudo_w, conf_w, ignore, tau, weight)
+        total = cfg.scale * (
+            loss_x + cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
+        )
+        self.mixer.stats.update(logits_l, y_l, pseudo_w, conf_w, ignore)
+        losses = {
+            "loss_x": loss_x,
+            "loss_s1": loss_s1,
+            "loss_s2": loss_s2,
+            "loss_fp": loss_fp,
+            "mask_ratio": self.mask_ratio(ctx),
+            "total": total,
+        }
+        return self.add_plugin_losses(ctx, losses)

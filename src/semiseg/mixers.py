@@ -1,0 +1,373 @@
+"""Strong-view mixing as pure tensor functions (DESIGN §2 "Mixers", §3.1, §3.3).
+
+A mix pastes, under a binary mask ``M`` (N×H×W), a *source* onto a *target*. Both are
+:class:`MixSample` tuples ``(image, label, confidence, ignore[, weight])``, so the image, its
+pseudo-label, the confidence that is thresholded, the ignore map (255 = ignored) and an optional
+per-pixel loss weight (a plug-in's, e.g. MPMC's λ_s) all travel together::
+
+    x_mix = M·x_src + (1 − M)·x_tgt,   y_mix = M·y_src + (1 − M)·y_tgt     (SupMix paper eq. 5–6, 10–11)
+
+:func:`paste` is the only place where pixels are combined; the mask builders decide ``M``:
+
+* :func:`cutmix_mask` — the CutMix boxes drawn by the data pipeline (UniMatch);
+* :func:`classmix_mask` — half of the classes present in the partner's pseudo-label (ClassMix,
+  Olsson et al. 2021; SupMix paper eq. 1–4);
+* :func:`supmix_mask` — ``k = max(1, ⌊n/2⌋)`` of the ``n`` ground-truth classes of a labeled image
+  that are not excluded (background) or ignored (SupMix paper eq. 8–9, DESIGN §3.3).
+
+:class:`StrongMixer` applies the configured mixer to a strong view for the consistency methods
+(FixMatch, UniMatch) and keeps the running per-class statistics that the non-uniform SupMix
+class-selection strategies read (saved in ``state_dict`` as buffers). Randomness comes from torch's
+global RNG, which the trainer seeds and restores on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data.base import IGNORE_INDEX
+from .errors import ConfigError
+
+MixName = Literal["cutmix", "classmix", "supmix", "none"]
+Strategy = Literal["paper", "inverse_frequency", "difficulty"]
+
+
+class MixSample(NamedTuple):
+    """One side of a mix. ``image`` N×C×H×W; ``label`` N×H×W class indices; ``confidence`` N×H×W in
+    [0, 1]; ``ignore`` N×H×W (255 = ignored pixel, anything else = used); ``weight`` an optional N×H×W
+    per-pixel loss weight (``None`` = all ones)."""
+
+    image: Tensor
+    label: Tensor
+    confidence: Tensor
+    ignore: Tensor
+    weight: Tensor | None = None
+
+    def flip(self) -> MixSample:
+        """The mix partner of every sample: the same batch in reverse order (``flip(0)``, DESIGN §2)."""
+        return MixSample(*(t.flip(0) if t is not None else None for t in self))
+
+    def select(self, index: Tensor) -> MixSample:
+        """Samples ``index`` (a LongTensor of batch indices) of every field."""
+        return MixSample(*(t[index] if t is not None else None for t in self))
+
+
+def paste(target: MixSample, source: MixSample, mask: Tensor) -> MixSample:
+    """Where ``mask`` (N×H×W, bool or {0,1}) is set every field comes from ``source``, elsewhere from
+    ``target`` (SupMix paper eq. 5–6 / 10–11, applied to image, label, confidence, ignore and weight).
+
+    Dtypes follow ``target``. A missing ``weight`` counts as ones on the side where it is missing;
+    the result has a weight when either side has one.
+    """
+    m = mask.bool()
+    if m.shape != target.label.shape or m.shape != source.label.shape:
+        raise ValueError(
+            f"paste: mask {tuple(m.shape)}, target {tuple(target.label.shape)} and source "
+            f"{tuple(source.label.shape)} must have the same N×H×W shape"
+        )
+    image = torch.where(m.unsqueeze(1), source.image.to(target.image.dtype), target.image)
+    label = torch.where(m, source.label.to(target.label.dtype), target.label)
+    confidence = torch.where(m, source.confidence.to(target.confidence.dtype), target.confidence)
+    ignore = torch.where(m, source.ignore.to(target.ignore.dtype), target.ignore)
+    weight = None
+    if target.weight is not None or source.weight is not None:
+        t_w = target.weight if target.weight is not None else torch.ones_like(target.confidence)
+        s_w = source.weight if source.weight is not None else torch.ones_like(t_w)
+        weight = torch.where(m, s_w.to(t_w.dtype), t_w)
+    return MixSample(image, label, confidence, ignore, weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mask builders
+# ----------------------------------------------------------------------------------------------
+
+
+def cutmix_mask(box: Tensor) -> Tensor:
+    """CutMix: the data pipeline's box (N×H×W, 1 inside, all zero when no box was drawn)."""
+    return box == 1
+
+
+def present_classes(label: Tensor, ignore: Tensor | None = None, exclude: tuple[int, ...] = ()) -> Tensor:
+    """Sorted classes occurring in one H×W ``label`` at non-ignored pixels, minus ``exclude``.
+
+    ``IGNORE_INDEX`` is never a class. ``ignore`` (H×W, 255 = ignored) masks pixels out."""
+    values = label if ignore is None else label[ignore != IGNORE_INDEX]
+    classes = torch.unique(values)
+    drop = torch.tensor([IGNORE_INDEX, *exclude], dtype=classes.dtype, device=classes.device)
+    return classes[~torch.isin(classes, drop)]
+
+
+def choose_classes(candidates: Tensor, k: int, weights: Tensor | None = None) -> Tensor:
+    """``k`` distinct classes out of ``candidates``: uniformly (``weights`` None) or with probability
+    proportional to ``weights[c]`` (``weights`` indexed by class id, sampled without replacement)."""
+    n = candidates.numel()
+    k = min(k, n)
+    if k <= 0:
+        return candidates[:0]
+    if weights is None:
+        return candidates[torch.randperm(n, device=candidates.device)[:k]]
+    w = weights.to(candidates.device)[candidates.long()].float().clamp_min(0)
+    if not bool((w > 0).any()):
+        w = torch.ones_like(w)
+    return candidates[torch.multinomial(w, k, replacement=False)]
+
+
+def classmix_count(n: int, rounding: Literal["ceil", "floor"] = "ceil") -> int:
+    """How many of ``n`` present classes ClassMix pastes: half of them, rounded up (the official
+    ClassMix code, ``(n + n % 2) / 2``) or down (the SupMix paper's eq. 3 description of ClassMix)."""
+    return math.ceil(n / 2) if rounding == "ceil" else n // 2
+
+
+def supmix_count(n: int) -> int:
+    """SupMix's ``k = max(1, ⌊n/2⌋)`` of ``n`` candidate classes (eq. 8; DESIGN §3.3); 0 when n = 0."""
+    return max(1, n // 2) if n > 0 else 0
+
+
+def class_mask(label: Tensor, chosen: list[Tensor]) -> Tensor:
+    """``M[i] = label[i] ∈ chosen[i]`` (SupMix eq. 9 / ClassMix eq. 4), N×H×W bool."""
+    return torch.stack([torch.isin(label[i], c.to(label.dtype)) for i, c in enumerate(chosen)])
+
+
+def classmix_mask(
+    label: Tensor, ignore: Tensor | None = None, rounding: Literal["ceil", "floor"] = "ceil"
+) -> Tensor:
+    """ClassMix mask from the partner's pseudo-labels ``label`` (N×H×W): per sample, a uniformly random
+    half (:func:`classmix_count`) of the classes present at its non-ignored pixels; ``M = label ∈ chosen``."""
+    chosen = []
+    for i in range(label.shape[0]):
+        cands = present_classes(label[i], None if ignore is None else ignore[i])
+        chosen.append(choose_classes(cands, classmix_count(cands.numel(), rounding)))
+    return class_mask(label, chosen)
+
+
+def supmix_mask(
+    label: Tensor, exclude: tuple[int, ...] = (0,), class_weights: Tensor | None = None
+) -> tuple[Tensor, list[Tensor]]:
+    """SupMix mask from ground truth ``label`` (N×H×W, 255 = ignore) of labeled weak views (eq. 8–9).
+
+    Per sample: candidates ``C_selected`` = classes present minus ``exclude`` (default background 0)
+    minus ignore; choose ``k = max(1, ⌊n/2⌋)`` of them — uniformly (the paper) or proportionally to
+    ``class_weights`` (indexed by class id); ``M = label ∈ chosen``. A sample with no candidate class
+    gets an all-zero mask. Returns ``(mask, chosen classes per sample)``."""
+    chosen = []
+    for i in range(label.shape[0]):
+        cands = present_classes(label[i], exclude=exclude)
+        chosen.append(choose_classes(cands, supmix_count(cands.numel()), class_weights))
+    return class_mask(label, chosen), chosen
+
+
+def match_size(sample: MixSample, size: tuple[int, int]) -> MixSample:
+    """Resize a labeled source to the target's H×W (image bilinear, the rest nearest) when the two crops
+    differ; a no-op in the usual case where labeled and unlabeled crops have the same size."""
+    if tuple(sample.label.shape[-2:]) == tuple(size):
+        return sample
+
+    def nearest(t: Tensor) -> Tensor:
+        return F.interpolate(t.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(t.dtype)
+
+    image = F.interpolate(sample.image, size=size, mode="bilinear", align_corners=False)
+    weight = None if sample.weight is None else nearest(sample.weight)
+    return MixSample(image, nearest(sample.label), nearest(sample.confidence), nearest(sample.ignore), weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration shared by the consistency methods (FixMatch, UniMatch)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MixConfig:
+    """Strong-view mixing options of a method config (``method.mix`` and friends).
+
+    ``mix``: ``cutmix`` (the data pipeline's boxes, probability ``data.strong.cutmix_p``),
+    ``classmix`` (ClassMix with probability ``classmix_p`` per sample and strong view, instead of
+    CutMix), ``supmix`` (SupMix with probability ``supmix_p``, else ``supmix_fallback``) or ``none``.
+    """
+
+    mix: MixName = "cutmix"
+    classmix_p: float = 0.5  # same rate as UniMatch's CutMix box (data.strong.cutmix_p)
+    classmix_rounding: Literal["ceil", "floor"] = "ceil"  # ⌈n/2⌉ official ClassMix code; ⌊n/2⌋ SupMix eq. 3
+    supmix_p: float = 0.5  # DESIGN §3.3
+    supmix_fallback: Literal["cutmix", "none"] = "cutmix"  # a sample SupMix does not paste into
+    supmix_exclude: list[int] = field(default_factory=lambda: [0])  # never pasted (background)
+    supmix_strategy: Strategy = "paper"  # class selection: uniform | ∝ 1/frequency | ∝ 1 − statistic
+    supmix_difficulty: Literal["iou", "confidence"] = "iou"  # statistic of the `difficulty` strategy
+    supmix_stat_momentum: float = 0.99  # EMA momentum of the running class statistics
+    supmix_min_weight: float = 0.05  # floor of the `difficulty` weight, so no class is never chosen
+
+    def validate_mix(self, prefix: str) -> None:
+        for name in ("classmix_p", "supmix_p", "supmix_stat_momentum"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{prefix}.{name}: must be in [0, 1], got {value}")
+        if self.supmix_min_weight < 0:
+            raise ConfigError(f"{prefix}.supmix_min_weight: must be >= 0, got {self.supmix_min_weight}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Running class statistics and the strong-view mixer
+# ----------------------------------------------------------------------------------------------
+
+
+class ClassStatistics(nn.Module):
+    """Running (EMA) per-class statistics for SupMix's class-selection strategies.
+
+    * ``frequency[c]``: fraction of labeled ground-truth pixels of class ``c`` (``inverse_frequency``);
+    * ``iou[c]``: IoU of the labeled prediction for class ``c`` (``difficulty`` with ``iou``);
+    * ``confidence[c]``: mean weak-view confidence of unlabeled pixels predicted as ``c``
+      (``difficulty`` with ``confidence``).
+
+    A class's first observation replaces the initial value; later ones are averaged with momentum
+    ``m``: ``s ← m·s + (1 − m)·obs``. Classes absent from a batch keep their value (the frequency is
+    observed for every class whenever the batch has a labeled pixel). Initial values give uniform
+    selection weights. Buffers, so they are saved with the method and moved with it. Under DDP each
+    rank keeps its own statistics (they only bias a random choice; the checkpoint holds rank 0's).
+    """
+
+    frequency: Tensor
+    iou: Tensor
+    confidence: Tensor
+    seen: Tensor
+
+    def __init__(self, num_classes: int, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("frequency", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("iou", torch.zeros(num_classes))
+        self.register_buffer("confidence", torch.zeros(num_classes))
+        self.register_buffer("seen", torch.zeros(3, num_classes, dtype=torch.bool))  # freq, iou, conf
+
+    def _ema(self, row: int, stat: Tensor, obs: Tensor, observed: Tensor) -> None:
+        first = observed & ~self.seen[row]
+        again = observed & self.seen[row]
+        m = self.momentum
+        stat[first] = obs[first].to(stat.dtype)
+        stat[again] = m * stat[again] + (1 - m) * obs[again].to(stat.dtype)
+        self.seen[row] |= observed
+
+    @torch.no_grad()
+    def update(
+        self,
+        logits_l: Tensor,
+        y_l: Tensor,
+        pseudo_w: Tensor | None = None,
+        conf_w: Tensor | None = None,
+        ignore: Tensor | None = None,
+    ) -> None:
+        """Observe one batch: labeled logits and ground truth; optionally unlabeled pseudo-labels."""
+        c = self.frequency.numel()
+        valid = y_l != IGNORE_INDEX
+        if bool(valid.any()):
+            gt = y_l[valid].long()
+            counts = torch.bincount(gt, minlength=c)[:c].float()
+            self._ema(0, self.frequency, counts / counts.sum(), torch.ones_like(self.seen[0]))
+            pred = logits_l.detach().argmax(1)[valid]
+            inter = torch.bincount(gt[pred == gt], minlength=c)[:c].float()
+            union = counts + torch.bincount(pred, minlength=c)[:c].float() - inter
+            self._ema(1, self.iou, inter / union.clamp_min(1), union > 0)
+        if pseudo_w is not None and conf_w is not None:
+            used = torch.ones_like(conf_w, dtype=torch.bool) if ignore is None else ignore != IGNORE_INDEX
+            cls = pseudo_w[used].long()
+            n = torch.bincount(cls, minlength=c)[:c].float()
+            total = torch.bincount(cls, weights=conf_w[used].float(), minlength=c)[:c]
+            self._ema(2, self.confidence, total / n.clamp_min(1), n > 0)
+
+    def weights(self, strategy: Strategy, difficulty: str, min_weight: float) -> Tensor | None:
+        """Class-selection weights (indexed by class id) of a strategy; ``None`` = uniform (paper)."""
+        if strategy == "paper":
+            return None
+        if strategy == "inverse_frequency":
+            return 1.0 / self.frequency.clamp_min(1e-6)
+        stat = self.iou if difficulty == "iou" else self.confidence
+        return (1.0 - stat).clamp_min(min_weight)
+
+
+class StrongMixer(nn.Module):
+    """Builds one mixed strong view and its pseudo-label target for FixMatch / UniMatch.
+
+    Per sample ``i`` of the unlabeled batch:
+
+    * ``cutmix``: inside the pipeline's box, image/label/confidence/ignore come from the partner
+      (sample ``N−1−i``, the flipped batch) — UniMatch's ``mask_u_w_cutmixed``;
+    * ``classmix``: with probability ``classmix_p``, the partner's pixels of half its predicted
+      classes (:func:`classmix_mask`); otherwise no mix;
+    * ``supmix``: with probability ``supmix_p``, the chosen ground-truth classes of labeled sample
+      ``i mod n_l`` (eq. 8–11; confidence 1 and not ignored under the mask); otherwise — and when the
+      labeled image has no candidate class — ``supmix_fallback`` (CutMix by default);
+    * ``none``: the strong view as it is.
+    """
+
+    def __init__(self, cfg: MixConfig, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.stats = ClassStatistics(num_classes, cfg.supmix_stat_momentum)
+
+    def uses_partner(self, boxes: list[Tensor | None]) -> bool:
+        """Whether this step needs the partner's prediction (the eval-mode mix-source pass)."""
+        mix = self.cfg.mix
+        if mix == "classmix":
+            return self.cfg.classmix_p > 0
+        cutmix_possible = mix == "cutmix" or (mix == "supmix" and self.cfg.supmix_fallback == "cutmix")
+        return cutmix_possible and any(b is not None and bool((b == 1).any()) for b in boxes)
+
+    def forward(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box: Tensor | None,
+    ) -> MixSample:
+        """Mix strong view ``own.image`` (with its weak pseudo-label target) per the config.
+
+        ``partner``: the flipped batch (strong image, eval-mode pseudo-label/confidence, ignore);
+        ``labeled``: ``(x_l, y_l, 1, ignore_l)`` already indexed ``i mod n_l`` (SupMix's source)."""
+        cfg = self.cfg
+        n = own.label.shape[0]
+        box_mask = cutmix_mask(box) if box is not None else torch.zeros_like(own.label, dtype=torch.bool)
+        if cfg.mix == "none":
+            return own
+        if cfg.mix == "cutmix":
+            return own if not bool(box_mask.any()) else paste(own, _need(partner, "partner"), box_mask)
+        applied = torch.rand(n, device=own.label.device) < (
+            cfg.classmix_p if cfg.mix == "classmix" else cfg.supmix_p
+        )
+        if cfg.mix == "classmix":
+            if not bool(applied.any()):
+                return own
+            partner = _need(partner, "partner")
+            mask = classmix_mask(partner.label, partner.ignore, cfg.classmix_rounding)
+            return paste(own, partner, mask & applied[:, None, None])
+        # SupMix (eq. 8–11): ground-truth classes of the labeled weak view pasted onto the strong view.
+        labeled = match_size(_need(labeled, "labeled"), tuple(own.label.shape[-2:]))
+        weights = self.stats.weights(cfg.supmix_strategy, cfg.supmix_difficulty, cfg.supmix_min_weight)
+        mask, _ = supmix_mask(labeled.label, tuple(cfg.supmix_exclude), weights)
+        mask = mask & applied[:, None, None]
+        out = paste(own, labeled, mask)
+        if cfg.supmix_fallback == "cutmix":
+            not_pasted = ~mask.flatten(1).any(1)
+            fallback = box_mask & not_pasted[:, None, None]
+            if bool(fallback.any()):
+                out = paste(out, _need(partner, "partner"), fallback)
+        return out
+
+
+def _need(sample: MixSample | None, what: str) -> MixSample:
+    if sample is None:
+        raise ValueError(f"StrongMixer: this mix needs the {what} sample")
+    return sample
+
+
+def labeled_source(x_l: Tensor, y_l: Tensor, n_u: int, with_weight: bool) -> MixSample:
+    """SupMix's source for unlabeled sample ``i``: labeled sample ``i mod n_l`` with its ground truth,
+    confidence 1 (eq. 11: ground truth, DESIGN §3.3) and weight 1; 255 pixels marked ignored."""
+    index = torch.arange(n_u, device=x_l.device) % x_l.shape[0]
+    y = y_l[index]
+    ones = torch.ones(y.shape, device=x_l.device)
+    ignore = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, 0).to(torch.uint8)
+    return MixSample(x_l[index], y, ones, ignore, ones if with_weight else None)

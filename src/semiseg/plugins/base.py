@@ -1,0 +1,194 @@
+"""The plug-in interface: what SUFD, MPMC and future add-ons may do to any semi-supervised method.
+
+A plug-in is an ``nn.Module`` attached to a method (``method.plugins[<name>]``), so its modules and
+buffers are saved in ``method.state_dict()`` and moved by ``method.to(device)``. It is configured under
+``plugins.<name>`` in the run config (a dataclass registered with :func:`register_plugin`), and the
+same plug-in composes with every method that hosts plug-ins (:class:`PluginHost`: FixMatch, UniMatch,
+Mean Teacher) and every mixer, e.g. ``method: {name: unimatch, mix: supmix}`` + ``plugins: {sufd: {}}``.
+
+Each training step the host method builds a :class:`StepContext` right after its weak forward pass
+(labeled logits, weak unlabeled logits *with* gradient, detached pseudo-labels and confidences, the
+ignore map, encoder features when a plug-in asks for them, the batch) and calls, in order:
+
+1. :meth:`Plugin.pixel_weights` ``(ctx) -> N_u×H×W tensor | None`` — a per-pixel multiplier of the
+   unlabeled losses, in the weak view's geometry (MPMC's λ_s). Weights of several plug-ins multiply.
+   The method carries them through the strong-view mixing like the pseudo-label (pixels pasted from
+   the flipped partner carry the partner's weight; SupMix's ground-truth pixels weight 1).
+2. :meth:`Plugin.losses` ``(ctx) -> {name: loss}`` — extra terms for the segmenter, already weighted
+   (e.g. ``λ_adv·BCE``); each is added to ``total`` (after the method's own normalisation, e.g.
+   outside UniMatch's ``/2``) and logged as ``<plugin>/<name>``.
+3. :meth:`Plugin.optimizer_losses` ``(ctx) -> {optimizer name: loss}`` — losses of modules the
+   plug-in trains with its own optimizer (SUFD's discriminator), returned to the trainer as
+   ``total/<optimizer name>``; :meth:`Plugin.optimizers` / :meth:`Plugin.schedulers` expose the
+   optimizer and its per-step lr update through the method's ``extra_optimizers()`` /
+   ``extra_schedulers()``. The trainer zeroes that optimizer's gradients before back-propagating the
+   loss, so gradients a module picked up from ``total`` never reach its step.
+4. :meth:`Plugin.after_step` ``(info)`` — after all optimizer steps (EMA statistics, ...).
+
+``needs_unlabeled`` (default True) makes :func:`semiseg.methods.build_method` reject the plug-in on a
+method without unlabeled data (``supervised``); ``needs_features`` makes the host request encoder
+features (``forward(..., return_features=True)``) and fill ``features_l`` / ``features_w``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import PLUGIN_CONFIGS
+from ..methods.base import Batch, StepInfo
+from ..models.base import Segmenter
+
+
+@dataclass
+class PluginConfig:
+    """Options every plug-in understands; plug-ins subclass this with their own fields."""
+
+    def validate(self, prefix: str) -> None:  # called by the config loader with "plugins.<name>"
+        """Raise :class:`~semiseg.errors.ConfigError` naming ``prefix.<field>`` for a bad value."""
+
+
+@dataclass
+class StepContext:
+    """What a plug-in sees of one training step (built by the host method after its weak forward).
+
+    ``logits_l`` N_l×C×H×W labeled prediction (with grad); ``logits_w`` N_u×C×H×W prediction of the
+    model being trained on the unlabeled batch (with grad: UniMatch/FixMatch's weak view, Mean
+    Teacher's student view); ``pseudo_w`` / ``conf_w`` N_u×H×W detached pseudo-labels and their
+    confidence (from the weak forward, or the EMA teacher); ``ignore`` N_u×H×W (255 = padding);
+    ``features_l`` / ``features_w`` encoder features (shallow to deep, with grad) of the labeled and
+    unlabeled pass, and ``teacher_features_w`` those of the network that made the pseudo-labels
+    (detached) — all three only when a plug-in has ``needs_features``. ``extras``: method-specific.
+    """
+
+    batch: Batch
+    info: StepInfo
+    logits_l: Tensor
+    logits_w: Tensor
+    pseudo_w: Tensor
+    conf_w: Tensor
+    ignore: Tensor
+    features_l: list[Tensor] | None = None
+    features_w: list[Tensor] | None = None
+    teacher_features_w: list[Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Plugin(nn.Module):
+    """Base class of plug-ins; every hook has a no-op default (see the module docstring)."""
+
+    Config: type[PluginConfig] = PluginConfig
+    name: str = ""
+    needs_unlabeled: bool = True
+    needs_features: bool = False
+
+    def __init__(self, cfg: PluginConfig, num_classes: int, model: Segmenter, total_steps: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.total_steps = total_steps
+
+    def pixel_weights(self, ctx: StepContext) -> Tensor | None:
+        return None
+
+    def losses(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {}
+
+    def optimizer_losses(self, ctx: StepContext) -> dict[str, Tensor]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def schedulers(self) -> dict[str, Callable[[int], None]]:
+        return {}
+
+    def after_step(self, info: StepInfo) -> None:
+        """Runs after every optimizer step."""
+
+
+PLUGINS: dict[str, type[Plugin]] = {}
+
+
+def register_plugin(name: str) -> Callable[[type[Plugin]], type[Plugin]]:
+    """Register a plug-in class and its config dataclass under ``plugins.<name>``."""
+
+    def wrap(cls: type[Plugin]) -> type[Plugin]:
+        cls.name = name
+        PLUGINS[name] = cls
+        PLUGIN_CONFIGS[name] = cls.Config
+        return cls
+
+    return wrap
+
+
+class PluginHost:
+    """Mixin for :class:`~semiseg.methods.base.Method` subclasses that accept plug-ins.
+
+    Use as ``class UniMatch(PluginHost, Method)``; it adds ``self.plugins`` (an ``nn.ModuleDict``),
+    :meth:`attach_plugins`, the hook helpers the training step calls, and merges plug-in optimizers,
+    schedulers and ``after_step`` into the method's. Subclasses overriding ``after_step`` call
+    ``super().after_step(info)``.
+    """
+
+    plugins: nn.ModuleDict
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.plugins = nn.ModuleDict()
+
+    def attach_plugins(self, plugins: Mapping[str, Plugin] | Iterable[Plugin]) -> None:
+        """Attach plug-ins (a name → plug-in mapping, or plug-ins keyed by their registered name)."""
+        items = plugins.items() if isinstance(plugins, Mapping) else ((p.name, p) for p in plugins)
+        for name, plugin in items:
+            if name in self.plugins:
+                raise ValueError(f"plug-in {name!r} is attached twice")
+            self.plugins[name] = plugin
+
+    @property
+    def plugins_need_features(self) -> bool:
+        return any(p.needs_features for p in self.plugins.values())
+
+    def plugin_pixel_weights(self, ctx: StepContext) -> Tensor | None:
+        """Product of every plug-in's per-pixel weights (``None`` when no plug-in gives any)."""
+        weight = None
+        for plugin in self.plugins.values():
+            w = plugin.pixel_weights(ctx)
+            if w is not None:
+                weight = w if weight is None else weight * w
+        return weight
+
+    def add_plugin_losses(self, ctx: StepContext, losses: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Add plug-in terms to ``losses["total"]`` and their optimizer losses as ``total/<name>``."""
+        total = losses["total"]
+        for name, plugin in self.plugins.items():
+            for key, value in plugin.losses(ctx).items():
+                losses[f"{name}/{key}"] = value
+                total = total + value
+            for opt_name, value in plugin.optimizer_losses(ctx).items():
+                losses[f"total/{opt_name}"] = value
+        losses["total"] = total
+        return losses
+
+    def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        out: dict[str, torch.optim.Optimizer] = {}
+        for plugin in self.plugins.values():
+            for name, opt in plugin.optimizers().items():
+                if name in out:
+                    raise ValueError(f"two plug-ins define an optimizer named {name!r}")
+                out[name] = opt
+        return out
+
+    def extra_schedulers(self) -> dict[str, Callable[[int], None]]:
+        out: dict[str, Callable[[int], None]] = {}
+        for plugin in self.plugins.values():
+            out.update(plugin.schedulers())
+        return out
+
+    def after_step(self, info: StepInfo) -> None:
+        for plugin in self.plugins.values():
+            plugin.after_step(info)

@@ -1,0 +1,111 @@
+"""Predict masks for a folder of images.
+
+Every image is read exactly as at training/evaluation time (``data.resize`` / ``data.long_side``
+through :func:`~semiseg.data.io.read_record`, the same normalisation), predicted with the
+configured inference mode (:func:`~semiseg.evaluate.predict_logits`), and the prediction is resized
+back (nearest neighbour) to the **original** image size, so the written masks line up with the
+input files. For ``<stem>.<ext>`` two files are written to the output folder:
+
+* ``<stem>_mask.png`` — index PNG (mode L), pixel value = class index;
+* ``<stem>_overlay.png`` — the class colours blended over the original image (background untinted).
+
+Existing files are never overwritten unless ``overwrite=True``; the check happens before anything
+is written, and the error names the first conflicting file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import DataConfig, EvalConfig
+from .data.base import Record
+from .data.io import IMAGE_SUFFIXES, image_to_tensor, list_images, open_image, pil_to_float, read_record
+from .errors import DataError
+from .evaluate import pad_value_for, predict_logits, unwrap_model
+from .visualize import overlay, save_png
+
+
+def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path]:
+    """``(<stem>_mask.png, <stem>_overlay.png)`` in ``out_dir`` for one input image."""
+    return out_dir / f"{image.stem}_mask.png", out_dir / f"{image.stem}_overlay.png"
+
+
+def _plan(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path, Path, Path]]:
+    seen: dict[str, Path] = {}
+    plan = []
+    for img in images:
+        if img.stem in seen:
+            raise DataError(
+                f"{img}: same name stem as {seen[img.stem]}; their outputs would collide "
+                f"({img.stem}_mask.png)"
+            )
+        seen[img.stem] = img
+        mask_path, overlay_path = output_paths(img, out_dir)
+        if not overwrite:
+            for p in (mask_path, overlay_path):
+                if p.exists():
+                    raise DataError(f"{p}: output file exists (pass overwrite=True / --overwrite to replace)")
+        plan.append((img, mask_path, overlay_path))
+    return plan
+
+
+def predict_folder(
+    model: nn.Module,
+    input_dir: str | Path,
+    out_dir: str | Path,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    in_channels: int,
+    device: torch.device | str,
+    overwrite: bool = False,
+    amp: bool = False,
+) -> list[Path]:
+    """Predict every image in ``input_dir`` and write masks and overlays to ``out_dir``.
+
+    Returns the written paths, ``[mask, overlay]`` per image in sorted input order. Raises
+    :class:`~semiseg.errors.DataError` when the folder has no images, when an image's channel count
+    differs from ``in_channels``, or when an output exists and ``overwrite`` is false. The model's
+    train/eval state is restored afterwards.
+    """
+    input_dir, out_dir = Path(input_dir), Path(out_dir)
+    device = torch.device(device)
+    images = list_images(input_dir)
+    if not images:
+        raise DataError(f"{input_dir}: no images found (looked for {'/'.join(IMAGE_SUFFIXES)})")
+    plan = _plan(images, out_dir, overwrite)
+    num_classes = len(class_names)
+    if len(palette) < num_classes:
+        raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    use_amp = amp and device.type == "cuda"
+    pad_value = pad_value_for(data_cfg, in_channels)
+    written: list[Path] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.inference_mode():
+            for img_path, mask_path, overlay_path in plan:
+                record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
+                image, _ = read_record(record, data_cfg, num_classes, in_channels)
+                x = image_to_tensor(image, data_cfg).unsqueeze(0).to(device)
+                with torch.autocast(device_type=device.type, enabled=use_amp):
+                    logits = predict_logits(net, x, eval_cfg, pad_value)
+                pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+                original = pil_to_float(open_image(img_path))
+                oh, ow = original.shape[:2]
+                if pred.shape != (oh, ow):
+                    pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
+                written.append(save_png(pred, mask_path))
+                written.append(save_png(overlay(original, pred, palette), overlay_path))
+    finally:
+        net.train(was_training)
+    return written

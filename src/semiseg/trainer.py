@@ -1,0 +1,557 @@
+"""The one training loop.
+
+Builds data, model and method from a :class:`~semiseg.config.RunConfig`; runs SGD with
+backbone/head parameter groups and a per-step poly schedule; AMP; DDP under torchrun; logs to a
+progress bar / log lines, JSONL and TensorBoard; validates periodically; writes ``latest.pt``
+(and ``best.pt`` when a validation split exists) atomically; resumes exactly (same LR step,
+optimizer and RNG states, same data order: the data pipeline is a pure function of
+(seed, epoch, position)); stops on a non-finite loss keeping the last good checkpoint; evaluates
+the final weights on the configured splits and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_text, load_checkpoint
+from .config import RunConfig, build_config, config_hash, config_to_dict, dump_config
+from .data.base import DataSplits, build_splits
+from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+from .errors import SemisegError, TrainingError
+from .evaluate import evaluate
+from .methods import Method, StepInfo, build_method
+from .metrics import format_table
+from .models import Segmenter, build_model
+
+LATEST = "latest.pt"
+BEST = "best.pt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding and RNG state
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), np_state[2], np_state[3], np_state[4]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x: Any) -> Any:
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser and schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: Segmenter, cfg: RunConfig) -> torch.optim.SGD:
+    """SGD with two groups: backbone at ``lr``, everything else at ``lr × lr_multi``."""
+    backbone_ids = {id(p) for p in model.backbone_parameters()}
+    backbone = [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad]
+    head = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
+    o = cfg.optim
+    groups = [{"params": backbone, "lr": o.lr, "lr_scale": 1.0}]
+    if head:
+        groups.append({"params": head, "lr": o.lr * o.lr_multi, "lr_scale": o.lr_multi})
+    return torch.optim.SGD(
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+    )
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float) -> float:
+    """``lr · (1 − step/total)^power`` (DeepLab / UniMatch poly schedule, per iteration)."""
+    return base_lr * (1.0 - step / total) ** power
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int) -> float:
+    lr = poly_lr(cfg.optim.lr, step, cfg.train.iters, cfg.optim.poly_power)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_run_dir(cfg: RunConfig, run_dir: str | None) -> Path:
+    return Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
+    """Refuse to overwrite a run; on resume return the checkpoint to continue from.
+
+    * new directory (or empty): fine, nothing to resume;
+    * existing run and ``resume``: the saved config must match (hash), continue from ``latest.pt``;
+    * existing run without ``resume``: error (never silently overwrite).
+    """
+    ckpt = run_dir / LATEST
+    has_content = run_dir.exists() and any(run_dir.iterdir())
+    if not has_content:
+        if resume:
+            raise TrainingError(f"{run_dir}: nothing to resume (no {LATEST})")
+        return None
+    if not resume:
+        raise TrainingError(
+            f"{run_dir}: run directory exists; pass --resume to continue it or choose another --run-dir"
+        )
+    if not ckpt.is_file():
+        raise TrainingError(f"{ckpt}: nothing to resume from (run directory has no checkpoint)")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        saved_cfg = build_config(yaml.safe_load(saved.read_text()))
+        if config_hash(saved_cfg) != config_hash(cfg):
+            raise TrainingError(
+                f"{saved}: the config differs from the one this run was started with; "
+                "resume with the same config or start a new run directory"
+            )
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """JSONL + TensorBoard + progress bar or log lines (main rank only)."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, start: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = cfg.train.iters
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start)
+        except Exception:  # tensorboard missing or broken: JSONL is the record
+            self.tb = None
+        mode = cfg.train.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=start, dynamic_ncols=True, desc=cfg.name)
+
+    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def progress(self, step: int, values: dict[str, float], every: int) -> None:
+        if not self.enabled:
+            return
+        shown = {k: values[k] for k in ("total", "lr", "it/s") if k in values}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        elif self.mode == "log" and (step % every == 0 or step == self.total):
+            text = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
+            print(f"[{step}/{self.total}] {text}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.mode != "none":
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    results: dict[str, dict]  # split -> metrics
+    steps: int
+    seconds: float
+
+
+def eval_prefix(method: Method) -> str:
+    """State-dict prefix of the evaluated network inside the method (``model.``, ``teacher.``)."""
+    target = method.eval_model()
+    for name, module in method.named_modules():
+        if module is target:
+            return f"{name}." if name else ""
+    raise TrainingError("method.eval_model() is not a submodule of the method")  # pragma: no cover
+
+
+def model_state_from_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
+    prefix = ckpt.get("eval_prefix", "model.")
+    return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.dist, self.device = init_distributed(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = resolve_run_dir(cfg, str(run_dir) if run_dir else None)
+        self.resume_from = prepare_run_dir(cfg, self.run_dir, resume)
+        barrier()
+        seed_everything(cfg.seed, cfg.deterministic)
+
+        self.splits: DataSplits = build_splits(cfg.data, cfg.seed)
+        model = build_model(cfg.model, self.splits.in_channels, self.splits.num_classes)
+        if self.dist.enabled and self.device.type == "cuda" and cfg.train.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.method: Method = build_method(cfg, model, self.splits.num_classes)
+        self.method.to(self.device)
+        if self.dist.enabled:
+            ddp = nn.parallel.DistributedDataParallel(
+                self.method.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            self.method.use_net(ddp)
+            self._broadcast_extra_parameters()
+        self.model: Segmenter = self.method.model
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.extra_optimizers = self.method.extra_optimizers()
+        self.amp = cfg.train.amp
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        self.step = 0
+        self.best_score = -math.inf
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _broadcast_extra_parameters(self) -> None:
+        """Start every rank's extra modules (e.g. a discriminator) from rank 0's weights."""
+        import torch.distributed as dist
+
+        for opt in self.method.extra_optimizers().values():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    dist.broadcast(p.data, src=0)
+
+    def _sync_extra_grads(self, opt: torch.optim.Optimizer) -> None:
+        """Average gradients of modules outside DDP over ranks."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
+
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _data_iterators(self) -> tuple[InfiniteBatches, InfiniteBatches | None]:
+        cfg, d = self.cfg, self.cfg.data
+        C, ch = self.splits.num_classes, self.splits.in_channels
+        labeled = InfiniteBatches(
+            LabeledDataset(self.splits.labeled, d, C, ch),
+            batch_size=d.batch_size,
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=d.num_workers,
+            start_batch=self.step,
+        )
+        unlabeled = None
+        if self.method.uses_unlabeled:
+            if not self.splits.unlabeled:
+                raise SemisegError(
+                    f"method.name={cfg.method.name}: needs unlabeled images but the unlabeled split is empty"
+                )
+            unlabeled = InfiniteBatches(
+                UnlabeledDataset(self.splits.unlabeled, d, C, ch),
+                batch_size=d.unlabeled_batch_size,
+                seed=cfg.seed + 1,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                num_workers=d.num_workers,
+                start_batch=self.step,
+            )
+        return labeled, unlabeled
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model": self.method.state_dict(),
+            "eval_prefix": eval_prefix(self.method),
+            "optimizer": self.optimizer.state_dict(),
+            "extra_optimizers": {k: o.state_dict() for k, o in self.extra_optimizers.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best_score": self.best_score,
+            "config": config_to_dict(self.cfg),
+            "config_hash": config_hash(self.cfg),
+            "class_names": self.splits.class_names,
+            "palette": [list(c) for c in self.splits.palette],
+            "in_channels": self.splits.in_channels,
+            "num_classes": self.splits.num_classes,
+        }
+
+    def save(self, name: str = LATEST) -> None:
+        if self.dist.is_main:
+            atomic_save(self.checkpoint_state(), self.run_dir / name)
+
+    def load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for name, state in ckpt.get("extra_optimizers", {}).items():
+            if name in self.extra_optimizers:
+                self.extra_optimizers[name].load_state_dict(state)
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.step = int(ckpt["step"])
+        self.best_score = float(ckpt.get("best_score", -math.inf))
+
+    def evaluate_split(self, split: str) -> dict | None:
+        records = getattr(self.splits, split)
+        if not records:
+            return None
+        cm = evaluate(
+            self.method.eval_model(),
+            records,
+            self.cfg.data,
+            self.cfg.eval,
+            self.splits.num_classes,
+            self.splits.in_channels,
+            self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            amp=self.amp,
+        )
+        return cm.results(self.splits.class_names)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_step(self, batch, info: StepInfo) -> dict[str, float]:
+        lr = set_poly_lr(self.optimizer, self.cfg, info.step)
+        with self._autocast():
+            losses = self.method.training_step(batch, info)
+        total = losses["total"]
+        if broadcast_flag(not bool(torch.isfinite(total.detach())), self.device):
+            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            raise TrainingError(
+                f"non-finite loss at step {info.step} ({shown}); stopped. "
+                f"Last good checkpoint: {self.run_dir / LATEST} (try a lower optim.lr)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        for name, opt in self.extra_optimizers.items():
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(losses[f"total/{name}"]).backward()
+            self._sync_extra_grads(opt)
+            self.scaler.step(opt)
+        for fn in self.method.extra_schedulers().values():
+            fn(info.step)
+        self.scaler.update()
+        self.method.after_step(info)
+        logged = {k: float(v.detach()) for k, v in losses.items()}
+        logged["lr"] = lr
+        return logged
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+            self._write_splits()
+        if self.resume_from is not None:
+            self.load(self.resume_from)
+        logger = RunLogger(self.run_dir, cfg, self.step, self.dist.is_main)
+        if self.resume_from is not None:
+            logger.message(f"resumed from {self.resume_from} at step {self.step}")
+        labeled, unlabeled = self._data_iterators()
+        self.method.train()
+        started = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < cfg.train.iters:
+                info = StepInfo(self.step, cfg.train.iters)
+                batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(self.device)
+                logged = self.train_step(batch, info)
+                self.step += 1
+                window_steps += 1
+                elapsed = time.perf_counter() - window_start
+                logged["it/s"] = window_steps / max(elapsed, 1e-9)
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iters:
+                    logged = all_reduce_mean(logged, self.device)
+                    logger.log(self.step, logged)
+                    window_start, window_steps = time.perf_counter(), 0
+                logger.progress(self.step, logged, cfg.train.log_every)
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    self._validate(logger)
+                if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.iters:
+                    self.save(LATEST)
+            seconds = time.perf_counter() - started
+            self._check_ranks_agree()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every != 0:
+                self._validate(logger)
+            results = self._final_evaluation(logger, seconds)
+        finally:
+            logger.close()
+            labeled.close()
+            if unlabeled:
+                unlabeled.close()
+        return TrainResult(self.run_dir, results, self.step, seconds)
+
+    def _check_ranks_agree(self) -> None:
+        """Under DDP every rank must end with the same weights; fail loudly if not."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        checksum = torch.stack([p.detach().double().sum() for p in self.method.parameters()]).sum()
+        gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, checksum)
+        values = [float(v) for v in gathered]
+        if max(values) - min(values) > 1e-6 * max(1.0, abs(values[0])):
+            raise TrainingError(f"DDP ranks ended with different weights (parameter sums {values})")
+
+    def _validate(self, logger: RunLogger) -> None:
+        res = self.evaluate_split("val")
+        if res is None:
+            return
+        logger.log(self.step, {"miou": res["miou"], "mdice": res["mdice"]}, kind="val")
+        logger.message(f"[{self.step}] val mIoU {100 * res['miou']:.2f}")
+        if res["miou"] > self.best_score:
+            self.best_score = res["miou"]
+            self.save(BEST)
+
+    def _final_evaluation(self, logger: RunLogger, seconds: float) -> dict[str, dict]:
+        results: dict[str, dict] = {}
+        for split in self.cfg.eval.splits:
+            res = self.evaluate_split(split)
+            if res is None:
+                logger.message(f"no '{split}' split: skipped final evaluation on it")
+                continue
+            results[split] = res
+            logger.message(f"\n{split} ({len(getattr(self.splits, split))} images, final weights):")
+            logger.message(format_table(res, self.splits.class_names))
+        if self.dist.is_main:
+            payload = {
+                "name": self.cfg.name,
+                "dataset": self.cfg.data.name,
+                "fraction": self.cfg.data.labeled,
+                "method": method_label(self.cfg),
+                "seed": self.cfg.seed,
+                "protocol": self.cfg.protocol,
+                "steps": self.step,
+                "seconds": seconds,
+                "world_size": self.dist.world_size,
+                "config_hash": config_hash(self.cfg),
+                "weights": "final",
+                "results": results,
+            }
+            atomic_write_text(json.dumps(json_safe(payload), indent=2), self.run_dir / "results.json")
+        return results
+
+    def _write_splits(self) -> None:
+        split_dir = self.run_dir / "splits"
+        split_dir.mkdir(exist_ok=True)
+        for part in ("labeled", "unlabeled", "val", "test"):
+            names = [r.name for r in getattr(self.splits, part)]
+            atomic_write_text("".join(f"{n}\n" for n in names), split_dir / f"{part}.txt")
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN/inf by None (strict JSON), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def method_label(cfg: RunConfig) -> str:
+    """Readable method name for tables: ``unimatch+supmix+sufd``."""
+    parts = [cfg.method.name]
+    mix = getattr(cfg.method, "mix", None)
+    if mix not in (None, "none", "cutmix"):  # CutMix is FixMatch's and UniMatch's own recipe
+        parts.append(mix)
+    parts.extend(sorted(cfg.plugins))
+    return "+".join(parts)
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
+    """Train (or resume) a run and evaluate its final weights."""
+    trainer = Trainer(cfg, run_dir, resume)
+    return trainer.fit()
+
+
+__all__ = ["DistInfo", "TrainResult", "Trainer", "model_state_from_checkpoint", "train"]

@@ -1,0 +1,40 @@
+"""DDP on CPU: two gloo processes under torchrun train together, agree, and evaluate without
+counting any test image twice (odd test count over two ranks)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import tiny_overrides
+
+from semiseg.cli import main
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(tmp_path, capsys):
+    if shutil.which("torchrun") is None and not os.path.exists(
+        os.path.join(os.path.dirname(sys.executable), "torchrun")
+    ):
+        pytest.skip("torchrun not installed")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = tmp_path / "ddp"
+    overrides = tiny_overrides(iters=4, **{"data.synthetic.num_test": 3, "train.device": "cpu"})
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "semiseg", "train", "--run-dir", str(run)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((run / "results.json").read_text())
+    assert payload["world_size"] == 2
+    ddp_test = payload["results"]["test"]
+
+    # The same checkpoint evaluated by one process gives the same confusion matrix.
+    assert main(["eval", str(run / "latest.pt"), "--out", str(tmp_path / "single.json")]) == 0
+    capsys.readouterr()
+    single = json.loads((tmp_path / "single.json").read_text())
+    assert single["confusion"] == ddp_test["confusion"]
+    assert sum(map(sum, single["confusion"])) == 3 * 40 * 40

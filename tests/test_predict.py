@@ -1,0 +1,179 @@
+"""Folder prediction (masks at the original size, overlays, no silent overwrite) and visualisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from semiseg.config import DataConfig, EvalConfig
+from semiseg.data.base import default_palette
+from semiseg.errors import DataError
+from semiseg.predict import predict_folder
+from semiseg.visualize import IGNORE_COLOR, colorize, legend_patches, overlay, save_png
+
+NAMES = ["background", "vessel", "lesion"]
+PALETTE = default_palette(3)
+
+
+class ChannelThreshold(nn.Module):
+    """Class 1 where normalised channel 0 > 0, else 0 (class 2 never predicted). Records input sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        self.modes.append(self.training)
+        fg = (x[:, :1] > 0).float()
+        return torch.cat([1 - fg, fg, torch.zeros_like(fg)], 1)
+
+
+def half_split_image(h: int, w: int) -> np.ndarray:
+    """RGB image: dark left half, bright right half."""
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    img[:, w // 2 :] = 230
+    return img
+
+
+@pytest.fixture
+def folder(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(half_split_image(40, 60)).save(src / "a.png")
+    Image.fromarray(half_split_image(36, 24)).save(src / "b.jpg", quality=100)
+    (src / "notes.txt").write_text("not an image")
+    return src
+
+
+def run(folder, out, **kw):
+    model = kw.pop("model", None) or ChannelThreshold()
+    data = kw.pop("data", None) or DataConfig(resize=0.5)
+    eval_cfg = kw.pop("eval_cfg", None) or EvalConfig(mode="whole", size_divisor=8)
+    paths = predict_folder(model, folder, out, data, eval_cfg, NAMES, PALETTE, 3, "cpu", **kw)
+    return model, paths
+
+
+def test_predict_folder_writes_masks_at_original_size(folder, tmp_path):
+    out = tmp_path / "out"
+    model, paths = run(folder, out)
+    assert [p.name for p in paths] == ["a_mask.png", "a_overlay.png", "b_mask.png", "b_overlay.png"]
+    assert model.sizes == [(24, 32), (24, 16)]  # resized ×0.5 (20×30, 18×12) then padded to ×8
+    for stem, (h, w) in {"a": (40, 60), "b": (36, 24)}.items():
+        mask = Image.open(out / f"{stem}_mask.png")
+        assert mask.mode == "L" and mask.size == (w, h)
+        expected = np.zeros((h, w), dtype=np.uint8)
+        expected[:, w // 2 :] = 1
+        np.testing.assert_array_equal(np.asarray(mask), expected)
+        ov = Image.open(out / f"{stem}_overlay.png")
+        assert ov.mode == "RGB" and ov.size == (w, h)
+        ov_arr = np.asarray(ov)
+        assert (ov_arr[:, : w // 2] == 0).all()  # dark background, not tinted
+        right = ov_arr[:, w // 2 :].reshape(-1, 3)
+        assert not (right == right[:, :1]).all()  # tinted with the vessel colour (not grey)
+
+
+def test_predict_folder_sliding_and_long_side(folder, tmp_path):
+    model, paths = run(
+        folder,
+        tmp_path / "out",
+        data=DataConfig(long_side=30),
+        eval_cfg=EvalConfig(mode="sliding", window=16, overlap=0.5),
+    )
+    assert len(paths) == 4 and all(s == (16, 16) for s in model.sizes)
+    mask = np.asarray(Image.open(tmp_path / "out" / "a_mask.png"))
+    assert mask.shape == (40, 60) and (mask[:, :30] == 0).all() and (mask[:, 30:] == 1).all()
+
+
+def test_no_overwrite_unless_asked(folder, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = out / "b_overlay.png"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(DataError, match="b_overlay.png"):
+        run(folder, out)
+    assert existing.read_bytes() == b"keep me"
+    assert not (out / "a_mask.png").exists()  # checked before anything was written
+    _, paths = run(folder, out, overwrite=True)
+    assert len(paths) == 4 and Image.open(existing).size == (24, 36)
+
+
+def test_model_state_restored(folder, tmp_path):
+    model = ChannelThreshold().train()
+    run(folder, tmp_path / "out", model=model)
+    assert model.training and model.modes == [False, False]
+
+
+def test_empty_folder_raises(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="empty.*no images"):
+        run(empty, tmp_path / "out")
+
+
+def test_wrong_channel_count_names_file(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(src / "grey.png")
+    with pytest.raises(DataError, match=r"grey\.png.*1 channel"):
+        run(src, tmp_path / "out")
+
+
+def test_colliding_stems_raise(folder, tmp_path):
+    Image.fromarray(half_split_image(8, 8)).save(folder / "a.bmp")
+    with pytest.raises(DataError, match=r"a\.png: same name stem as .*a\.bmp"):
+        run(folder, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- visualize
+
+
+def test_colorize():
+    mask = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    rgb = colorize(mask, PALETTE)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == np.uint8
+    assert (
+        tuple(rgb[0, 0]) == PALETTE[0] and tuple(rgb[0, 1]) == PALETTE[1] and tuple(rgb[1, 0]) == PALETTE[2]
+    )
+    assert tuple(rgb[1, 1]) == IGNORE_COLOR
+    assert tuple(colorize(mask, PALETTE, ignore_color=(1, 2, 3))[1, 1]) == (1, 2, 3)
+    with pytest.raises(ValueError, match="value 3"):
+        colorize(np.array([[3]], dtype=np.uint8), PALETTE)
+
+
+def test_overlay_greyscale_and_untinted_background():
+    image = np.full((2, 3, 1), 0.5, dtype=np.float32)
+    mask = np.array([[0, 1, 255], [2, 0, 1]], dtype=np.uint8)
+    out = overlay(image, mask, [(0, 0, 0), (255, 0, 0), (0, 0, 255)], alpha=0.5)
+    assert out.shape == (2, 3, 3) and out.dtype == np.uint8
+    grey = (128, 128, 128)
+    assert tuple(out[0, 0]) == grey and tuple(out[1, 1]) == grey and tuple(out[0, 2]) == grey
+    assert tuple(out[0, 1]) == (191, 64, 64)  # 0.5·0.5 + 0.5·1 = 0.75 -> 191
+    assert tuple(out[1, 0]) == (64, 64, 191)
+    rgb = overlay(np.zeros((2, 3, 3)), mask, PALETTE, alpha=1.0)
+    np.testing.assert_array_equal(rgb[0, 1], PALETTE[1])
+
+
+def test_save_png_roundtrip(tmp_path):
+    mask = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    p = save_png(mask, tmp_path / "sub" / "m.png")
+    img = Image.open(p)
+    assert img.mode == "L"
+    np.testing.assert_array_equal(np.asarray(img), mask)
+    rgb = colorize(mask, PALETTE)
+    img = Image.open(save_png(rgb, tmp_path / "c.png"))
+    assert img.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(img), rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(mask.astype(np.float32), tmp_path / "x.png")
+
+
+def test_legend_patches():
+    patches = legend_patches(NAMES, PALETTE)
+    assert [p.get_label() for p in patches] == NAMES
+    assert patches[1].get_facecolor()[:3] == pytest.approx(tuple(v / 255 for v in PALETTE[1]))

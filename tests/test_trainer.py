@@ -1,0 +1,156 @@
+import json
+import math
+
+import pytest
+import torch
+from helpers import tiny_overrides
+
+from semiseg.checkpoint import atomic_save, load_checkpoint
+from semiseg.config import load_config
+from semiseg.errors import SemisegError, TrainingError
+from semiseg.trainer import Trainer, build_optimizer, model_state_from_checkpoint, poly_lr, train
+
+
+def _final_weights(run_dir):
+    return model_state_from_checkpoint(load_checkpoint(run_dir / "latest.pt"))
+
+
+def test_tiny_run_writes_everything(tmp_path):
+    cfg = load_config(None, tiny_overrides(iters=4, **{"train.eval_every": 2}))
+    result = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in (
+        "latest.pt",
+        "best.pt",
+        "config.yaml",
+        "metrics.jsonl",
+        "results.json",
+        "splits/labeled.txt",
+    ):
+        assert (run / name).is_file(), name
+    payload = json.loads((run / "results.json").read_text())
+    for key in ("dataset", "fraction", "method", "seed", "protocol", "steps", "seconds", "results"):
+        assert key in payload
+    test = payload["results"]["test"]
+    assert 0.0 <= test["miou"] <= 1.0 and set(test["iou"]) == {"background", "vessel", "lesion"}
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
+    assert steps == [1, 2, 3, 4]
+    assert result.steps == 4
+    labeled = (run / "splits/labeled.txt").read_text().split()
+    unlabeled = (run / "splits/unlabeled.txt").read_text().split()
+    assert len(labeled) == 4 and not set(labeled) & set(unlabeled)
+
+
+def test_poly_schedule_and_param_groups():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert math.isclose(poly_lr(0.01, 50, 100, 0.9), 0.01 * 0.5**0.9)
+    cfg = load_config(None, tiny_overrides(**{"optim.lr_multi": 10.0}))
+    from semiseg.models import build_model
+
+    model = build_model(cfg.model, 3, 3)
+    opt = build_optimizer(model, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["supervised"])
+def test_resume_continues_exactly(tmp_path, monkeypatch, method):
+    overrides = tiny_overrides(iters=4, **{"method.name": method})
+    straight = tmp_path / "straight"
+    train(load_config(None, overrides), straight)
+
+    interrupted = tmp_path / "interrupted"
+    trainer = Trainer(load_config(None, overrides), interrupted)
+    original = trainer.train_step
+
+    def stop_at_three(batch, info):
+        if info.step == 3:
+            raise _Interrupt
+        return original(batch, info)
+
+    monkeypatch.setattr(trainer, "train_step", stop_at_three)
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    assert load_checkpoint(interrupted / "latest.pt")["step"] == 2
+    train(load_config(None, overrides), interrupted, resume=True)
+
+    a, b = _final_weights(straight), _final_weights(interrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(iters=2)), run)
+    before = (run / "latest.pt").read_bytes()
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer(load_config(None, tiny_overrides(iters=2)), run)
+    with pytest.raises(TrainingError, match="config differs"):
+        Trainer(load_config(None, tiny_overrides(iters=3, **{"optim.lr": 0.5})), run, resume=True)
+    assert (run / "latest.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(iters=6)), run)
+    original = trainer.method.training_step
+
+    def poisoned(batch, info):
+        losses = original(batch, info)
+        if info.step == 3:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.method, "training_step", poisoned)
+    with pytest.raises(TrainingError) as info:
+        trainer.fit()
+    assert "non-finite loss at step 3" in str(info.value) and "latest.pt" in str(info.value)
+    ckpt = load_checkpoint(run / "latest.pt")
+    assert ckpt["step"] == 2
+    assert all(
+        torch.isfinite(v).all() for v in model_state_from_checkpoint(ckpt).values() if v.is_floating_point()
+    )
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    atomic_save({"model": {"w": torch.ones(2)}}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(RuntimeError):
+        atomic_save({"model": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_load_refuses_pickled_code_and_garbage(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _Payload()}, evil)
+    with pytest.raises(SemisegError, match="cannot load checkpoint"):
+        load_checkpoint(evil)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SemisegError, match="junk.pt"):
+        load_checkpoint(junk)
+    with pytest.raises(SemisegError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
