@@ -216,6 +216,7 @@ def test_unimatch_step_matches_the_official_recipe_by_hand():
     model = Pointwise()
     with torch.no_grad():
         model.conv.weight.mul_(4.0)  # spread the confidences around τ
+    model.fp_dropout = 0.0  # feature perturbation as identity, so loss_fp can be recomputed
     tau = 0.6
     method = method_for({"name": "unimatch", "threshold": tau}, model=model)
     method.train()
@@ -239,6 +240,9 @@ def test_unimatch_step_matches_the_official_recipe_by_hand():
             ce = F.cross_entropy(model(img), lab, reduction="none")
             expect = (ce * ((conf >= tau) & (ign != IGN))).sum() / (ign != IGN).sum()
             assert losses[key].item() == pytest.approx(expect.item(), rel=1e-5)
+        ce_w = F.cross_entropy(model(batch.x_w), lab_w, reduction="none")  # FP off: p_fp = p_w
+        expect_fp = (ce_w * ((conf_w >= tau) & (batch.ignore != IGN))).sum() / (batch.ignore != IGN).sum()
+        assert losses["loss_fp"].item() == pytest.approx(expect_fp.item(), rel=1e-5)
         expect_x = F.cross_entropy(model(batch.x_l), batch.y_l, ignore_index=IGN)
         assert losses["loss_x"].item() == pytest.approx(expect_x.item(), rel=1e-5)
         assert losses["mask_ratio"].item() == pytest.approx(
@@ -287,8 +291,8 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
     method = method_for({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "threshold": 1.0}, model=model)
     batch = make_batch()
     losses = method.training_step(batch, StepInfo(0, 10))
-    assert float(losses["loss_s1"]) > 0 and float(losses["loss_s2"]) > 0
-    assert float(losses["loss_fp"]) == 0.0  # the weak pseudo-labels never reach confidence 1
+    assert losses["loss_s1"].item() > 0 and losses["loss_s2"].item() > 0
+    assert losses["loss_fp"].item() == 0.0  # the weak pseudo-labels never reach confidence 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,3 +205,14 @@ def test_config_validation_and_registration():
         build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"lambda_adv": -1}}})
     with pytest.raises(ConfigError, match=r"plugins\.sufd\.nope"):
         build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"nope": 1}}})
+
+
+@pytest.mark.parametrize("module", ["semiseg.plugins", "semiseg.plugins.sufd", "semiseg.methods.unimatch"])
+def test_modules_import_first_in_a_fresh_interpreter(module):
+    """No circular import whichever of methods / plug-ins is imported first."""
+    import subprocess
+    import sys
+
+    code = f"import {module}; from semiseg.plugins import PLUGINS; assert 'sufd' in PLUGINS"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

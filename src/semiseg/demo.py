@@ -36,6 +36,7 @@ def write_overlays(
     out_dir: Path,
     device: torch.device,
     limit: int = 8,
+    min_height: int = 256,
 ) -> list[Path]:
     """For each record: input | ground truth | prediction overlay, side by side."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,8 +53,11 @@ def write_overlays(
         if mask is not None:
             panels.append(colorize(mask, palette))
         panels.append(overlay(image, pred, palette))
+        strip = np.concatenate(panels, axis=1)
+        zoom = max(1, min_height // strip.shape[0])  # small synthetic images: enlarge (nearest) to look at
+        strip = strip.repeat(zoom, axis=0).repeat(zoom, axis=1)
         path = out_dir / f"{record.name}_overlay.png"
-        save_png(np.concatenate(panels, axis=1), path)
+        save_png(strip, path)
         written.append(path)
     return written
 

@@ -308,6 +308,14 @@ class StrongMixer(nn.Module):
         self.cfg = cfg
         self.stats = ClassStatistics(num_classes, cfg.supmix_stat_momentum)
 
+    def observe(
+        self, logits_l: Tensor, y_l: Tensor, pseudo_w: Tensor, conf_w: Tensor, ignore: Tensor | None
+    ) -> None:
+        """Update the running class statistics from a step's batch, when a SupMix strategy reads them
+        (skipped otherwise: the per-class counts cost device syncs for nothing)."""
+        if self.cfg.mix == "supmix" and self.cfg.supmix_strategy != "paper":
+            self.stats.update(logits_l, y_l, pseudo_w, conf_w, ignore)
+
     def uses_partner(self, boxes: list[Tensor | None]) -> bool:
         """Whether this step needs the partner's prediction (the eval-mode mix-source pass)."""
         mix = self.cfg.mix

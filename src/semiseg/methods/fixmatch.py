@@ -164,6 +164,6 @@ class FixMatch(WeakStrongMethod):
             logits_s, target.label, target.confidence, target.ignore, cfg.threshold, target.weight
         )
         total = cfg.scale * (loss_x + cfg.weight_s * loss_s)
-        self.mixer.stats.update(logits_l, y_l, pseudo_w, conf_w, ignore)
+        self.mixer.observe(logits_l, y_l, pseudo_w, conf_w, ignore)
         losses = {"loss_x": loss_x, "loss_s": loss_s, "mask_ratio": self.mask_ratio(ctx), "total": total}
         return self.add_plugin_losses(ctx, losses)

@@ -85,7 +85,7 @@ class UniMatch(WeakStrongMethod):
         total = cfg.scale * (
             loss_x + cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
         )
-        self.mixer.stats.update(logits_l, y_l, pseudo_w, conf_w, ignore)
+        self.mixer.observe(logits_l, y_l, pseudo_w, conf_w, ignore)
         losses = {
             "loss_x": loss_x,
             "loss_s1": loss_s1,

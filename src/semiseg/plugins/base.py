@@ -34,14 +34,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import PLUGIN_CONFIGS
-from ..methods.base import Batch, StepInfo
-from ..models.base import Segmenter
+
+if TYPE_CHECKING:  # annotations only: semiseg.methods imports this module
+    from ..methods.base import Batch, StepInfo
+    from ..models.base import Segmenter
 
 
 @dataclass

@@ -126,7 +126,7 @@ class SUFD(Plugin):
             return {"loss_adv": p_w.sum() * 0.0}
         frozen = [p for p in self.disc.parameters() if p.requires_grad]
         for p in frozen:
-            pass
+            p.requires_grad_(False)
         try:
             o_u = self.disc(p_w)
         finally:
