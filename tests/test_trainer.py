@@ -62,9 +62,23 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["supervised"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"method.name": "supervised"},
+        {
+            "method.name": "unimatch",
+            "method.mix": "supmix",
+            "method.supmix_strategy": "difficulty",
+            "plugins.sufd": "{}",
+        },
+        {"method.name": "mean_teacher"},
+    ],
+    ids=["supervised", "unimatch+supmix+sufd", "mean_teacher"],
+)
 def test_resume_continues_exactly(tmp_path, monkeypatch, method):
-    overrides = tiny_overrides(iters=4, **{"method.name": method})
+    """Interrupted at step 3 and resumed from the step-2 checkpoint == never interrupted (bit-exact)."""
+    overrides = tiny_overrides(iters=4, **method)
     straight = tmp_path / "straight"
     train(load_config(None, overrides), straight)
 

@@ -83,6 +83,9 @@ class DataConfig:
 class ModelConfig:
     name: Literal["unet", "deeplabv3plus"] = "unet"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net levels
+    # U-Net encoder dropout per level; null = SSL4MIS/UniMatch's 0.05, 0.1, 0.2, 0.3, 0.5
+    dropout: list[float] | None = None
+    upsample: Literal["transpose", "bilinear"] = "transpose"  # U-Net decoder (UniMatch / SSL4MIS bilinear)
     backbone: str = "resnet101"  # DeepLabV3+: a timm ResNet name
     pretrained: bool = False  # ImageNet weights through timm (needs the network)
     weights: str | None = None  # local backbone weights file (offline ImageNet weights)

@@ -9,7 +9,8 @@ A grid file (YAML)::
     methods: {supervised: methods/supervised.yaml, unimatch: methods/unimatch.yaml}
     seeds: [0, 1, 2]
     overrides: [train.iters=800]            # applied to every cell (optional)
-    output: runs/table1_cpu_small           # one run directory per cell below it
+    output: runs/grids/cpu_small            # one run directory per cell below it (grids may share it)
+    reports: benchmarks/results/table1      # tables, records.json, figures (default: <output>/<name>)
 
 Every cell is one ordinary run (``semiseg train``) in ``<output>/<dataset>/<fraction>/<method>/seed<k>``.
 The grid is **cached and resumable**: a cell whose ``results.json`` carries the cell's config hash is
@@ -55,6 +56,7 @@ class Grid:
     path: Path
     protocol: str
     output: Path
+    reports: Path  # tables, records.json and figures
     cells: list[Cell] = field(default_factory=list)
     baseline: str | None = None  # ablation tables: improvements are relative to this method
     rare_classes: dict[str, list[str]] = field(default_factory=dict)  # dataset -> classes for Table 2
@@ -91,6 +93,7 @@ GRID_KEYS = {
     "seeds",
     "overrides",
     "output",
+    "reports",
     "dataset_overrides",
     "baseline",
     "rare_classes",
@@ -126,6 +129,7 @@ def load_grid(
         path,
         protocol_file.stem,
         out,
+        Path(raw["reports"]) if raw.get("reports") else out / name,
         baseline=raw.get("baseline"),
         rare_classes=raw.get("rare_classes", {}) or {},
     )
@@ -355,11 +359,13 @@ def rows_csv(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(grid: Grid, records: list[dict], out_dir: Path | None = None) -> dict[str, Path]:
+def write_reports(
+    grid: Grid, records: list[dict], out_dir: Path | None = None, figures: bool = True
+) -> dict[str, Path]:
     """records.json, table1.md (+ table2.md with a baseline), summary.csv, split files used."""
     from .trainer import json_safe
 
-    out_dir = out_dir or grid.output
+    out_dir = out_dir or grid.reports
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     weights = {r["weights"] for r in records} or {"final"}
@@ -380,4 +386,56 @@ def write_reports(grid: Grid, records: list[dict], out_dir: Path | None = None) 
         atomic_write_text(
             table2_markdown(rows, grid.baseline, grid.rare_classes, caption) + "\n", paths["table2"]
         )
+    paths.update(_write_split_copies(grid, out_dir))
+    if figures and records:
+        paths.update(_write_figures(grid, rows, out_dir))
     return paths
+
+
+def _finished_cells(grid: Grid) -> list[Cell]:
+    return [c for c in grid.cells if cell_state(c) == "done"]
+
+
+def _write_split_copies(grid: Grid, out_dir: Path) -> dict[str, Path]:
+    """The split files each (dataset, fraction, seed) used, next to the results."""
+    written = {}
+    seen = set()
+    for cell in _finished_cells(grid):
+        key = (cell.dataset, fraction_label(cell.fraction), cell.seed)
+        if key in seen:
+            continue
+        seen.add(key)
+        target = out_dir / "splits" / f"{cell.dataset}_{key[1]}_seed{cell.seed}"
+        for part in ("labeled", "unlabeled", "val", "test"):
+            src = cell.run_dir / "splits" / f"{part}.txt"
+            if src.is_file():
+                atomic_write_text(src.read_text(), target / f"{part}.txt")
+        written[f"splits/{target.name}"] = target
+    return written
+
+
+def _write_figures(grid: Grid, rows: list[dict], out_dir: Path) -> dict[str, Path]:
+    """Per (dataset, fraction): IoU bars, training curves and the qualitative grid (seed-0 runs)."""
+    from .figures import curves_figure, iou_bar_chart, qualitative_figure
+
+    written: dict[str, Path] = {}
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["fraction"]), []).append(row)
+    done = _finished_cells(grid)
+    for (dataset, fraction), group in groups.items():
+        tag = f"{dataset}_{fraction_label(fraction)}"
+        title = f"{dataset}, {fraction_label(fraction)} labeled ({grid.protocol})"
+        written[f"bars_{tag}"] = iou_bar_chart(group, out_dir / f"iou_{tag}.png", title)
+        first_seed: dict[str, Path] = {}
+        for cell in sorted(done, key=lambda c: c.seed):
+            if cell.dataset == dataset and cell.fraction == fraction:
+                first_seed.setdefault(cell.method, cell.run_dir)
+        curve = curves_figure(first_seed, out_dir / f"curves_{tag}.png")
+        if curve:
+            written[f"curves_{tag}"] = curve
+        if first_seed:
+            written[f"qualitative_{tag}"] = qualitative_figure(
+                first_seed, out_dir / f"qualitative_{tag}.png", title=title
+            )
+    return written

@@ -23,7 +23,11 @@ def _build_unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segment
         )
     if len(cfg.widths) < 2 or any(w < 1 for w in cfg.widths):
         raise ConfigError(f"model.widths: need at least two positive widths, got {cfg.widths}")
-    return UNet(in_channels, num_classes, widths=cfg.widths)
+    if cfg.dropout is not None and len(cfg.dropout) != len(cfg.widths):
+        raise ConfigError(f"model.dropout: {len(cfg.dropout)} values for {len(cfg.widths)} U-Net levels")
+    return UNet(
+        in_channels, num_classes, widths=cfg.widths, dropout=cfg.dropout, bilinear=cfg.upsample == "bilinear"
+    )
 
 
 def _build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segmenter:

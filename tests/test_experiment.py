@@ -1,0 +1,134 @@
+"""The grid runner: cached (a second run does nothing), resumable (an interrupted cell continues
+from its checkpoint), invalidation per cell, and aggregation checked against the per-run JSON."""
+
+import json
+import statistics
+
+import pytest
+import yaml
+from helpers import tiny_overrides
+
+import semiseg.trainer as trainer_module
+from semiseg.config import apply_overrides
+from semiseg.experiment import collect_records, load_grid, run_grid, summarize, table2_markdown, write_reports
+
+
+def write_grid(tmp_path, methods=("supervised", "fixmatch"), extra=""):
+    """A grid of tiny synthetic runs: 1 dataset × 1 fraction × methods × 2 seeds."""
+    protocol = apply_overrides({"protocol": "tiny"}, tiny_overrides(iters=4))
+    (tmp_path / "tiny_protocol.yaml").write_text(yaml.safe_dump(protocol))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: tiny\nprotocol: tiny_protocol.yaml\ndatasets: {synthetic: datasets/synthetic.yaml}\n"
+        f"fractions: [0.5]\nmethods: [{', '.join(methods)}]\nseeds: [0, 1]\n"
+        f"overrides: [train.iters=4]\noutput: {tmp_path / 'runs'}\nreports: {tmp_path / 'reports'}\n" + extra
+    )
+    return grid
+
+
+@pytest.fixture
+def count_trains(monkeypatch):
+    calls = []
+    original = trainer_module.train
+
+    def counting(cfg, run_dir=None, resume=False):
+        calls.append((str(run_dir), resume))
+        return original(cfg, run_dir, resume)
+
+    monkeypatch.setattr(trainer_module, "train", counting)
+    return calls
+
+
+def test_grid_is_cached_resumable_and_aggregates_correctly(tmp_path, monkeypatch, count_trains):
+    grid = load_grid(write_grid(tmp_path))
+    assert len(grid.cells) == 4
+
+    # Interrupt the third cell after its step-2 checkpoint.
+    original_step = trainer_module.Trainer.train_step
+    target = grid.cells[2].run_dir
+
+    def flaky(self, batch, info):
+        if self.run_dir == target and info.step == 3:
+            raise KeyboardInterrupt
+        return original_step(self, batch, info)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, log=lambda *_: None)
+    assert len(count_trains) == 3
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original_step)
+
+    messages = []
+    run_grid(load_grid(write_grid(tmp_path)), log=messages.append)
+    assert count_trains[3] == (str(target), True)  # resumed, not restarted
+    assert any("resuming" in m for m in messages)
+    assert json.loads((target / "results.json").read_text())["steps"] == 4
+    assert len(count_trains) == 5
+
+    # A second run does nothing.
+    run_grid(load_grid(write_grid(tmp_path)), log=lambda *_: None)
+    assert len(count_trains) == 5
+
+    # Aggregation: mean and sample std recomputed from each run's own results.json.
+    grid = load_grid(write_grid(tmp_path))
+    records = collect_records(grid)
+    assert {r["method"] for r in records} == {"supervised", "fixmatch"} and len(records) == 4
+    for row in summarize(records):
+        per_run = [
+            json.loads((c.run_dir / "results.json").read_text())["results"]["test"]
+            for c in grid.cells
+            if c.method == row["method"]
+        ]
+        mious = [r["miou"] for r in per_run]
+        assert row["miou"][0] == pytest.approx(statistics.mean(mious))
+        assert row["miou"][1] == pytest.approx(statistics.stdev(mious))
+        vessel = [r["iou"]["vessel"] for r in per_run]
+        assert row["iou"]["vessel"][0] == pytest.approx(statistics.mean(vessel))
+    paths = write_reports(grid, records)
+    table = paths["table1"].read_text()
+    assert "| supervised | 2 |" in table and "±" in table
+    saved = json.loads(paths["records"].read_text())
+    for record in saved:
+        for key in ("dataset", "fraction", "method", "seed", "protocol", "miou", "iou", "steps", "seconds"):
+            assert key in record
+
+
+def test_changed_config_invalidates_only_its_cells(tmp_path, count_trains):
+    run_grid(load_grid(write_grid(tmp_path, methods=("supervised",))), log=lambda *_: None)
+    assert len(count_trains) == 2
+    # Same grid plus a method: only the new cells run.
+    run_grid(load_grid(write_grid(tmp_path, methods=("supervised", "fixmatch"))), log=lambda *_: None)
+    assert len(count_trains) == 4
+    # A changed override for every cell re-runs them, keeping the old runs aside.
+    grid = load_grid(write_grid(tmp_path, methods=("supervised",)), extra_overrides=["optim.lr=0.02"])
+    messages = []
+    run_grid(grid, log=messages.append)
+    assert len(count_trains) == 6
+    assert sum("previous run moved" in m for m in messages) == 2
+    assert len(list((tmp_path / "runs" / "synthetic" / "1-2" / "supervised").glob("seed0.stale-*"))) == 1
+
+
+def test_table2_reports_improvement_over_baseline(tmp_path):
+    rows = [
+        {
+            "dataset": "d",
+            "fraction": 0.125,
+            "method": "base",
+            "seeds": [0],
+            "miou": (0.5, 0.0, 1),
+            "iou": {"bg": (0.9, 0.0, 1), "rare": (0.1, 0.0, 1)},
+            "seconds": (1.0, 0.0, 1),
+        },
+        {
+            "dataset": "d",
+            "fraction": 0.125,
+            "method": "ours",
+            "seeds": [0],
+            "miou": (0.6, 0.0, 1),
+            "iou": {"bg": (0.9, 0.0, 1), "rare": (0.3, 0.0, 1)},
+            "seconds": (1.0, 0.0, 1),
+        },
+    ]
+    text = table2_markdown(rows, "base", {"d": ["rare"]}, "caption")
+    assert "| ours | 30.00 (+20.00) | 60.00 (+10.00) |" in text
+    assert "| base | 10.00 | 50.00 |" in text
