@@ -97,6 +97,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, method):
     assert load_checkpoint(interrupted / "latest.pt")["step"] == 2
     train(load_config(None, overrides), interrupted, resume=True)
 
+    logged = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [1, 2, 3, 4]  # no duplicate steps
+    seconds = json.loads((interrupted / "results.json").read_text())["seconds"]
+    assert seconds >= load_checkpoint(interrupted / "latest.pt")["train_seconds"] * 0.999
+
     a, b = _final_weights(straight), _final_weights(interrupted)
     assert a.keys() == b.keys()
     for key in a:

@@ -31,16 +31,13 @@ def resolve_config_path(name: str | None) -> Path | None:
     raise SemisegError(f"{name}: config file not found (nor as a built-in config under {BUILTIN_CONFIGS})")
 
 
+def _add_set_arg(p: argparse.ArgumentParser, help: str = "override a config value (repeatable)") -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file or built-in config name")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.iters=200 (repeatable)",
-    )
+    _add_set_arg(p, "override a config value, e.g. --set train.iters=200 (repeatable)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -191,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["test", "val", "labeled"])
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="write index masks and colour overlays for a folder of images")
@@ -199,13 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="train a supervised U-Net on the synthetic dataset (a few CPU minutes)")
     p.add_argument("--iters", type=int, help="training iterations (default from the demo config)")
     p.add_argument("--run-dir", help="output directory (default: a new runs/demo*)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("data", help="dataset utilities")
@@ -225,14 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="grid output folder (default: the grid's 'output')")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate finished cells, run nothing")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override applied to every cell",
-    )
+    _add_set_arg(p, "override applied to every cell (repeatable)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("config", help="config utilities")

@@ -389,7 +389,7 @@ def config_hash(cfg: RunConfig) -> str:
     tree = config_to_dict(cfg)
     for volatile in ("run_dir", "name"):
         tree.pop(volatile, None)
-    for volatile in ("log_every", "ckpt_every", "threads"):
+    for volatile in ("log_every", "ckpt_every", "threads", "progress"):
         tree["train"].pop(volatile, None)
     blob = json.dumps(tree, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -283,6 +283,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.step = 0
         self.best_score = -math.inf
+        self.elapsed_before = 0.0  # training seconds of earlier segments (resumed runs)
+        self._segment_start = time.perf_counter()
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -352,6 +354,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "best_score": self.best_score,
+            "train_seconds": self.train_seconds(),
             "config": config_to_dict(self.cfg),
             "config_hash": config_hash(self.cfg),
             "class_names": self.splits.class_names,
@@ -359,6 +362,10 @@ class Trainer:
             "in_channels": self.splits.in_channels,
             "num_classes": self.splits.num_classes,
         }
+
+    def train_seconds(self) -> float:
+        """Wall-clock training time over every segment of this run (resumes included)."""
+        return self.elapsed_before + time.perf_counter() - self._segment_start
 
     def save(self, name: str = LATEST) -> None:
         if self.dist.is_main:
@@ -375,6 +382,7 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
         self.best_score = float(ckpt.get("best_score", -math.inf))
+        self.elapsed_before = float(ckpt.get("train_seconds", 0.0))
 
     def evaluate_split(self, split: str) -> dict | None:
         records = getattr(self.splits, split)
@@ -431,12 +439,14 @@ class Trainer:
             self._write_splits()
         if self.resume_from is not None:
             self.load(self.resume_from)
+        if self.resume_from is not None and self.dist.is_main:
+            drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
         logger = RunLogger(self.run_dir, cfg, self.step, self.dist.is_main)
         if self.resume_from is not None:
             logger.message(f"resumed from {self.resume_from} at step {self.step}")
         labeled, unlabeled = self._data_iterators()
         self.method.train()
-        started = time.perf_counter()
+        self._segment_start = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.step < cfg.train.iters:
@@ -456,7 +466,7 @@ class Trainer:
                     self._validate(logger)
                 if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.iters:
                     self.save(LATEST)
-            seconds = time.perf_counter() - started
+            seconds = self.train_seconds()
             self._check_ranks_agree()
             if cfg.train.eval_every and self.step % cfg.train.eval_every != 0:
                 self._validate(logger)
@@ -525,6 +535,16 @@ class Trainer:
         for part in ("labeled", "unlabeled", "val", "test"):
             names = [r.name for r in getattr(self.splits, part)]
             atomic_write_text("".join(f"{n}\n" for n in names), split_dir / f"{part}.txt")
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """On resume, forget log lines of steps the interrupted segment ran past its last checkpoint."""
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+    ]
+    atomic_write_text("".join(f"{line}\n" for line in kept), path)
 
 
 def json_safe(value: Any) -> Any:

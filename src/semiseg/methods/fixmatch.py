@@ -137,7 +137,7 @@ class FixMatch(WeakStrongMethod):
         x_l, y_l, x_w, x_s = batch.x_l, batch.y_l, batch.x_w, batch.x_s1
         assert x_w is not None and x_s is not None, "fixmatch needs x_w and x_s1"
         ignore = self.unlabeled_ignore(batch)
-        n_l, n_u = x_l.shape[0], x_w.shape[0]
+        n_l = x_l.shape[0]
 
         # Mix source: the partner's weak prediction (eval, no grad).
         partner = self.partner_prediction(x_w) if self.mixer.uses_partner([batch.box1]) else None
@@ -145,20 +145,14 @@ class FixMatch(WeakStrongMethod):
         # f(cat(x_l, x_w)) once; pseudo-labels from the weak prediction, detached.
         out = self.net(torch.cat((x_l, x_w)), return_features=self.plugins_need_features)
         logits, feats = (out.logits, out.features) if self.plugins_need_features else (out, None)
-        logits_l, logits_w = logits.split([n_l, n_u])
-        pseudo_w, conf_w = pseudo_label(logits_w)
-        ctx = StepContext(
-            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
-            features_l=None if feats is None else [f[:n_l] for f in feats],
-            features_w=None if feats is None else [f[n_l:] for f in feats],
-            teacher_features_w=None if feats is None else [f[n_l:].detach() for f in feats],
-        )  # fmt: skip
+        ctx = StepContext.from_joint_pass(batch, info, logits, feats, n_l, ignore)
         weight = self.plugin_pixel_weights(ctx)
 
         # Strong view, mixed; its target assembled under the same mask.
         target = self.strong_target(x_s, batch.box1, ctx, weight, partner)
         logits_s = self.net(target.image)
 
+        logits_l, pseudo_w, conf_w = ctx.logits_l, ctx.pseudo_w, ctx.conf_w
         loss_x = labeled_loss(logits_l, y_l, cfg.dice_weight)
         loss_s = masked_pseudo_ce(
             logits_s, target.label, target.confidence, target.ignore, cfg.threshold, target.weight

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..losses import masked_pseudo_ce, pseudo_label
+from ..losses import masked_pseudo_ce
 from ..plugins.base import StepContext
 from .base import Batch, StepInfo, register_method
 from .fixmatch import ConsistencyConfig, WeakStrongMethod
@@ -53,23 +53,16 @@ class UniMatch(WeakStrongMethod):
         x_l, y_l, x_w, x_s1, x_s2 = batch.x_l, batch.y_l, batch.x_w, batch.x_s1, batch.x_s2
         assert x_w is not None and x_s1 is not None and x_s2 is not None, "unimatch needs x_w, x_s1, x_s2"
         ignore = self.unlabeled_ignore(batch)
-        n_l, n_u = x_l.shape[0], x_w.shape[0]
+        n_l = x_l.shape[0]
 
         # Mix source: the partner's (flipped batch) weak prediction, eval mode, no grad.
         partner = self.partner_prediction(x_w) if self.mixer.uses_partner([batch.box1, batch.box2]) else None
 
         # One forward of cat(x_l, x_w); feature perturbation only on the unlabeled half.
         out = self.net(torch.cat((x_l, x_w)), fp_from=n_l, return_features=self.plugins_need_features)
-        logits_l, logits_w = out.logits.split([n_l, n_u])
         logits_fp = out.logits_fp
-        pseudo_w, conf_w = pseudo_label(logits_w)  # detached
-        feats = out.features
-        ctx = StepContext(
-            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
-            features_l=None if feats is None else [f[:n_l] for f in feats],
-            features_w=None if feats is None else [f[n_l:] for f in feats],
-            teacher_features_w=None if feats is None else [f[n_l:].detach() for f in feats],
-        )  # fmt: skip
+        ctx = StepContext.from_joint_pass(batch, info, out.logits, out.features, n_l, ignore)
+        logits_l, pseudo_w, conf_w = ctx.logits_l, ctx.pseudo_w, ctx.conf_w
         weight = self.plugin_pixel_weights(ctx)
 
         # Two strong views, each mixed with its own mask; targets assembled under the same masks.

@@ -79,6 +79,28 @@ class StepContext:
     teacher_features_w: list[Tensor] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_joint_pass(
+        cls,
+        batch: Batch,
+        info: StepInfo,
+        logits: Tensor,
+        features: list[Tensor] | None,
+        n_l: int,
+        ignore: Tensor,
+    ) -> StepContext:
+        """Context of a joint forward of ``cat(x_l, x_w)``: split it and take detached pseudo-labels."""
+        from ..losses import pseudo_label
+
+        logits_l, logits_w = logits[:n_l], logits[n_l:]
+        pseudo_w, conf_w = pseudo_label(logits_w)
+        return cls(
+            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
+            features_l=None if features is None else [f[:n_l] for f in features],
+            features_w=None if features is None else [f[n_l:] for f in features],
+            teacher_features_w=None if features is None else [f[n_l:].detach() for f in features],
+        )  # fmt: skip
+
 
 class Plugin(nn.Module):
     """Base class of plug-ins; every hook has a no-op default (see the module docstring)."""
