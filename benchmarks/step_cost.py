@@ -6,7 +6,8 @@ For each method the *step* is what the trainer does per iteration on a fixed, pr
 batch and crop, with nothing else (no augmentation, mixing, pseudo-labelling or losses beyond a
 plain sum). Methods are timed in interleaved rounds (A B C … A B C …) so machine noise hits all of
 them alike; the median per method is reported, as a ratio to its own floor and to UniMatch.
-Peak memory is the peak RSS of a separate process that runs a few steps of one method (CPU), or
+*Step memory* is the peak memory of three training steps above what the process held before them,
+in a separate process per method: resident set size sampled every 2 ms on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
     python benchmarks/step_cost.py --dataset chase_db1 --rounds 15
@@ -126,7 +127,7 @@ def measure(args) -> dict:
                 "floor_s": floor[m],
                 "ratio_to_floor": median[m] / floor[m],
                 "ratio_to_unimatch": median[m] / ref if ref else None,
-                "peak_rss_mb": peak_memory(m, args) if args.memory else None,
+                "step_memory_mb": peak_memory(m, args) if args.memory else None,
             }
         )
     return {"rows": rows, "rounds": args.rounds, "warmup": args.warmup}
@@ -151,31 +152,56 @@ def peak_memory(method: str, args) -> float:
     return float(out)
 
 
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def child(method: str, args) -> None:
+    """Print the peak memory of 3 training steps above the memory held before them."""
+    import threading
+
     torch.set_num_threads(args.threads)
     cfg = method_config(method, args.dataset, args.set)
     trainer = Trainer(cfg, Path(args.scratch) / method)
     labeled, unlabeled = trainer._data_iterators()
     batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(trainer.device)
     trainer.method.train()
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_mb()
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_mb())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     for s in range(3):
         trainer.train_step(batch, StepInfo(s, 1000))
+    done.set()
+    sampler.join()
     if trainer.device.type == "cuda":
-        print(torch.cuda.max_memory_allocated() / 2**20)
+        print((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak[0] - base)
 
 
 def to_markdown(result: dict, header: str) -> str:
     lines = [
         header,
         "",
-        "| method | step (s) | floor (s) | × floor | × UniMatch | peak RSS (MB) |",
+        "| method | step (s) | floor (s) | × floor | × UniMatch | step memory (MB) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         uni = f"{r['ratio_to_unimatch']:.2f}" if r["ratio_to_unimatch"] else "–"
-        mem = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else "–"
+        mem = f"{r['step_memory_mb']:.0f}" if r["step_memory_mb"] else "–"
         lines.append(
             f"| {r['method']} | {r['step_s']:.3f} | {r['floor_s']:.3f} | {r['ratio_to_floor']:.2f} "
             f"| {uni} | {mem} |"

@@ -132,3 +132,17 @@ def test_table2_reports_improvement_over_baseline(tmp_path):
     text = table2_markdown(rows, "base", {"d": ["rare"]}, "caption")
     assert "| ours | 30.00 (+20.00) | 60.00 (+10.00) |" in text
     assert "| base | 10.00 | 50.00 |" in text
+
+
+def test_only_selects_cells(tmp_path):
+    from semiseg.cli import select_cells
+    from semiseg.errors import SemisegError
+
+    grid = load_grid(write_grid(tmp_path))
+    subset = select_cells(grid, ["method=fixmatch", "seed=1"])
+    assert [(c.method, c.seed) for c in subset.cells] == [("fixmatch", 1)]
+    assert len(grid.cells) == 4  # the full grid is untouched (reports aggregate every finished cell)
+    with pytest.raises(SemisegError, match="matches no cell"):
+        select_cells(grid, ["method=nope"])
+    with pytest.raises(SemisegError, match="KEY=VALUE"):
+        select_cells(grid, ["colour=red"])

@@ -149,12 +149,32 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def select_cells(grid, only: list[str]):
+    """A copy of ``grid`` restricted to the cells matching every ``KEY=VALUE`` of ``--only``."""
+    import copy
+
+    keys = {"dataset", "fraction", "method", "seed"}
+    wanted: dict[str, set[str]] = {}
+    for item in only:
+        key, _, value = item.partition("=")
+        if key not in keys or not value:
+            raise SemisegError(f"--only {item}: expected KEY=VALUE[,VALUE] with KEY one of {sorted(keys)}")
+        wanted.setdefault(key, set()).update(v.strip() for v in value.split(","))
+    if not wanted:
+        return grid
+    subset = copy.copy(grid)
+    subset.cells = [c for c in grid.cells if all(str(getattr(c, k)) in v for k, v in wanted.items())]
+    if not subset.cells:
+        raise SemisegError(f"--only {' '.join(only)}: matches no cell of {grid.path}")
+    return subset
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiment import collect_records, load_grid, run_grid, write_reports
 
     grid = load_grid(resolve_config_path(args.grid), output=args.output, extra_overrides=args.overrides)
     if not args.report_only:
-        run_grid(grid, dry_run=args.dry_run)
+        run_grid(select_cells(grid, args.only), dry_run=args.dry_run)
         if args.dry_run:
             return 0
     paths = write_reports(grid, collect_records(grid))
@@ -222,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="grid output folder (default: the grid's 'output')")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate finished cells, run nothing")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only matching cells, e.g. --only fraction=0.125 --only method=unimatch,fixmatch",
+    )
     _add_set_arg(p, "override applied to every cell (repeatable)")
     p.set_defaults(func=cmd_reproduce)
 
