@@ -173,3 +173,20 @@ def test_load_refuses_pickled_code_and_garbage(tmp_path):
         load_checkpoint(junk)
     with pytest.raises(SemisegError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_logged_losses_are_means_over_the_logging_window(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(load_config(None, tiny_overrides(iters=4, **{"train.log_every": 2})), run)
+    original = trainer.method.training_step
+
+    def with_probe(batch, info):
+        losses = original(batch, info)
+        losses["probe"] = torch.tensor(float(info.step))
+        return losses
+
+    monkeypatch.setattr(trainer.method, "training_step", with_probe)
+    trainer.fit()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in logged if r["kind"] == "train"]
+    assert [(r["step"], r["probe"]) for r in train] == [(2, 0.5), (4, 2.5)]

@@ -448,19 +448,24 @@ class Trainer:
         self.method.train()
         self._segment_start = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
+        window_sums: dict[str, float] = {}
         try:
             while self.step < cfg.train.iters:
                 info = StepInfo(self.step, cfg.train.iters)
                 batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(self.device)
-                logged = self.train_step(batch, info)
+                step_values = self.train_step(batch, info)
                 self.step += 1
                 window_steps += 1
+                for key, value in step_values.items():  # losses are logged as means over the window
+                    window_sums[key] = window_sums.get(key, 0.0) + value
+                logged = {k: v / window_steps for k, v in window_sums.items()}
+                logged["lr"] = step_values["lr"]
                 elapsed = time.perf_counter() - window_start
                 logged["it/s"] = window_steps / max(elapsed, 1e-9)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.iters:
                     logged = all_reduce_mean(logged, self.device)
                     logger.log(self.step, logged)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_sums = time.perf_counter(), 0, {}
                 logger.progress(self.step, logged, cfg.train.log_every)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     self._validate(logger)
