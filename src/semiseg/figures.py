@@ -118,7 +118,18 @@ def qualitative_figure(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    save_compact(fig, out_png, dpi=100)
     return out_png
+
+
+def save_compact(fig, out_png: Path, dpi: int) -> None:
+    """Save a figure as a 256-colour palette PNG (photographic panels stay small enough to commit)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    plt.close(fig)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(out_png, optimize=True)
