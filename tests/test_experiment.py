@@ -10,7 +10,15 @@ from helpers import tiny_overrides
 
 import semiseg.trainer as trainer_module
 from semiseg.config import apply_overrides
-from semiseg.experiment import collect_records, load_grid, run_grid, summarize, table2_markdown, write_reports
+from semiseg.experiment import (
+    collect_records,
+    load_grid,
+    run_grid,
+    seed_major,
+    summarize,
+    table2_markdown,
+    write_reports,
+)
 
 
 def write_grid(tmp_path, methods=("supervised", "fixmatch"), extra=""):
@@ -43,9 +51,9 @@ def test_grid_is_cached_resumable_and_aggregates_correctly(tmp_path, monkeypatch
     grid = load_grid(write_grid(tmp_path))
     assert len(grid.cells) == 4
 
-    # Interrupt the third cell after its step-2 checkpoint.
+    # Interrupt the third cell to run (seed-major order) after its step-2 checkpoint.
     original_step = trainer_module.Trainer.train_step
-    target = grid.cells[2].run_dir
+    target = seed_major(grid.cells)[2].run_dir
 
     def flaky(self, batch, info):
         if self.run_dir == target and info.step == 3:
@@ -146,3 +154,15 @@ def test_only_selects_cells(tmp_path):
         select_cells(grid, ["method=nope"])
     with pytest.raises(SemisegError, match="KEY=VALUE"):
         select_cells(grid, ["colour=red"])
+
+
+def test_cells_run_seed_major(tmp_path, count_trains):
+    """All methods of seed 0 run before any cell of seed 1, so a partial grid compares methods."""
+    run_grid(load_grid(write_grid(tmp_path)), log=lambda *_: None)
+    order = [(run_dir.split("/")[-2], run_dir.split("/")[-1]) for run_dir, _ in count_trains]
+    assert order == [
+        ("supervised", "seed0"),
+        ("fixmatch", "seed0"),
+        ("supervised", "seed1"),
+        ("fixmatch", "seed1"),
+    ]

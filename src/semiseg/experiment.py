@@ -193,16 +193,34 @@ def cell_state(cell: Cell) -> str:
     return "new"
 
 
+def seed_major(cells: list[Cell]) -> list[Cell]:
+    """Cells in seed-major order: seed 0 of every fraction × dataset × method, then seed 1, ...
+
+    An interrupted grid therefore always holds complete method comparisons for the seeds it
+    finished. Within a seed the grid file's order is kept (fraction, dataset, method)."""
+
+    def rank(values: list) -> dict:
+        return {v: i for i, v in enumerate(dict.fromkeys(values))}
+
+    seed = rank([c.seed for c in cells])
+    fraction = rank([c.fraction for c in cells])
+    dataset = rank([c.dataset for c in cells])
+    method = rank([c.method for c in cells])
+    return sorted(
+        cells, key=lambda c: (seed[c.seed], fraction[c.fraction], dataset[c.dataset], method[c.method])
+    )
+
+
 def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states)."""
     from .trainer import train
 
     states = {id(c): cell_state(c) for c in grid.cells}
-    todo = [c for c in grid.cells if states[id(c)] != "done"]
+    todo = seed_major([c for c in grid.cells if states[id(c)] != "done"])
     done = len(grid.cells) - len(todo)
     log(f"grid {grid.name}: {len(grid.cells)} cells, {done} done, {len(todo)} to run -> {grid.output}")
     if dry_run:
-        for c in grid.cells:
+        for c in seed_major(grid.cells):
             log(f"  [{states[id(c)]:7s}] {c.label}")
         return
     durations: list[float] = []
