@@ -1,0 +1,133 @@
+"""How good are a run's pseudo-labels on its own unlabeled images? (investigation of Table 1)
+
+For each run directory, loads ``latest.pt`` (the final weights of a finished run), predicts the run's
+unlabeled images whole (eval mode, no augmentation: the weak view without crop/flip) and compares
+with their ground truth, which the training never saw. Per class ``c`` it reports:
+
+- ``gt_share``: share of pixels whose ground truth is ``c``;
+- ``confident_share``: share of pixels pseudo-labelled ``c`` with confidence >= τ (what FixMatch /
+  UniMatch train on);
+- ``confident_recall``: of the ground-truth ``c`` pixels, the share that get a confident ``c``
+  pseudo-label; ``confident_precision``: of the confident ``c`` pseudo-labels, the share that are
+  right;
+
+plus the overall ``mask_ratio`` (share of pixels with confidence >= τ). A minority class whose
+confident recall is near 0 while the mask ratio is high is the collapse the SupMix paper targets.
+
+    python benchmarks/pseudo_label_stats.py runs/grids/cpu_small/chase_db1/1-8/*/seed0 \\
+        --out benchmarks/results/pseudo_labels_chase_db1_1-8_seed0
+
+Only datasets whose training pool has masks (all built-in formats except ``extra_unlabeled``
+images) can be checked; images without a mask are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semiseg.checkpoint import load_checkpoint
+from semiseg.config import build_config
+from semiseg.data import formats  # noqa: F401  (registers the dataset builders)
+from semiseg.data.base import DATASETS
+from semiseg.data.io import image_to_tensor, read_record
+from semiseg.evaluate import pad_value_for, predict_logits
+from semiseg.models import build_model
+from semiseg.trainer import model_state_from_checkpoint
+
+
+def run_stats(run_dir: Path, threshold: float | None) -> dict:
+    ckpt = load_checkpoint(run_dir / "latest.pt")
+    cfg = build_config(ckpt["config"])
+    tau = threshold if threshold is not None else getattr(cfg.method, "threshold", 0.95)
+    num_classes, in_channels = ckpt["num_classes"], ckpt["in_channels"]
+    model = build_model(cfg.model, in_channels, num_classes)
+    model.load_state_dict(model_state_from_checkpoint(ckpt))
+    model.eval()
+    source = DATASETS[cfg.data.name](cfg.data)
+    by_name = {r.name: r for r in source.train_pool}
+    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
+    records = [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
+    gt = np.zeros(num_classes)
+    confident = np.zeros(num_classes)
+    correct = np.zeros(num_classes)
+    pixels = 0
+    pad = pad_value_for(cfg.data, in_channels)
+    with torch.inference_mode():
+        for record in records:
+            image, mask = read_record(record, cfg.data, num_classes, in_channels)
+            probs = predict_logits(model, image_to_tensor(image, cfg.data)[None], cfg.eval, pad).softmax(1)[0]
+            conf, pred = probs.max(0)
+            target = torch.from_numpy(np.asarray(mask, dtype=np.int64))
+            valid = target != 255
+            sure = valid & (conf >= tau)
+            pixels += int(valid.sum())
+            gt += np.bincount(target[valid].numpy(), minlength=num_classes)[:num_classes]
+            confident += np.bincount(pred[sure].numpy(), minlength=num_classes)[:num_classes]
+            correct += np.bincount(pred[sure & (pred == target)].numpy(), minlength=num_classes)[:num_classes]
+    names = ckpt["class_names"]
+    return {
+        "run": str(run_dir),
+        "method": cfg.method.name if hasattr(cfg.method, "name") else str(cfg.method),
+        "step": ckpt["step"],
+        "images": len(records),
+        "threshold": tau,
+        "mask_ratio": float(confident.sum() / max(pixels, 1)),
+        "classes": {
+            names[c]: {
+                "gt_share": float(gt[c] / max(pixels, 1)),
+                "confident_share": float(confident[c] / max(pixels, 1)),
+                "confident_recall": float(correct[c] / gt[c]) if gt[c] else None,
+                "confident_precision": float(correct[c] / confident[c]) if confident[c] else None,
+            }
+            for c in range(num_classes)
+        },
+    }
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    def pct(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
+    lines = [
+        f"Pseudo-labels of each run's final weights on its unlabeled images (whole image, eval mode). "
+        f"Command: `{command}`",
+        "",
+        "| run | τ | mask ratio | class | GT share | confident share | confident recall "
+        "| confident precision |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        label = "/".join(Path(row["run"]).parts[-2:])
+        for name, s in row["classes"].items():
+            cells = [label, str(row["threshold"]), pct(row["mask_ratio"]), name, pct(s["gt_share"])]
+            cells += [pct(s["confident_share"]), pct(s["confident_recall"]), pct(s["confident_precision"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run directories with latest.pt and splits/")
+    p.add_argument("--threshold", type=float, help="τ (default: the run's method.threshold, else 0.95)")
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = [run_stats(r, args.threshold) for r in args.runs if (r / "latest.pt").is_file()]
+    command = "python benchmarks/pseudo_label_stats.py " + " ".join(str(r) for r in args.runs)
+    if args.out:
+        command += f" --out {args.out}"
+    text = markdown(rows, command)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": rows}, indent=2))
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
