@@ -39,6 +39,10 @@ def test_tiny_run_writes_everything(tmp_path):
         if json.loads(line)["kind"] == "train"
     ]
     assert steps == [1, 2, 3, 4]
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [2, 4]
+    assert {"iou/background", "iou/vessel", "iou/lesion"} <= set(val[0])  # per-class curves
     assert result.steps == 4
     labeled = (run / "splits/labeled.txt").read_text().split()
     unlabeled = (run / "splits/unlabeled.txt").read_text().split()

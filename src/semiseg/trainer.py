@@ -500,8 +500,12 @@ class Trainer:
         res = self.evaluate_split("val")
         if res is None:
             return
-        logger.log(self.step, {"miou": res["miou"], "mdice": res["mdice"]}, kind="val")
-        logger.message(f"[{self.step}] val mIoU {100 * res['miou']:.2f}")
+        per_class = {f"iou/{name}": value for name, value in res["iou"].items()}
+        logger.log(self.step, {"miou": res["miou"], "mdice": res["mdice"], **per_class}, kind="val")
+        classes = "  ".join(
+            f"{name} {'–' if value is None else f'{100 * value:.2f}'}" for name, value in res["iou"].items()
+        )
+        logger.message(f"[{self.step}] val mIoU {100 * res['miou']:.2f}  ({classes})")
         if res["miou"] > self.best_score:
             self.best_score = res["miou"]
             self.save(BEST)
