@@ -166,3 +166,12 @@ def test_cells_run_seed_major(tmp_path, count_trains):
         ("supervised", "seed1"),
         ("fixmatch", "seed1"),
     ]
+
+
+def test_seed_major_order_of_the_cells_left_follows_the_whole_grid(tmp_path):
+    """Regression: when seed 0 of the first method is finished, the cells left must still start
+    with seed 0 (ranking seeds by their order in the to-do subset put seed 0 last)."""
+    grid = load_grid(write_grid(tmp_path))
+    left = [c for c in grid.cells if (c.method, c.seed) != ("supervised", 0)]
+    order = [(c.method, c.seed) for c in seed_major(left, grid.cells)]
+    assert order == [("fixmatch", 0), ("supervised", 1), ("fixmatch", 1)]

@@ -193,19 +193,20 @@ def cell_state(cell: Cell) -> str:
     return "new"
 
 
-def seed_major(cells: list[Cell]) -> list[Cell]:
+def seed_major(cells: list[Cell], grid_order: list[Cell] | None = None) -> list[Cell]:
     """Cells in seed-major order: seed 0 of every fraction × dataset × method, then seed 1, ...
 
     An interrupted grid therefore always holds complete method comparisons for the seeds it
-    finished. Within a seed the grid file's order is kept (fraction, dataset, method)."""
+    finished. Within a seed the grid file's order is kept (fraction, dataset, method). Ranks come
+    from ``grid_order`` (the whole grid; default ``cells``), so sorting a subset — the cells left
+    to run — gives the same order as sorting the whole grid and dropping the finished ones."""
+    reference = cells if grid_order is None else grid_order
 
-    def rank(values: list) -> dict:
-        return {v: i for i, v in enumerate(dict.fromkeys(values))}
+    def rank(key) -> dict:
+        return {v: i for i, v in enumerate(dict.fromkeys(key(c) for c in reference))}
 
-    seed = rank([c.seed for c in cells])
-    fraction = rank([c.fraction for c in cells])
-    dataset = rank([c.dataset for c in cells])
-    method = rank([c.method for c in cells])
+    seed, fraction = rank(lambda c: c.seed), rank(lambda c: c.fraction)
+    dataset, method = rank(lambda c: c.dataset), rank(lambda c: c.method)
     return sorted(
         cells, key=lambda c: (seed[c.seed], fraction[c.fraction], dataset[c.dataset], method[c.method])
     )
@@ -216,7 +217,7 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     from .trainer import train
 
     states = {id(c): cell_state(c) for c in grid.cells}
-    todo = seed_major([c for c in grid.cells if states[id(c)] != "done"])
+    todo = seed_major([c for c in grid.cells if states[id(c)] != "done"], grid.cells)
     done = len(grid.cells) - len(todo)
     log(f"grid {grid.name}: {len(grid.cells)} cells, {done} done, {len(todo)} to run -> {grid.output}")
     if dry_run:
