@@ -40,10 +40,11 @@ from semiseg.models import build_model
 from semiseg.trainer import model_state_from_checkpoint
 
 
-def run_stats(run_dir: Path, threshold: float | None) -> dict:
+def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
+    """One row per τ in ``thresholds`` (default: the run's ``method.threshold``, else 0.95)."""
     ckpt = load_checkpoint(run_dir / "latest.pt")
     cfg = build_config(ckpt["config"])
-    tau = threshold if threshold is not None else getattr(cfg.method, "threshold", 0.95)
+    taus = thresholds or [getattr(cfg.method, "threshold", 0.95)]
     num_classes, in_channels = ckpt["num_classes"], ckpt["in_channels"]
     model = build_model(cfg.model, in_channels, num_classes)
     model.load_state_dict(model_state_from_checkpoint(ckpt))
@@ -53,8 +54,8 @@ def run_stats(run_dir: Path, threshold: float | None) -> dict:
     names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
     records = [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
     gt = np.zeros(num_classes)
-    confident = np.zeros(num_classes)
-    correct = np.zeros(num_classes)
+    confident = np.zeros((len(taus), num_classes))
+    correct = np.zeros((len(taus), num_classes))
     pixels = 0
     pad = pad_value_for(cfg.data, in_channels)
     with torch.inference_mode():
@@ -64,29 +65,37 @@ def run_stats(run_dir: Path, threshold: float | None) -> dict:
             conf, pred = probs.max(0)
             target = torch.from_numpy(np.asarray(mask, dtype=np.int64))
             valid = target != 255
-            sure = valid & (conf >= tau)
             pixels += int(valid.sum())
             gt += np.bincount(target[valid].numpy(), minlength=num_classes)[:num_classes]
-            confident += np.bincount(pred[sure].numpy(), minlength=num_classes)[:num_classes]
-            correct += np.bincount(pred[sure & (pred == target)].numpy(), minlength=num_classes)[:num_classes]
-    names = ckpt["class_names"]
-    return {
-        "run": str(run_dir),
-        "method": cfg.method.name if hasattr(cfg.method, "name") else str(cfg.method),
-        "step": ckpt["step"],
-        "images": len(records),
-        "threshold": tau,
-        "mask_ratio": float(confident.sum() / max(pixels, 1)),
-        "classes": {
-            names[c]: {
-                "gt_share": float(gt[c] / max(pixels, 1)),
-                "confident_share": float(confident[c] / max(pixels, 1)),
-                "confident_recall": float(correct[c] / gt[c]) if gt[c] else None,
-                "confident_precision": float(correct[c] / confident[c]) if confident[c] else None,
-            }
-            for c in range(num_classes)
-        },
-    }
+            for i, tau in enumerate(taus):
+                sure = valid & (conf >= tau)
+                confident[i] += np.bincount(pred[sure].numpy(), minlength=num_classes)[:num_classes]
+                correct[i] += np.bincount(pred[sure & (pred == target)].numpy(), minlength=num_classes)[
+                    :num_classes
+                ]
+    class_names = ckpt["class_names"]
+    return [
+        {
+            "run": str(run_dir),
+            "method": cfg.method.name if hasattr(cfg.method, "name") else str(cfg.method),
+            "step": ckpt["step"],
+            "images": len(records),
+            "threshold": tau,
+            "mask_ratio": float(confident[i].sum() / max(pixels, 1)),
+            "classes": {
+                class_names[c]: {
+                    "gt_share": float(gt[c] / max(pixels, 1)),
+                    "confident_share": float(confident[i, c] / max(pixels, 1)),
+                    "confident_recall": float(correct[i, c] / gt[c]) if gt[c] else None,
+                    "confident_precision": (
+                        float(correct[i, c] / confident[i, c]) if confident[i, c] else None
+                    ),
+                }
+                for c in range(num_classes)
+            },
+        }
+        for i, tau in enumerate(taus)
+    ]
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -113,12 +122,16 @@ def markdown(rows: list[dict], command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories with latest.pt and splits/")
-    p.add_argument("--threshold", type=float, help="τ (default: the run's method.threshold, else 0.95)")
+    p.add_argument(
+        "--threshold", type=float, nargs="+", help="τ values (default: the run's method.threshold, else 0.95)"
+    )
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = p.parse_args()
     torch.set_num_threads(1)
-    rows = [run_stats(r, args.threshold) for r in args.runs if (r / "latest.pt").is_file()]
+    rows = [row for r in args.runs if (r / "latest.pt").is_file() for row in run_stats(r, args.threshold)]
     command = "python benchmarks/pseudo_label_stats.py " + " ".join(str(r) for r in args.runs)
+    if args.threshold:
+        command += " --threshold " + " ".join(str(t) for t in args.threshold)
     if args.out:
         command += f" --out {args.out}"
     text = markdown(rows, command)
