@@ -16,6 +16,7 @@ from semiseg.experiment import (
     run_grid,
     seed_major,
     summarize,
+    table1_markdown,
     table2_markdown,
     write_reports,
 )
@@ -94,7 +95,8 @@ def test_grid_is_cached_resumable_and_aggregates_correctly(tmp_path, monkeypatch
         assert row["iou"]["vessel"][0] == pytest.approx(statistics.mean(vessel))
     paths = write_reports(grid, records)
     table = paths["table1"].read_text()
-    assert "| supervised | 2 |" in table and "±" in table
+    assert "| supervised | 0, 1 |" in table and "±" in table
+    assert "different seeds" not in table  # both methods finished the same seeds
     saved = json.loads(paths["records"].read_text())
     for record in saved:
         for key in ("dataset", "fraction", "method", "seed", "protocol", "miou", "iou", "steps", "seconds"):
@@ -140,6 +142,10 @@ def test_table2_reports_improvement_over_baseline(tmp_path):
     text = table2_markdown(rows, "base", {"d": ["rare"]}, "caption")
     assert "| ours | 30.00 (+20.00) | 60.00 (+10.00) |" in text
     assert "| base | 10.00 | 50.00 |" in text
+    assert "different seeds" not in text
+    rows[0]["seeds"] = [0, 1]  # a grid in progress: the baseline has one more seed than ours
+    for text in (table2_markdown(rows, "base", {"d": ["rare"]}, "c"), table1_markdown(rows, "c")):
+        assert "*Methods averaged over different seeds (base: 0, 1; ours: 0)" in text
 
 
 def test_only_selects_cells(tmp_path):

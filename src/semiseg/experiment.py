@@ -316,6 +316,16 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _seed_note(group: list[dict]) -> list[str]:
+    """A warning line when the methods of one table block were averaged over different seeds
+    (a grid in progress): their means are then not a paired comparison."""
+    seed_sets = {tuple(row["seeds"]) for row in group}
+    if len(seed_sets) <= 1:
+        return []
+    per_method = "; ".join(f"{row['method']}: {', '.join(map(str, row['seeds']))}" for row in group)
+    return [f"*Methods averaged over different seeds ({per_method}); compare on the common seeds.*", ""]
+
+
 def table1_markdown(rows: list[dict], caption: str) -> str:
     """Paper Table 1 style: per-class IoU ± std and mIoU ± std, per dataset and fraction."""
     out = [caption, ""]
@@ -331,11 +341,12 @@ def table1_markdown(rows: list[dict], caption: str) -> str:
         for row in group:
             cells = [_fmt(*row["iou"][c]) for c in classes]
             out.append(
-                f"| {row['method']} | {len(row['seeds'])} | "
+                f"| {row['method']} | {', '.join(map(str, row['seeds']))} | "
                 + " | ".join(cells)
                 + f" | **{_fmt(*row['miou'])}** |"
             )
         out.append("")
+        out.extend(_seed_note(group))
     return "\n".join(out)
 
 
@@ -363,6 +374,7 @@ def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]],
                 cells.append(text)
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
+        out.extend(_seed_note(list(by_method.values())))
     return "\n".join(out)
 
 
