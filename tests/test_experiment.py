@@ -97,6 +97,8 @@ def test_grid_is_cached_resumable_and_aggregates_correctly(tmp_path, monkeypatch
     table = paths["table1"].read_text()
     assert "| supervised | 0, 1 |" in table and "±" in table
     assert "different seeds" not in table  # both methods finished the same seeds
+    figures = [path for key, path in paths.items() if key.split("_")[0] in ("curves", "qualitative", "bars")]
+    assert len(figures) == 3 and all(p.read_bytes().startswith(b"\x89PNG") for p in figures)
     saved = json.loads(paths["records"].read_text())
     for record in saved:
         for key in ("dataset", "fraction", "method", "seed", "protocol", "miou", "iou", "steps", "seconds"):

@@ -45,9 +45,11 @@ def iou_bar_chart(rows: list[dict], out_png: Path, title: str) -> Path:
 
 
 def curves_figure(run_dirs: dict[str, Path], out_png: Path) -> Path | None:
-    """Training loss (and validation mIoU when present) of each method on one plot."""
+    """Each method on one plot: the labeled loss ``loss_x`` (the one term every method shares, so
+    the curves are comparable), the share of confident pseudo-labels (``mask_ratio``, for the
+    methods that log it) and validation mIoU when the dataset has a validation split."""
     runs = {label: d / "metrics.jsonl" for label, d in run_dirs.items() if (d / "metrics.jsonl").is_file()}
-    return plot_training_curves(runs, out_png) if runs else None
+    return plot_training_curves(runs, out_png, loss_key="loss_x", ratio_key="mask_ratio") if runs else None
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:
