@@ -8,8 +8,9 @@ with their ground truth, which the training never saw. Per class ``c`` it report
 - ``confident_share``: share of pixels pseudo-labelled ``c`` with confidence >= τ (what FixMatch /
   UniMatch train on);
 - ``confident_recall``: of the ground-truth ``c`` pixels, the share that get a confident ``c``
-  pseudo-label; ``confident_precision``: of the confident ``c`` pseudo-labels, the share that are
-  right;
+  pseudo-label; ``confident_miss``: the share that get a confident *wrong* pseudo-label (what the
+  unlabeled loss actively teaches against ``c``); ``confident_precision``: of the confident ``c``
+  pseudo-labels, the share that are right;
 
 plus the overall ``mask_ratio`` (share of pixels with confidence >= τ). A minority class whose
 confident recall is near 0 while the mask ratio is high is the collapse the SupMix paper targets.
@@ -56,6 +57,7 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
     gt = np.zeros(num_classes)
     confident = np.zeros((len(taus), num_classes))
     correct = np.zeros((len(taus), num_classes))
+    missed = np.zeros((len(taus), num_classes))  # per ground-truth class: confident and wrong
     pixels = 0
     pad = pad_value_for(cfg.data, in_channels)
     with torch.inference_mode():
@@ -73,6 +75,9 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
                 correct[i] += np.bincount(pred[sure & (pred == target)].numpy(), minlength=num_classes)[
                     :num_classes
                 ]
+                missed[i] += np.bincount(target[sure & (pred != target)].numpy(), minlength=num_classes)[
+                    :num_classes
+                ]
     class_names = ckpt["class_names"]
     return [
         {
@@ -87,6 +92,7 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
                     "gt_share": float(gt[c] / max(pixels, 1)),
                     "confident_share": float(confident[i, c] / max(pixels, 1)),
                     "confident_recall": float(correct[i, c] / gt[c]) if gt[c] else None,
+                    "confident_miss": float(missed[i, c] / gt[c]) if gt[c] else None,
                     "confident_precision": (
                         float(correct[i, c] / confident[i, c]) if confident[i, c] else None
                     ),
@@ -107,14 +113,15 @@ def markdown(rows: list[dict], command: str) -> str:
         f"Command: `{command}`",
         "",
         "| run | τ | mask ratio | class | GT share | confident share | confident recall "
-        "| confident precision |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| confident miss | confident precision |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         label = "/".join(Path(row["run"]).parts[-2:])
         for name, s in row["classes"].items():
             cells = [label, str(row["threshold"]), pct(row["mask_ratio"]), name, pct(s["gt_share"])]
-            cells += [pct(s["confident_share"]), pct(s["confident_recall"]), pct(s["confident_precision"])]
+            cells += [pct(s[k]) for k in ("confident_share", "confident_recall", "confident_miss")]
+            cells.append(pct(s["confident_precision"]))
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
