@@ -31,25 +31,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semiseg.checkpoint import load_checkpoint
-from semiseg.config import build_config
 from semiseg.data import formats  # noqa: F401  (registers the dataset builders)
 from semiseg.data.base import DATASETS
 from semiseg.data.io import image_to_tensor, read_record
 from semiseg.evaluate import pad_value_for, predict_logits
-from semiseg.models import build_model
-from semiseg.trainer import model_state_from_checkpoint
+from semiseg.trainer import load_trained_model
 
 
 def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
     """One row per τ in ``thresholds`` (default: the run's ``method.threshold``, else 0.95)."""
-    ckpt = load_checkpoint(run_dir / "latest.pt")
-    cfg = build_config(ckpt["config"])
+    cfg, model, ckpt = load_trained_model(run_dir / "latest.pt")
     taus = thresholds or [getattr(cfg.method, "threshold", 0.95)]
     num_classes, in_channels = ckpt["num_classes"], ckpt["in_channels"]
-    model = build_model(cfg.model, in_channels, num_classes)
-    model.load_state_dict(model_state_from_checkpoint(ckpt))
-    model.eval()
+
+    def per_class(labels: torch.Tensor) -> np.ndarray:
+        return np.bincount(labels.numpy(), minlength=num_classes)[:num_classes]
+
     source = DATASETS[cfg.data.name](cfg.data)
     by_name = {r.name: r for r in source.train_pool}
     names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
@@ -68,16 +65,12 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
             target = torch.from_numpy(np.asarray(mask, dtype=np.int64))
             valid = target != 255
             pixels += int(valid.sum())
-            gt += np.bincount(target[valid].numpy(), minlength=num_classes)[:num_classes]
+            gt += per_class(target[valid])
             for i, tau in enumerate(taus):
                 sure = valid & (conf >= tau)
-                confident[i] += np.bincount(pred[sure].numpy(), minlength=num_classes)[:num_classes]
-                correct[i] += np.bincount(pred[sure & (pred == target)].numpy(), minlength=num_classes)[
-                    :num_classes
-                ]
-                missed[i] += np.bincount(target[sure & (pred != target)].numpy(), minlength=num_classes)[
-                    :num_classes
-                ]
+                confident[i] += per_class(pred[sure])
+                correct[i] += per_class(pred[sure & (pred == target)])
+                missed[i] += per_class(target[sure & (pred != target)])
     class_names = ckpt["class_names"]
     return [
         {

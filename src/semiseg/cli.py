@@ -55,16 +55,9 @@ def _load_run(checkpoint: str, overrides: list[str]):
     """Config, model (eval mode) and metadata from a checkpoint."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .config import apply_overrides, build_config
-    from .models import build_model
-    from .trainer import model_state_from_checkpoint
+    from .trainer import load_trained_model
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = build_config(apply_overrides(ckpt["config"], overrides))
-    model = build_model(cfg.model, ckpt["in_channels"], ckpt["num_classes"])
-    model.load_state_dict(model_state_from_checkpoint(ckpt))
-    model.eval()
+    cfg, model, ckpt = load_trained_model(checkpoint, overrides)
     device = torch.device(
         "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     )

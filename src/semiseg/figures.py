@@ -61,13 +61,10 @@ def qualitative_figure(
     run_dirs: dict[str, Path], out_png: Path, num_images: int = 3, title: str = ""
 ) -> Path:
     """Paper-Figure-3 style grid for the first ``num_images`` test images of the runs' test split."""
-    from .checkpoint import load_checkpoint
-    from .config import build_config
     from .data.base import build_splits
     from .data.io import image_to_tensor, read_record
     from .evaluate import pad_value_for, predict_logits
-    from .models import build_model
-    from .trainer import model_state_from_checkpoint
+    from .trainer import load_trained_model
     from .visualize import colorize, legend_patches
 
     predictions: dict[str, list[np.ndarray]] = {}
@@ -76,11 +73,7 @@ def qualitative_figure(
     class_names: list[str] = []
     palette: list = []
     for label, run_dir in run_dirs.items():
-        ckpt = load_checkpoint(run_dir / "latest.pt")
-        cfg = build_config(ckpt["config"])
-        model = build_model(cfg.model, ckpt["in_channels"], ckpt["num_classes"])
-        model.load_state_dict(model_state_from_checkpoint(ckpt))
-        model.eval()
+        cfg, model, ckpt = load_trained_model(run_dir / "latest.pt")
         splits = build_splits(cfg.data, cfg.seed)
         records = splits.test[:num_images]
         class_names, palette = ckpt["class_names"], [tuple(c) for c in ckpt["palette"]]

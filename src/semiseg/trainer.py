@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_text, load_checkpoint
-from .config import RunConfig, build_config, config_hash, config_to_dict, dump_config
+from .config import RunConfig, apply_overrides, build_config, config_hash, config_to_dict, dump_config
 from .data.base import DataSplits, build_splits
 from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
@@ -250,6 +250,19 @@ def eval_prefix(method: Method) -> str:
 def model_state_from_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
     prefix = ckpt.get("eval_prefix", "model.")
     return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_trained_model(
+    checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[RunConfig, Segmenter, dict]:
+    """``(config, model in eval mode on the CPU, checkpoint dict)`` of a saved run; ``overrides``
+    (``KEY=VALUE``) change the saved config, e.g. the evaluation settings."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = build_config(apply_overrides(ckpt["config"], list(overrides)))
+    model = build_model(cfg.model, ckpt["in_channels"], ckpt["num_classes"])
+    model.load_state_dict(model_state_from_checkpoint(ckpt))
+    model.eval()
+    return cfg, model, ckpt
 
 
 class Trainer:
@@ -583,4 +596,4 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = Fals
     return trainer.fit()
 
 
-__all__ = ["DistInfo", "TrainResult", "Trainer", "model_state_from_checkpoint", "train"]
+__all__ = ["DistInfo", "TrainResult", "Trainer", "load_trained_model", "model_state_from_checkpoint", "train"]
