@@ -10,8 +10,11 @@ the split and the budget, not from semiseg's data pipeline or trainer. Run from 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +65,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-scale-jitter", action="store_true")
+    p.add_argument("--out", type=Path, help="also write the result as JSON to this file")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -94,6 +98,18 @@ def main() -> None:
         f"labeled {args.labeled} steps {args.steps} scale_jitter {not args.no_scale_jitter}: "
         f"IoU background {iou[0]:.4f} vessel {iou[1]:.4f} mIoU {iou.mean():.4f}"
     )
+    if args.out:
+        result = {
+            "command": "python benchmarks/plain_loop_check.py " + " ".join(sys.argv[1:]),
+            "labeled": args.labeled.split(","),
+            "steps": args.steps,
+            "widths": args.widths,
+            "scale_jitter": not args.no_scale_jitter,
+            "iou": {"background": float(iou[0]), "vessel": float(iou[1])},
+            "miou": float(iou.mean()),
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Collect finished single runs (outside a grid) into one JSON + Markdown result file.
+
+For the calibration and investigation runs quoted in ``benchmarks/README.md``: each run directory's
+``results.json`` becomes one record with the keys of the grid records (``dataset``, ``fraction``,
+``method``, ``seed``, ``protocol``, ``miou``, ``iou``, ``steps``, ``seconds``) plus the settings
+that distinguish these runs (U-Net widths, iterations, τ) and the validation curve from
+``metrics.jsonl`` (step, mIoU, per-class IoU) when the run had a validation split.
+
+    python benchmarks/collect_runs.py runs/calibration/* --out benchmarks/results/calibration_runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from semiseg.plots import read_metrics
+
+
+def run_record(run_dir: Path) -> dict:
+    payload = json.loads((run_dir / "results.json").read_text())
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    test = payload["results"]["test"]
+    curve = [
+        {k: v for k, v in r.items() if k == "step" or k == "miou" or k.startswith("iou/")}
+        for r in read_metrics(run_dir / "metrics.jsonl")
+        if r.get("kind") == "val"
+    ]
+    return {
+        "run": str(run_dir),
+        **{k: payload[k] for k in ("dataset", "fraction", "method", "seed", "protocol", "steps", "seconds")},
+        "miou": test["miou"],
+        "iou": test["iou"],
+        "model_widths": cfg["model"].get("widths"),
+        "iters": cfg["train"]["iters"],
+        "threshold": cfg["method"].get("threshold"),
+        "val_curve": curve,
+    }
+
+
+def markdown(records: list[dict], command: str) -> str:
+    lines = [
+        f"Test IoU % (final weights) of single runs. Command: `{command}`",
+        "",
+        "| run | method | U-Net widths | iterations | τ | per-class IoU | mIoU | validation mIoU by step |",
+        "|---|---|---|---:|---:|---|---:|---|",
+    ]
+    for r in records:
+        classes = ", ".join(f"{c} {100 * v:.2f}" for c, v in r["iou"].items() if v is not None)
+        curve = " ".join(f"{p['step']}:{100 * p['miou']:.2f}" for p in r["val_curve"]) or "–"
+        widths = "-".join(map(str, r["model_widths"] or [])) or "–"
+        tau = "–" if r["threshold"] is None else str(r["threshold"])
+        lines.append(
+            f"| {Path(r['run']).name} | {r['method']} | {widths} | {r['iters']} | {tau} | {classes} "
+            f"| {100 * r['miou']:.2f} | {curve} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run directories with results.json")
+    p.add_argument("--out", type=Path, required=True, help="write OUT.json and OUT.md")
+    args = p.parse_args()
+    records = [run_record(r) for r in args.runs if (r / "results.json").is_file()]
+    command = "python benchmarks/collect_runs.py " + " ".join(map(str, args.runs)) + f" --out {args.out}"
+    text = markdown(records, command)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": records}, indent=2))
+    args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
