@@ -1,9 +1,14 @@
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from semiseg.config import (
+    HASH_NEUTRAL,
     RunConfig,
+    _drop_hash_neutral,
     apply_overrides,
     build_config,
     config_hash,
@@ -88,6 +93,39 @@ def test_resolved_config_round_trips_and_hash_is_stable():
     renamed = load_config(None, ["train.iters=9", "name=b", "train.log_every=3"])
     assert config_hash(renamed) == config_hash(cfg)  # names and logging do not change results
     assert config_hash(load_config(None, ["train.iters=10"])) != config_hash(cfg)
+
+
+def test_hash_neutral_option_at_default_leaves_the_hash_unchanged():
+    """An option added later (``supmix_source``) must not invalidate cached cells at its default."""
+    base = ["method.name=unimatch", "method.mix=supmix", "plugins.sufd={}"]
+    cfg = load_config(None, base)
+    tree = config_to_dict(cfg)
+    assert tree["method"]["supmix_source"] == "weak"
+    dropped = dict(tree, method={k: v for k, v in tree["method"].items() if k != "supmix_source"})
+    for volatile in ("run_dir", "name"):
+        dropped.pop(volatile)
+    dropped["train"] = {k: v for k, v in tree["train"].items()
+                        if k not in ("log_every", "ckpt_every", "threads", "progress")}  # fmt: skip
+    blob = json.dumps(dropped, sort_keys=True, default=str).encode()
+    assert config_hash(cfg) == hashlib.sha256(blob).hexdigest()[:12]
+    assert config_hash(load_config(None, [*base, "method.supmix_source=strong"])) != config_hash(cfg)
+
+
+def test_hash_neutral_walks_nested_and_plugin_dataclasses():
+    @dataclasses.dataclass
+    class Inner:
+        kept: int = 1
+        later: str = dataclasses.field(default="old", metadata={HASH_NEUTRAL: True})
+
+    @dataclasses.dataclass
+    class Outer:
+        inner: Inner = dataclasses.field(default_factory=Inner)
+        plugins: dict = dataclasses.field(default_factory=lambda: {"p": Inner(later="new")})
+
+    obj = Outer()
+    tree = dataclasses.asdict(obj)
+    _drop_hash_neutral(obj, tree)
+    assert tree == {"inner": {"kept": 1}, "plugins": {"p": {"kept": 1, "later": "new"}}}
 
 
 def _leaf_configs():

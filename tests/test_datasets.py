@@ -243,3 +243,20 @@ def test_real_dataset_stream_is_reproducible(splits):
     a = next(InfiniteBatches(ds, 2, seed=0, start_batch=3))
     b = list(itertools.islice(InfiniteBatches(ds, 2, seed=0), 4))[-1]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labeled_strong_view_keeps_the_weak_crop(splits):
+    """``with_strong`` adds a jittered view of the same crop; the weak view and label do not move."""
+    cfg, sp = splits
+    strong = StrongAugConfig(color_jitter_p=1.0, grayscale_p=0.0, blur_p=0.0)
+    cfg = DataConfig(**{**vars(cfg), "strong": strong})
+    plain = LabeledDataset(sp.labeled, cfg, sp.num_classes, sp.in_channels)[(1, 7)]
+    both = LabeledDataset(sp.labeled, cfg, sp.num_classes, sp.in_channels, with_strong=True)[(1, 7)]
+    assert set(both) == {"image", "label", "image_s"}
+    assert torch.equal(both["image"], plain["image"]) and torch.equal(both["label"], plain["label"])
+    assert both["image_s"].shape == both["image"].shape
+    assert not torch.equal(both["image_s"], both["image"])
+    pad = both["label"] == 255  # padding is 0 before normalisation in both views: geometry shared
+    assert torch.equal(both["image_s"][:, pad], both["image"][:, pad])
+    batch = make_batch({k: v[None] for k, v in both.items()})
+    assert batch.x_ls is not None and torch.equal(batch.x_ls[0], both["image_s"])

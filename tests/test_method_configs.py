@@ -54,3 +54,14 @@ def test_amp_on_cpu_uses_bfloat16_and_trains(tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err
+
+
+def test_supmix_from_a_strong_labeled_view_trains_from_the_cli(tmp_path, capsys):
+    """``method.supmix_source=strong``: the trainer feeds the labeled strong view the mixer pastes."""
+    sets = tiny_overrides(iters=2, **{"method.supmix_p": "1.0", "method.supmix_source": "strong"})
+    overrides = [x for o in sets for x in ("--set", o)]
+    run = tmp_path / "strong_source"
+    config = "cpu_small/synthetic/unimatch_supmix"
+    code = main(["train", "--config", config, *overrides, "--run-dir", str(run)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((run / "results.json").read_text())["steps"] == 2

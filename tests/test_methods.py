@@ -18,6 +18,7 @@ from semiseg.losses import masked_pseudo_ce, masked_softmax_mse, pseudo_label
 from semiseg.methods import METHODS, Batch, MeanTeacher, StepInfo, UniMatch, build_method
 from semiseg.methods.mean_teacher import ema_update, sigmoid_rampup
 from semiseg.models import Segmenter, build_model
+from semiseg.plugins.base import StepContext
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 IGN = 255
@@ -293,6 +294,33 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
     losses = method.training_step(batch, StepInfo(0, 10))
     assert losses["loss_s1"].item() > 0 and losses["loss_s2"].item() > 0
     assert losses["loss_fp"].item() == 0.0  # the weak pseudo-labels never reach confidence 1
+
+
+@pytest.mark.parametrize("source", ["weak", "strong"])
+def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
+    """``supmix_source``: pasted pixels come from ``x_l`` (weak, eq. 7–11) or ``x_ls`` (strong)."""
+    torch.manual_seed(0)
+    method = method_for(
+        {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": source}, model=Pointwise()
+    )
+    assert method.needs_labeled_strong == (source == "strong")
+    batch = make_batch()
+    batch.x_ls = batch.x_l + 100.0  # distinguishable from the weak view and from x_s1
+    ctx = StepContext.from_joint_pass(
+        batch, StepInfo(0, 10), method.model(torch.cat((batch.x_l, batch.x_w))), None, 2, batch.ignore
+    )
+    target = method.strong_target(batch.x_s1, None, ctx, None, None)
+    pasted = target.confidence == 1.0
+    assert bool(pasted.any())
+    source = (batch.x_ls if source == "strong" else batch.x_l)[torch.arange(3) % 2]
+    channels_first = lambda t: t.permute(1, 0, 2, 3)  # noqa: E731
+    assert torch.equal(channels_first(target.image)[:, pasted], channels_first(source)[:, pasted])
+
+
+def test_supmix_source_strong_without_labeled_strong_view_fails_clearly():
+    method = method_for({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": "strong"})
+    with pytest.raises(AssertionError, match="x_ls"):
+        method.training_step(make_batch(), StepInfo(0, 10))
 
 
 # ----------------------------------------------------------------------------------------------

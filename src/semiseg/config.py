@@ -381,12 +381,35 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+HASH_NEUTRAL = "hash_neutral"  # dataclass field metadata key, see config_hash
+
+
+def _drop_hash_neutral(obj: Any, tree: dict) -> None:
+    """Remove from ``tree`` (``asdict(obj)``) every field marked ``hash_neutral`` that is at its default."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(HASH_NEUTRAL) and value == f.default:
+            tree.pop(f.name, None)
+        elif dataclasses.is_dataclass(value) and isinstance(tree.get(f.name), dict):
+            _drop_hash_neutral(value, tree[f.name])
+        elif isinstance(value, dict) and isinstance(tree.get(f.name), dict):  # plug-in configs
+            for key, item in value.items():
+                if dataclasses.is_dataclass(item) and isinstance(tree[f.name].get(key), dict):
+                    _drop_hash_neutral(item, tree[f.name][key])
+
+
 def config_hash(cfg: RunConfig) -> str:
-    """Stable short hash of everything that changes a run's result."""
+    """Stable short hash of everything that changes a run's result.
+
+    An option added after results were cached, whose default reproduces the old behaviour, is
+    declared ``field(default=..., metadata={HASH_NEUTRAL: True})``: at its default it is left out of
+    the hash, so adding it does not invalidate finished grid cells; any other value changes the hash.
+    """
     import hashlib
     import json
 
     tree = config_to_dict(cfg)
+    _drop_hash_neutral(cfg, tree)
     for volatile in ("run_dir", "name"):
         tree.pop(volatile, None)
     for volatile in ("log_every", "ckpt_every", "threads", "progress"):

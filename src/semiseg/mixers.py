@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import HASH_NEUTRAL
 from .data.base import IGNORE_INDEX
 from .errors import ConfigError
 
@@ -200,6 +201,10 @@ class MixConfig:
     supmix_difficulty: Literal["iou", "confidence"] = "iou"  # statistic of the `difficulty` strategy
     supmix_stat_momentum: float = 0.99  # EMA momentum of the running class statistics
     supmix_min_weight: float = 0.05  # floor of the `difficulty` weight, so no class is never chosen
+    # Labeled view SupMix pastes from: `weak` (eq. 7–11) or `strong` (an independently jittered
+    # strong view of the same crop, so pasted regions look like their strongly augmented
+    # surroundings; an option to test whether un-jittered pastes teach a shortcut).
+    supmix_source: Literal["weak", "strong"] = field(default="weak", metadata={HASH_NEUTRAL: True})
 
     def validate_mix(self, prefix: str) -> None:
         for name in ("classmix_p", "supmix_p", "supmix_stat_momentum"):

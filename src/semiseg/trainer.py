@@ -331,7 +331,7 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.data
         C, ch = self.splits.num_classes, self.splits.in_channels
         labeled = InfiniteBatches(
-            LabeledDataset(self.splits.labeled, d, C, ch),
+            LabeledDataset(self.splits.labeled, d, C, ch, with_strong=self.method.needs_labeled_strong),
             batch_size=d.batch_size,
             seed=cfg.seed,
             rank=self.dist.rank,

@@ -68,13 +68,32 @@ class _RecordDataset(Dataset):
 class LabeledDataset(_RecordDataset):
     """Labeled weak view (DESIGN §3.1): ``ds[(index, seed)] -> {"image": C×S×S, "label": S×S long}``.
 
-    Padding of the crop is labeled 255 (ignored by the loss).
+    Padding of the crop is labeled 255 (ignored by the loss). With ``with_strong`` the sample also
+    carries ``"image_s"``, a strong view of the same crop (photometric only, so ``label`` still
+    fits it), for methods that paste from a strongly augmented labeled view
+    (``method.supmix_source: strong``). Its draws come from their own generator, so the weak view
+    is the same with or without it.
     """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        cfg: DataConfig,
+        num_classes: int,
+        in_channels: int,
+        with_strong: bool = False,
+    ) -> None:
+        super().__init__(records, cfg, num_classes, in_channels)
+        self.with_strong = with_strong
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Tensor]:
         index, seed = key
         img, label, _ = self._weak(index, _generator(derive_seed(_VIEW_TAG, seed, 0)))
-        return {"image": normalize(img, self.mean, self.std), "label": label}
+        sample = {"image": normalize(img, self.mean, self.std), "label": label}
+        if self.with_strong:
+            strong = strong_view(img, self.cfg.strong, _generator(derive_seed(_VIEW_TAG, seed, 1)))
+            sample["image_s"] = normalize(strong, self.mean, self.std)
+        return sample
 
 
 class UnlabeledDataset(_RecordDataset):
@@ -257,11 +276,13 @@ class InfiniteBatches:
 
 def make_batch(labeled: dict[str, Tensor], unlabeled: dict[str, Tensor] | None = None) -> Batch:
     """Assemble a :class:`~semiseg.methods.base.Batch` from collated labeled / unlabeled dicts."""
+    x_ls = labeled.get("image_s")
     if unlabeled is None:
-        return Batch(x_l=labeled["image"], y_l=labeled["label"])
+        return Batch(x_l=labeled["image"], y_l=labeled["label"], x_ls=x_ls)
     return Batch(
         x_l=labeled["image"],
         y_l=labeled["label"],
+        x_ls=x_ls,
         x_w=unlabeled["x_w"],
         x_s1=unlabeled["x_s1"],
         x_s2=unlabeled["x_s2"],

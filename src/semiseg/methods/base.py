@@ -28,7 +28,8 @@ class Batch:
     ``x_l, y_l``: labeled weak view (N×C×H×W, N×H×W with 255 = ignore);
     ``x_w, x_s1, x_s2``: unlabeled weak view and two independent strong views (same geometry);
     ``ignore``: N×H×W, 255 where the unlabeled crop is padding;
-    ``box1, box2``: N×H×W {0,1} CutMix boxes drawn for each strong view (all zero when not drawn).
+    ``box1, box2``: N×H×W {0,1} CutMix boxes drawn for each strong view (all zero when not drawn);
+    ``x_ls``: a strong view of the labeled crop, only when the method sets ``needs_labeled_strong``.
     """
 
     x_l: Tensor
@@ -39,6 +40,7 @@ class Batch:
     ignore: Tensor | None = None
     box1: Tensor | None = None
     box2: Tensor | None = None
+    x_ls: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {}
@@ -72,6 +74,11 @@ class Method(nn.Module):
 
     Config: type[MethodConfig] = MethodConfig
     uses_unlabeled: bool = False
+
+    @property
+    def needs_labeled_strong(self) -> bool:
+        """Whether batches must carry ``x_ls`` (a strong view of the labeled crop)."""
+        return False
 
     def __init__(self, model: Segmenter, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__()

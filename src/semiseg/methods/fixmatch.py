@@ -73,6 +73,10 @@ class WeakStrongMethod(PluginHost, Method):
         super().__init__(model, cfg, num_classes)
         self.mixer = StrongMixer(cfg, num_classes)
 
+    @property
+    def needs_labeled_strong(self) -> bool:
+        return self.cfg.mix == "supmix" and self.cfg.supmix_source == "strong"
+
     @staticmethod
     def unlabeled_ignore(batch: Batch) -> Tensor:
         """The unlabeled ignore map (255 = padding), zeros when the batch has none."""
@@ -110,7 +114,9 @@ class WeakStrongMethod(PluginHost, Method):
             )
         labeled = None
         if self.cfg.mix == "supmix":
-            labeled = labeled_source(ctx.batch.x_l, ctx.batch.y_l, x_s.shape[0], weight is not None)
+            x_src = ctx.batch.x_ls if self.cfg.supmix_source == "strong" else ctx.batch.x_l
+            assert x_src is not None, "supmix_source=strong needs the labeled strong view (batch.x_ls)"
+            labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], weight is not None)
         return self.mixer(own, partner_sample, labeled, box)
 
     def mask_ratio(self, ctx: StepContext) -> Tensor:
