@@ -13,6 +13,7 @@ from semiseg.config import apply_overrides
 from semiseg.experiment import (
     collect_records,
     load_grid,
+    paired_delta,
     run_grid,
     seed_major,
     summarize,
@@ -120,34 +121,37 @@ def test_changed_config_invalidates_only_its_cells(tmp_path, count_trains):
     assert len(list((tmp_path / "runs" / "synthetic" / "1-2" / "supervised").glob("seed0.stale-*"))) == 1
 
 
-def test_table2_reports_improvement_over_baseline(tmp_path):
-    rows = [
-        {
-            "dataset": "d",
-            "fraction": 0.125,
-            "method": "base",
-            "seeds": [0],
-            "miou": (0.5, 0.0, 1),
-            "iou": {"bg": (0.9, 0.0, 1), "rare": (0.1, 0.0, 1)},
-            "seconds": (1.0, 0.0, 1),
-        },
-        {
-            "dataset": "d",
-            "fraction": 0.125,
-            "method": "ours",
-            "seeds": [0],
-            "miou": (0.6, 0.0, 1),
-            "iou": {"bg": (0.9, 0.0, 1), "rare": (0.3, 0.0, 1)},
-            "seconds": (1.0, 0.0, 1),
-        },
-    ]
+def _record(method: str, seed: int, miou: float, rare: float) -> dict:
+    return {"dataset": "d", "fraction": 0.125, "method": method, "seed": seed, "miou": miou,
+            "iou": {"bg": 0.9, "rare": rare}, "seconds": 1.0}  # fmt: skip
+
+
+def test_table2_reports_improvement_over_baseline():
+    rows = summarize([_record("base", 0, 0.5, 0.1), _record("ours", 0, 0.6, 0.3)])
     text = table2_markdown(rows, "base", {"d": ["rare"]}, "caption")
     assert "| ours | 30.00 (+20.00) | 60.00 (+10.00) |" in text
     assert "| base | 10.00 | 50.00 |" in text
     assert "different seeds" not in text
-    rows[0]["seeds"] = [0, 1]  # a grid in progress: the baseline has one more seed than ours
-    for text in (table2_markdown(rows, "base", {"d": ["rare"]}, "c"), table1_markdown(rows, "c")):
-        assert "*Methods averaged over different seeds (base: 0, 1; ours: 0)" in text
+    # A grid in progress: the baseline has a second seed; Δ stays paired on seed 0 and says so.
+    rows = summarize(
+        [_record("base", 0, 0.5, 0.1), _record("base", 1, 0.7, 0.5), _record("ours", 0, 0.6, 0.3)]
+    )
+    text = table2_markdown(rows, "base", {"d": ["rare"]}, "c")
+    assert "| ours | 30.00 (+20.00, seed 0) | 60.00 (+10.00, seed 0) |" in text  # not 30 − mean(10, 50)
+    assert "| base | 30.00 | 60.00 |" in text
+    for report in (text, table1_markdown(rows, "c")):
+        assert "*Methods averaged over different seeds (base: 0, 1; ours: 0)" in report
+
+
+def test_paired_delta_equals_difference_of_means_on_equal_seeds():
+    recs = [_record("base", s, 0.5 + 0.1 * s, 0.1 * s) for s in range(3)]
+    recs += [_record("ours", s, 0.4 + 0.3 * s, 0.2 + 0.05 * s) for s in range(3)]
+    base, ours = summarize(recs)
+    diff, seeds = paired_delta(ours, base, "rare")
+    assert seeds == [0, 1, 2]
+    assert diff == pytest.approx(ours["iou"]["rare"][0] - base["iou"]["rare"][0])
+    diff, _ = paired_delta(ours, base, None)
+    assert diff == pytest.approx(ours["miou"][0] - base["miou"][0])
 
 
 def test_only_selects_cells(tmp_path):

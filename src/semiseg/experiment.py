@@ -311,6 +311,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "miou": mean_std([r["miou"] for r in recs]),
             "iou": {c: mean_std([r["iou"].get(c) for r in recs]) for c in classes},
             "seconds": mean_std([r["seconds"] for r in recs]),
+            "per_seed": {r["seed"]: {"miou": r["miou"], "iou": r["iou"]} for r in recs},
         }
         rows.append(row)
     return rows
@@ -350,8 +351,27 @@ def table1_markdown(rows: list[dict], caption: str) -> str:
     return "\n".join(out)
 
 
+def paired_delta(row: dict, base: dict, cls: str | None) -> tuple[float, list[int]] | None:
+    """Mean over the seeds both rows have of ``row − base`` (class ``cls`` IoU, or mIoU for None),
+    and those seeds; None when they share no seed with a value. With equal seed sets this is the
+    difference of the means; in a grid in progress it stays a paired comparison."""
+
+    def value(r: dict, seed: int) -> float | None:
+        rec = r["per_seed"][seed]
+        return rec["miou"] if cls is None else rec["iou"].get(cls)
+
+    seeds = sorted(set(row["per_seed"]) & set(base["per_seed"]))
+    diffs = {s: (value(row, s), value(base, s)) for s in seeds}
+    used = [s for s, (a, b) in diffs.items() if a is not None and b is not None]
+    if not used:
+        return None
+    return statistics.mean(diffs[s][0] - diffs[s][1] for s in used), used  # type: ignore[operator]
+
+
 def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]], caption: str) -> str:
-    """Paper Table 2 style: rare-class IoU and mIoU, (improvement over ``baseline``) in parentheses."""
+    """Paper Table 2 style: rare-class IoU and mIoU (means over seeds), with the improvement over
+    ``baseline`` in parentheses, paired by seed (:func:`paired_delta`); when the pair's seeds are not
+    all of both rows' seeds, the seeds used are named in the cell."""
     out = [caption, ""]
     keyed: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -359,7 +379,10 @@ def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]],
     for (dataset, fraction), by_method in keyed.items():
         base = by_method.get(baseline)
         classes = rare.get(dataset) or [c for c in next(iter(by_method.values()))["iou"]][1:]
-        out.append(f"**{dataset}, {fraction_label(fraction)} labeled** (IoU %; (Δ) vs {baseline})")
+        out.append(
+            f"**{dataset}, {fraction_label(fraction)} labeled** "
+            f"(IoU %, mean over seeds; (Δ) vs {baseline}, paired by seed)"
+        )
         out.append("")
         out.append("| method | " + " | ".join(classes) + " | mIoU |")
         out.append("|---|" + "---|" * (len(classes) + 1))
@@ -368,9 +391,16 @@ def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]],
             for c in [*classes, None]:
                 m = row["miou"][0] if c is None else row["iou"][c][0]
                 text = f"{100 * m:.2f}"
-                if base is not None and method != baseline:
-                    b = base["miou"][0] if c is None else base["iou"][c][0]
-                    text += f" ({100 * (m - b):+.2f})"
+                delta = paired_delta(row, base, c) if base is not None and method != baseline else None
+                if delta is not None:
+                    diff, seeds = delta
+                    complete = seeds == row["seeds"] == base["seeds"]
+                    on = (
+                        ""
+                        if complete
+                        else f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+                    )
+                    text += f" ({100 * diff:+.2f}{on})"
                 cells.append(text)
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
