@@ -360,12 +360,11 @@ def paired_delta(row: dict, base: dict, cls: str | None) -> tuple[float, list[in
         rec = r["per_seed"][seed]
         return rec["miou"] if cls is None else rec["iou"].get(cls)
 
-    seeds = sorted(set(row["per_seed"]) & set(base["per_seed"]))
-    diffs = {s: (value(row, s), value(base, s)) for s in seeds}
-    used = [s for s, (a, b) in diffs.items() if a is not None and b is not None]
-    if not used:
+    pairs = {s: (value(row, s), value(base, s)) for s in sorted(set(row["per_seed"]) & set(base["per_seed"]))}
+    diffs = {s: a - b for s, (a, b) in pairs.items() if a is not None and b is not None}
+    if not diffs:
         return None
-    return statistics.mean(diffs[s][0] - diffs[s][1] for s in used), used  # type: ignore[operator]
+    return statistics.mean(diffs.values()), list(diffs)
 
 
 def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]], caption: str) -> str:
@@ -395,11 +394,8 @@ def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]],
                 if delta is not None:
                     diff, seeds = delta
                     complete = seeds == row["seeds"] == base["seeds"]
-                    on = (
-                        ""
-                        if complete
-                        else f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
-                    )
+                    plural = "s" if len(seeds) > 1 else ""
+                    on = "" if complete else f", seed{plural} {', '.join(map(str, seeds))}"
                     text += f" ({100 * diff:+.2f}{on})"
                 cells.append(text)
             out.append(f"| {method} | " + " | ".join(cells) + " |")
