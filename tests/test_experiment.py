@@ -121,6 +121,45 @@ def test_changed_config_invalidates_only_its_cells(tmp_path, count_trains):
     assert len(list((tmp_path / "runs" / "synthetic" / "1-2" / "supervised").glob("seed0.stale-*"))) == 1
 
 
+def test_committed_records_stand_in_for_deleted_runs(tmp_path, count_trains):
+    """A fresh clone has the reports' records.json but no run directories: finished cells are not
+    re-run, their committed numbers are reported, and run-based figures are kept, not redrawn."""
+    import shutil
+
+    run_grid(load_grid(write_grid(tmp_path)), log=lambda *_: None)
+    grid = load_grid(write_grid(tmp_path))
+    paths = write_reports(grid, collect_records(grid))
+    before = json.loads(paths["records"].read_text())
+    qualitative = paths["qualitative_synthetic_1-2"]
+    figure_bytes = qualitative.read_bytes()
+    assert len(count_trains) == 4
+
+    seed0_fixmatch = next(c for c in grid.cells if c.method == "fixmatch" and c.seed == 0).run_dir
+    shutil.rmtree(seed0_fixmatch)
+    messages = []
+    run_grid(load_grid(write_grid(tmp_path)), log=messages.append)
+    assert len(count_trains) == 4  # nothing re-run
+    assert "4 done (1 from" in messages[0]
+    run_grid(load_grid(write_grid(tmp_path)), dry_run=True, log=messages.append)
+    assert sum("[recorded]" in m for m in messages) == 1
+
+    grid = load_grid(write_grid(tmp_path))
+    records = collect_records(grid)
+    key = lambda r: (r["method"], r["seed"])  # noqa: E731
+    assert sorted(records, key=key) == sorted(before, key=key)
+    qualitative.write_bytes(b"committed figure")
+    paths = write_reports(grid, records)
+    assert "qualitative_synthetic_1-2" not in paths and qualitative.read_bytes() == b"committed figure"
+    assert paths["bars_synthetic_1-2"].read_bytes().startswith(b"\x89PNG")
+    assert figure_bytes.startswith(b"\x89PNG")
+
+    # A changed config no longer matches the record: that cell (and only cells like it) re-runs.
+    grid = load_grid(write_grid(tmp_path), extra_overrides=["optim.lr=0.02"])
+    run_grid(grid, dry_run=True, log=messages.append)
+    listing = messages[-4:]
+    assert sum("[new     ]" in m for m in listing) == 1 and sum("[stale   ]" in m for m in listing) == 3
+
+
 def _record(method: str, seed: int, miou: float, rare: float) -> dict:
     return {"dataset": "d", "fraction": 0.125, "method": method, "seed": seed, "miou": miou,
             "iou": {"bg": 0.9, "rare": rare}, "seconds": 1.0}  # fmt: skip

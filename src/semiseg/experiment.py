@@ -16,6 +16,13 @@ Every cell is one ordinary run (``semiseg train``) in ``<output>/<dataset>/<frac
 The grid is **cached and resumable**: a cell whose ``results.json`` carries the cell's config hash is
 never re-run; a cell interrupted mid-way resumes from its ``latest.pt``; a cell whose config changed
 is moved aside (``<dir>.stale-<old hash>``, never deleted) and re-run, leaving other cells alone.
+
+Run directories hold checkpoints and are not meant to be committed, but the reports' ``records.json``
+is. A cell whose run directory is gone (a fresh clone, another machine) but whose record in
+``<reports>/records.json`` carries the cell's current config hash is **recorded**: it counts as done,
+is not re-run, and its committed numbers go into the tables. Figures that need the run itself
+(training curves, the qualitative grid) are then kept as they are rather than redrawn from fewer
+runs. To re-run a recorded cell, delete its record (or the whole ``records.json``).
 """
 
 from __future__ import annotations
@@ -171,8 +178,30 @@ def _merge_all(*trees: dict) -> dict:
     return merged
 
 
-def cell_state(cell: Cell) -> str:
-    """``done`` (results for this exact config), ``partial`` (resumable), ``stale`` or ``new``."""
+def load_recorded(grid: Grid) -> dict[tuple, dict]:
+    """The grid's committed records (``<reports>/records.json``) keyed like :func:`record_key`."""
+    path = grid.reports / "records.json"
+    if not path.is_file():
+        return {}
+    try:
+        records = json.loads(path.read_text())
+        return {_key(r["dataset"], r["fraction"], r["method"], r["seed"], r["config_hash"]): r for r in records}
+    except (json.JSONDecodeError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{path}: not a list of run records ({exc!r}); fix or delete it") from None
+
+
+def _key(dataset: str, fraction: float | int, method: str, seed: int, digest: str) -> tuple:
+    return dataset, fraction_label(fraction), method, int(seed), digest
+
+
+def record_key(cell: Cell) -> tuple:
+    """A cell's identity in ``records.json``: its place in the grid plus its config hash."""
+    return _key(cell.dataset, cell.fraction, cell.method, cell.seed, config_hash(cell.cfg))
+
+
+def cell_state(cell: Cell, recorded: dict[tuple, dict] | None = None) -> str:
+    """``done`` (results for this exact config), ``partial`` (resumable), ``stale``, ``new``, or
+    ``recorded`` (no run directory, but ``recorded`` holds this exact config's numbers)."""
     want = config_hash(cell.cfg)
     results = cell.run_dir / "results.json"
     if results.is_file():
@@ -190,7 +219,10 @@ def cell_state(cell: Cell) -> str:
         return "partial" if have == want else "stale"
     if cell.run_dir.exists() and any(cell.run_dir.iterdir()):
         return "stale"
-    return "new"
+    return "recorded" if recorded and record_key(cell) in recorded else "new"
+
+
+FINISHED = ("done", "recorded")
 
 
 def seed_major(cells: list[Cell], grid_order: list[Cell] | None = None) -> list[Cell]:
@@ -216,13 +248,18 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states)."""
     from .trainer import train
 
-    states = {id(c): cell_state(c) for c in grid.cells}
-    todo = seed_major([c for c in grid.cells if states[id(c)] != "done"], grid.cells)
+    recorded = load_recorded(grid)
+    states = {id(c): cell_state(c, recorded) for c in grid.cells}
+    todo = seed_major([c for c in grid.cells if states[id(c)] not in FINISHED], grid.cells)
     done = len(grid.cells) - len(todo)
-    log(f"grid {grid.name}: {len(grid.cells)} cells, {done} done, {len(todo)} to run -> {grid.output}")
+    from_records = sum(s == "recorded" for s in states.values())
+    note = f" ({from_records} from {grid.reports / 'records.json'})" if from_records else ""
+    log(
+        f"grid {grid.name}: {len(grid.cells)} cells, {done} done{note}, {len(todo)} to run -> {grid.output}"
+    )
     if dry_run:
         for c in seed_major(grid.cells):
-            log(f"  [{states[id(c)]:7s}] {c.label}")
+            log(f"  [{states[id(c)]:8s}] {c.label}")
         return
     durations: list[float] = []
     for i, cell in enumerate(todo):
@@ -245,11 +282,16 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
 
 
 def collect_records(grid: Grid) -> list[dict]:
-    """One record per finished cell with the keys of the benchmark files."""
+    """One record per finished cell with the keys of the benchmark files: read from the cell's
+    ``results.json``, or, for a recorded cell, its committed record unchanged."""
+    recorded = load_recorded(grid)
     records = []
     for cell in grid.cells:
         path = cell.run_dir / "results.json"
-        if cell_state(cell) != "done":
+        state = cell_state(cell, recorded)
+        if state == "recorded":
+            records.append(recorded[record_key(cell)])
+        if state != "done":
             continue
         payload = json.loads(path.read_text())
         test = payload["results"].get("test")
@@ -472,27 +514,29 @@ def _write_split_copies(grid: Grid, out_dir: Path) -> dict[str, Path]:
 
 
 def _write_figures(grid: Grid, rows: list[dict], out_dir: Path) -> dict[str, Path]:
-    """Per (dataset, fraction): IoU bars, training curves and the qualitative grid (seed-0 runs)."""
+    """Per (dataset, fraction): IoU bars, and from each method's lowest-seed run the training
+    curves and the qualitative grid. Those two need the runs themselves: when one of them is only
+    recorded (its run directory is gone), the existing figure is kept, not redrawn from other seeds."""
     from .figures import curves_figure, iou_bar_chart, qualitative_figure
 
     written: dict[str, Path] = {}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["dataset"], row["fraction"]), []).append(row)
-    done = _finished_cells(grid)
+    done = {(c.dataset, c.fraction, c.method, c.seed): c.run_dir for c in _finished_cells(grid)}
     for (dataset, fraction), group in groups.items():
         tag = f"{dataset}_{fraction_label(fraction)}"
         title = f"{dataset}, {fraction_label(fraction)} labeled ({grid.protocol})"
         written[f"bars_{tag}"] = iou_bar_chart(group, out_dir / f"iou_{tag}.png", title)
-        first_seed: dict[str, Path] = {}
-        for cell in sorted(done, key=lambda c: c.seed):
-            if cell.dataset == dataset and cell.fraction == fraction:
-                first_seed.setdefault(cell.method, cell.run_dir)
+        first_seed = {
+            row["method"]: done.get((dataset, fraction, row["method"], min(row["seeds"]))) for row in group
+        }
+        if None in first_seed.values():
+            continue  # some lowest-seed run is only recorded: keep the committed curves and grid
         curve = curves_figure(first_seed, out_dir / f"curves_{tag}.png")
         if curve:
             written[f"curves_{tag}"] = curve
-        if first_seed:
-            written[f"qualitative_{tag}"] = qualitative_figure(
-                first_seed, out_dir / f"qualitative_{tag}.png", title=title
-            )
+        written[f"qualitative_{tag}"] = qualitative_figure(
+            first_seed, out_dir / f"qualitative_{tag}.png", title=title
+        )
     return written
