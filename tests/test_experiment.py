@@ -160,6 +160,49 @@ def test_committed_records_stand_in_for_deleted_runs(tmp_path, count_trains):
     assert sum("[new     ]" in m for m in listing) == 1 and sum("[stale   ]" in m for m in listing) == 3
 
 
+def test_processes_sharing_a_grid_skip_cells_another_live_process_holds(tmp_path, count_trains):
+    """Two workers on one grid never train the same cell; a lock whose process died is taken over."""
+    import socket
+    import subprocess
+    import sys
+
+    from semiseg.experiment import cell_state, claim_cell
+
+    grid = load_grid(write_grid(tmp_path, methods=("supervised",)))
+    held, orphaned = grid.cells
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for cell, proc in ((held, holder), (orphaned, dead)):
+            lock = cell.run_dir.with_name(f".{cell.run_dir.name}.lock")
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(f"{socket.gethostname()} {proc.pid}\n")
+        assert cell_state(held) == "running" and cell_state(orphaned) == "new"
+        assert not claim_cell(held)
+        messages = []
+        run_grid(load_grid(write_grid(tmp_path, methods=("supervised",))), log=messages.append)
+        assert count_trains == [(str(orphaned.run_dir), False)]
+        assert "1 running in other processes" in messages[0]
+        assert any("skipping" in m and "seed 0" in m for m in messages)
+        assert not orphaned.run_dir.with_name(f".{orphaned.run_dir.name}.lock").exists()  # released
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone: its cell is free again and runs.
+    run_grid(load_grid(write_grid(tmp_path, methods=("supervised",))), log=lambda *_: None)
+    assert [run for run, _ in count_trains] == [str(orphaned.run_dir), str(held.run_dir)]
+
+
+def test_unreadable_records_file_is_a_clear_error(tmp_path):
+    from semiseg.errors import ConfigError
+
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "records.json").write_text('[{"method": "supervised"}]')
+    with pytest.raises(ConfigError, match="records.json: not a list of run records"):
+        run_grid(load_grid(write_grid(tmp_path)), dry_run=True, log=lambda *_: None)
+
+
 def _record(method: str, seed: int, miou: float, rare: float) -> dict:
     return {"dataset": "d", "fraction": 0.125, "method": method, "seed": seed, "miou": miou,
             "iou": {"bg": 0.9, "rare": rare}, "seconds": 1.0}  # fmt: skip

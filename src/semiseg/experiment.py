@@ -23,12 +23,20 @@ is. A cell whose run directory is gone (a fresh clone, another machine) but whos
 is not re-run, and its committed numbers go into the tables. Figures that need the run itself
 (training curves, the qualitative grid) are then kept as they are rather than redrawn from fewer
 runs. To re-run a recorded cell, delete its record (or the whole ``records.json``).
+
+Several processes may work on one grid at once (``semiseg reproduce`` started N times, on one
+machine or on machines sharing the output folder): each claims a cell with a lock file beside its
+run directory (``.seed<k>.lock``, holding host and pid) before training it and skips cells another
+live process holds. A lock left by a process that died is taken over on the same host; a lock
+from another host is respected until deleted by hand.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -185,9 +193,10 @@ def load_recorded(grid: Grid) -> dict[tuple, dict]:
         return {}
     try:
         records = json.loads(path.read_text())
-        return {_key(r["dataset"], r["fraction"], r["method"], r["seed"], r["config_hash"]): r for r in records}
+        keys = [_key(r["dataset"], r["fraction"], r["method"], r["seed"], r["config_hash"]) for r in records]
     except (json.JSONDecodeError, TypeError, KeyError) as exc:
         raise ConfigError(f"{path}: not a list of run records ({exc!r}); fix or delete it") from None
+    return dict(zip(keys, records))
 
 
 def _key(dataset: str, fraction: float | int, method: str, seed: int, digest: str) -> tuple:
@@ -199,9 +208,63 @@ def record_key(cell: Cell) -> tuple:
     return _key(cell.dataset, cell.fraction, cell.method, cell.seed, config_hash(cell.cfg))
 
 
+def _lock_path(cell: Cell) -> Path:
+    return cell.run_dir.with_name(f".{cell.run_dir.name}.lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def lock_holder(cell: Cell) -> str | None:
+    """``"host pid"`` of the live process training ``cell`` (None: free, or its holder died here)."""
+    try:
+        holder = _lock_path(cell).read_text().strip()
+    except FileNotFoundError:
+        return None
+    host, _, pid = holder.partition(" ")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return None
+    return holder or "unknown holder"
+
+
+def claim_cell(cell: Cell) -> bool:
+    """Atomically take ``cell``'s lock for this process (False: another live process holds it)."""
+    path = _lock_path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if lock_holder(cell) is not None:
+                return False
+            path.unlink(missing_ok=True)  # left by a process that died on this host
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+    return False
+
+
+def release_cell(cell: Cell) -> None:
+    path = _lock_path(cell)
+    try:
+        if path.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def cell_state(cell: Cell, recorded: dict[tuple, dict] | None = None) -> str:
-    """``done`` (results for this exact config), ``partial`` (resumable), ``stale``, ``new``, or
-    ``recorded`` (no run directory, but ``recorded`` holds this exact config's numbers)."""
+    """``done`` (results for this exact config), ``running`` (locked by another live process),
+    ``partial`` (resumable), ``stale``, ``new``, or ``recorded`` (no run directory, but
+    ``recorded`` holds this exact config's numbers)."""
     want = config_hash(cell.cfg)
     results = cell.run_dir / "results.json"
     if results.is_file():
@@ -209,7 +272,12 @@ def cell_state(cell: Cell, recorded: dict[tuple, dict] | None = None) -> str:
             have = json.loads(results.read_text()).get("config_hash")
         except json.JSONDecodeError:
             have = None
-        return "done" if have == want else "stale"
+        if have == want:
+            return "done"
+    if lock_holder(cell) is not None:
+        return "running"
+    if results.is_file():
+        return "stale"
     latest = cell.run_dir / "latest.pt"
     if latest.is_file():
         try:
@@ -254,8 +322,11 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     done = len(grid.cells) - len(todo)
     from_records = sum(s == "recorded" for s in states.values())
     note = f" ({from_records} from {grid.reports / 'records.json'})" if from_records else ""
+    elsewhere = sum(s == "running" for s in states.values())
+    busy = f" ({elsewhere} running in other processes)" if elsewhere else ""
     log(
-        f"grid {grid.name}: {len(grid.cells)} cells, {done} done{note}, {len(todo)} to run -> {grid.output}"
+        f"grid {grid.name}: {len(grid.cells)} cells, {done} done{note}, {len(todo)} to run{busy} "
+        f"-> {grid.output}"
     )
     if dry_run:
         for c in seed_major(grid.cells):
@@ -263,22 +334,28 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
         return
     durations: list[float] = []
     for i, cell in enumerate(todo):
-        state = states[id(cell)]
-        if state == "stale":
-            old = cell.run_dir
-            aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
-            old.rename(aside)
-            log(f"  config changed for {cell.label}: previous run moved to {aside}")
-        eta = ""
-        if durations:
-            eta = f", ETA {statistics.mean(durations) * (len(todo) - i) / 60:.1f} min"
-        log(
-            f"[{done + i + 1}/{len(grid.cells)}] {'resuming' if state == 'partial' else 'running'} "
-            f"{cell.label} ({len(todo) - i - 1} left after this{eta})"
-        )
-        start = time.perf_counter()
-        train(cell.cfg, cell.run_dir, resume=state == "partial")
-        durations.append(time.perf_counter() - start)
+        state = cell_state(cell, recorded)  # again: another process may have taken or finished it
+        if state in FINISHED or state == "running" or not claim_cell(cell):
+            log(f"  skipping {cell.label}: {state if state in FINISHED else 'running in another process'}")
+            continue
+        try:
+            if state == "stale":
+                old = cell.run_dir
+                aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
+                old.rename(aside)
+                log(f"  config changed for {cell.label}: previous run moved to {aside}")
+            eta = ""
+            if durations:
+                eta = f", ETA {statistics.mean(durations) * (len(todo) - i) / 60:.1f} min"
+            log(
+                f"[{done + i + 1}/{len(grid.cells)}] {'resuming' if state == 'partial' else 'running'} "
+                f"{cell.label} ({len(todo) - i - 1} left after this{eta})"
+            )
+            start = time.perf_counter()
+            train(cell.cfg, cell.run_dir, resume=state == "partial")
+            durations.append(time.perf_counter() - start)
+        finally:
+            release_cell(cell)
 
 
 def collect_records(grid: Grid) -> list[dict]:
