@@ -194,6 +194,26 @@ def test_processes_sharing_a_grid_skip_cells_another_live_process_holds(tmp_path
     assert [run for run, _ in count_trains] == [str(orphaned.run_dir), str(held.run_dir)]
 
 
+def test_workers_share_a_grid_and_train_each_cell_once(tmp_path, capsys):
+    from semiseg.cli import main
+
+    grid_file = write_grid(tmp_path)
+    assert main(["reproduce", str(grid_file), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    started = [line for line in out.splitlines() if "] running synthetic" in line]
+    assert len(started) == 4 and {line.split()[0] for line in started} <= {"[w1]", "[w2]"}
+    assert len({line.split("running ")[1].split(" (")[0] for line in started}) == 4  # 4 distinct cells
+    runs = tmp_path / "runs"
+    assert len(list(runs.rglob("results.json"))) == 4
+    assert not list(runs.rglob("*.lock")) and not list(runs.rglob("*.stale-*"))
+    assert len(json.loads((tmp_path / "reports" / "records.json").read_text())) == 4
+    # Nothing left: a second run with workers trains nothing.
+    assert main(["reproduce", str(grid_file), "--workers", "2", "--no-report"]) == 0
+    assert "] running synthetic" not in capsys.readouterr().out
+    assert main(["reproduce", str(grid_file), "--workers", "0"]) == 2
+    assert "--workers 0: must be at least 1" in capsys.readouterr().err
+
+
 def test_unreadable_records_file_is_a_clear_error(tmp_path):
     from semiseg.errors import ConfigError
 

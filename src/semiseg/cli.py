@@ -165,15 +165,74 @@ def select_cells(grid, only: list[str]):
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiment import collect_records, load_grid, run_grid, write_reports
 
+    if args.workers < 1:
+        raise SemisegError(f"--workers {args.workers}: must be at least 1")
     grid = load_grid(resolve_config_path(args.grid), output=args.output, extra_overrides=args.overrides)
     if not args.report_only:
-        run_grid(select_cells(grid, args.only), dry_run=args.dry_run)
+        selected = select_cells(grid, args.only)
+        if args.workers > 1 and not args.dry_run:
+            failed = _run_workers(args)
+            if failed:
+                raise SemisegError(f"{failed} of {args.workers} grid workers failed (their output is above)")
+        else:
+            run_grid(selected, dry_run=args.dry_run)
         if args.dry_run:
             return 0
+    if args.no_report:
+        return 0
     paths = write_reports(grid, collect_records(grid))
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
+
+
+def _run_workers(args: argparse.Namespace) -> int:
+    """Start ``args.workers`` ``semiseg reproduce --no-report`` processes on the same grid (they
+    claim cells by lock file, see :mod:`semiseg.experiment`), relay their output line by line with
+    a ``[wK]`` prefix, and return how many failed. Without an explicit ``train.threads`` each
+    worker gets ``cpu_count // workers`` threads."""
+    import os
+    import subprocess
+    import threading
+
+    command = [sys.executable, "-m", "semiseg", "reproduce", args.grid, "--no-report"]
+    if args.output:
+        command += ["--output", args.output]
+    for item in args.only:
+        command += ["--only", item]
+    overrides = list(args.overrides)
+    if not any(o.split("=", 1)[0].strip() == "train.threads" for o in overrides):
+        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // args.workers)}")
+    for item in overrides:
+        command += ["--set", item]
+
+    def relay(index: int, stream) -> None:
+        for line in stream:
+            print(f"[w{index}] {line}", end="", flush=True)
+
+    procs, relays = [], []
+    for index in range(1, args.workers + 1):
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        procs.append(proc)
+        relays.append(threading.Thread(target=relay, args=(index, proc.stdout), daemon=True))
+        relays[-1].start()
+    try:
+        codes = [proc.wait() for proc in procs]
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        raise
+    for thread in relays:
+        thread.join()
+    return sum(code != 0 for code in codes)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -242,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="run only matching cells, e.g. --only fraction=0.125 --only method=unimatch,fixmatch",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes training cells at once; each claims a cell by lock file "
+        "(default threads per worker: cores // workers)",
+    )
+    p.add_argument("--no-report", action="store_true", help="run cells but do not rewrite the tables")
     _add_set_arg(p, "override applied to every cell (repeatable)")
     p.set_defaults(func=cmd_reproduce)
 
