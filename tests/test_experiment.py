@@ -194,6 +194,26 @@ def test_processes_sharing_a_grid_skip_cells_another_live_process_holds(tmp_path
     assert [run for run, _ in count_trains] == [str(orphaned.run_dir), str(held.run_dir)]
 
 
+def test_a_cell_finished_by_another_process_meanwhile_is_not_run_again(tmp_path, monkeypatch):
+    grid = load_grid(write_grid(tmp_path, methods=("supervised",)))
+    first, second = grid.cells
+    original = trainer_module.train
+    trained = []
+
+    def train_and_meanwhile_the_other_worker_finishes_second(cfg, run_dir=None, resume=False):
+        trained.append(str(run_dir))
+        result = original(cfg, run_dir, resume)
+        if str(run_dir) == str(first.run_dir):
+            original(second.cfg, second.run_dir)  # "another process", not through the grid
+        return result
+
+    monkeypatch.setattr(trainer_module, "train", train_and_meanwhile_the_other_worker_finishes_second)
+    messages = []
+    run_grid(grid, log=messages.append)
+    assert trained == [str(first.run_dir)]
+    assert any("finished by another process" in m for m in messages)
+
+
 def test_workers_share_a_grid_and_train_each_cell_once(tmp_path, capsys):
     from semiseg.cli import main
 

@@ -222,14 +222,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _me() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
 def lock_holder(cell: Cell) -> str | None:
-    """``"host pid"`` of the live process training ``cell`` (None: free, or its holder died here)."""
+    """``"host pid"`` of another live process training ``cell`` (None: free, held by this
+    process, or its holder died on this host)."""
     try:
         holder = _lock_path(cell).read_text().strip()
     except FileNotFoundError:
         return None
     host, _, pid = holder.partition(" ")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+    if holder == _me() or (host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))):
         return None
     return holder or "unknown holder"
 
@@ -247,7 +252,7 @@ def claim_cell(cell: Cell) -> bool:
             path.unlink(missing_ok=True)  # left by a process that died on this host
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+            handle.write(_me() + "\n")
         return True
     return False
 
@@ -255,7 +260,7 @@ def claim_cell(cell: Cell) -> bool:
 def release_cell(cell: Cell) -> None:
     path = _lock_path(cell)
     try:
-        if path.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+        if path.read_text().strip() == _me():
             path.unlink()
     except FileNotFoundError:
         pass
@@ -334,11 +339,14 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
         return
     durations: list[float] = []
     for i, cell in enumerate(todo):
-        state = cell_state(cell, recorded)  # again: another process may have taken or finished it
-        if state in FINISHED or state == "running" or not claim_cell(cell):
-            log(f"  skipping {cell.label}: {state if state in FINISHED else 'running in another process'}")
+        if not claim_cell(cell):
+            log(f"  skipping {cell.label}: running in another process")
             continue
         try:
+            state = cell_state(cell, recorded)  # now that it is ours: another process may have finished it
+            if state in FINISHED:
+                log(f"  skipping {cell.label}: finished by another process")
+                continue
             if state == "stale":
                 old = cell.run_dir
                 aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
