@@ -234,6 +234,21 @@ def test_workers_share_a_grid_and_train_each_cell_once(tmp_path, capsys):
     assert "--workers 0: must be at least 1" in capsys.readouterr().err
 
 
+def test_eta_uses_durations_of_finished_runs_of_the_same_dataset_and_method():
+    from types import SimpleNamespace
+
+    from semiseg.experiment import eta_text
+
+    finished = [
+        {"dataset": "d", "method": "m", "seconds": 1800.0},
+        {"dataset": "d", "method": "m", "seconds": 5400.0},  # mean 1 h
+        {"dataset": "e", "method": "m", "seconds": 99999.0},  # other dataset: not used
+    ]
+    todo = [SimpleNamespace(dataset="d", method="m")] * 3 + [SimpleNamespace(dataset="d", method="x")]
+    assert eta_text(todo, finished).startswith("ETA ≈ 3.0 h of one process for 3 of 4 cells")
+    assert eta_text(todo, finished).endswith("; 1 without one)")
+
+
 def test_unreadable_records_file_is_a_clear_error(tmp_path):
     from semiseg.errors import ConfigError
 

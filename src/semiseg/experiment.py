@@ -333,6 +333,13 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
         f"grid {grid.name}: {len(grid.cells)} cells, {done} done{note}, {len(todo)} to run{busy} "
         f"-> {grid.output}"
     )
+    finished = list(recorded.values()) + [
+        {"dataset": c.dataset, "method": c.method, **json.loads((c.run_dir / "results.json").read_text())}
+        for c in grid.cells
+        if states[id(c)] == "done"
+    ]
+    if todo:
+        log(f"  {eta_text(todo, finished)}")
     if dry_run:
         for c in seed_major(grid.cells):
             log(f"  [{states[id(c)]:8s}] {c.label}")
@@ -364,6 +371,19 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
             durations.append(time.perf_counter() - start)
         finally:
             release_cell(cell)
+
+
+def eta_text(todo: list[Cell], finished: list[dict]) -> str:
+    """Time left for ``todo`` in one process, from the durations (``seconds``) of finished runs of
+    the same dataset and method; cells with no such run are counted, not guessed."""
+    durations: dict[tuple, list[float]] = {}
+    for record in finished:
+        durations.setdefault((record["dataset"], record["method"]), []).append(record["seconds"])
+    known = [statistics.mean(durations[key]) for c in todo if (key := (c.dataset, c.method)) in durations]
+    unknown = len(todo) - len(known)
+    text = f"ETA ≈ {sum(known) / 3600:.1f} h of one process for {len(known)} of {len(todo)} cells"
+    text += " (mean duration of finished runs of the same dataset and method"
+    return text + (f"; {unknown} without one)" if unknown else ")")
 
 
 def collect_records(grid: Grid) -> list[dict]:
