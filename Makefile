@@ -21,7 +21,7 @@ demo: env
 
 test: env
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 lint: env
 	$(PY) -m ruff check src tests benchmarks

@@ -324,3 +324,46 @@ def test_seed_major_order_of_the_cells_left_follows_the_whole_grid(tmp_path):
     left = [c for c in grid.cells if (c.method, c.seed) != ("supervised", 0)]
     order = [(c.method, c.seed) for c in seed_major(left, grid.cells)]
     assert order == [("fixmatch", 0), ("supervised", 1), ("fixmatch", 1)]
+
+
+def test_chained_cells_start_from_their_base_runs(tmp_path, count_trains):
+    """Grid ``init_from``: the fixmatch cell starts from the same seed's supervised weights, runs after
+    it, and a base known only from records.json is trained again when a chained cell needs it."""
+    import shutil
+
+    import torch
+
+    from semiseg.trainer import load_trained_model
+
+    path = write_grid(tmp_path, extra="init_from: {fixmatch: supervised}\n")
+    grid = load_grid(path)
+    chained = [c for c in grid.cells if c.method == "fixmatch"]
+    assert all(c.base is not None and c.base.method == "supervised" and c.base.seed == c.seed for c in chained)
+    assert all(c.cfg.train.init_from == str(c.base.run_dir) for c in chained)
+    run_grid(grid, log=lambda *_: None)
+    order = [run for run, _ in count_trains]
+    for c in chained:
+        assert order.index(str(c.base.run_dir)) < order.index(str(c.run_dir))
+    reported = load_grid(path)
+    write_reports(reported, collect_records(reported))
+    # Fresh clone: the supervised seed-0 run directory is gone, its record stays, fixmatch seed 0 has
+    # neither: the base is trained again (same config: same weights) before the chained cell.
+    base0 = next(c for c in grid.cells if c.method == "supervised" and c.seed == 0)
+    _, before, _ = load_trained_model(base0.run_dir / "latest.pt")
+    shutil.rmtree(base0.run_dir)
+    shutil.rmtree(next(c for c in chained if c.seed == 0).run_dir)
+    records_path = tmp_path / "reports" / "records.json"
+    kept = [r for r in json.loads(records_path.read_text()) if (r["method"], r["seed"]) != ("fixmatch", 0)]
+    records_path.write_text(json.dumps(kept))
+    count_trains.clear()
+    run_grid(load_grid(path), log=lambda *_: None)
+    assert [run for run, _ in count_trains] == [str(base0.run_dir), str(chained[0].run_dir)]
+    _, after, _ = load_trained_model(base0.run_dir / "latest.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_bad_init_from_grid_key_is_one_line(tmp_path):
+    from semiseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="init_from"):
+        load_grid(write_grid(tmp_path, extra="init_from: {fixmatch: unimatch}\n"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,20 +20,63 @@ BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str | None) -> Path | None:
-    """A config path, or a name inside the built-in configs (``cpu_small/chase_db1/unimatch``)."""
+    """A config path, or a name inside the built-in configs (``cpu_small/chase_db1/unimatch``).
+
+    The README's ``configs/...`` paths work from any folder: ``configs/`` is the repository's link
+    to the built-in configs, so that prefix is also looked up there.
+    """
     if name is None:
         return None
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (BUILTIN_CONFIGS / name, BUILTIN_CONFIGS / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
+    names = [name]
+    parts = Path(name).parts
+    if len(parts) > 1 and parts[0] == "configs":
+        names.append(Path(*parts[1:]).as_posix())
+    for item in names:
+        for candidate in (BUILTIN_CONFIGS / item, BUILTIN_CONFIGS / f"{item}.yaml"):
+            if candidate.is_file():
+                return candidate
     raise SemisegError(f"{name}: config file not found (nor as a built-in config under {BUILTIN_CONFIGS})")
+
+
+def load_config_file(path: Path | None, overrides: list[str]):
+    """:func:`semiseg.config.load_config`, with any failure to read the file (a ``_base_`` that is
+    not a file name, text that is not UTF-8, nesting too deep, ...) as a one-line ConfigError naming
+    the file."""
+    from .config import load_config
+    from .errors import ConfigError
+
+    unexpected = (TypeError, ValueError, AttributeError, KeyError, RecursionError, OSError)
+    try:
+        return load_config(path, overrides)
+    except SemisegError:
+        raise
+    except unexpected as exc:
+        where = str(path) if path is not None else "config"
+        for i in range(len(overrides) + 1):  # the first override that breaks it, if any, is named
+            try:
+                load_config(path, overrides[:i])
+            except SemisegError:
+                break
+            except unexpected:
+                if i:
+                    where = f"--set {overrides[i - 1]}"
+                break
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: cannot read config ({type(exc).__name__}: {detail[:200]})") from None
 
 
 def _add_set_arg(p: argparse.ArgumentParser, help: str = "override a config value (repeatable)") -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        help="auto, cpu, cuda or cuda:N (default: the run's train.device; checkpoints load on any device)",
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -41,29 +85,87 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .trainer import train
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    cfg = load_config_file(resolve_config_path(args.config), args.overrides)
     result = train(cfg, run_dir=args.run_dir, resume=args.resume)
     if result.results:
         print(f"results: {result.run_dir / 'results.json'}")
     return 0
 
 
-def _load_run(checkpoint: str, overrides: list[str]):
-    """Config, model (eval mode) and metadata from a checkpoint."""
+def pick_device(name: str, key: str = "--device"):
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line error when
+    that device is not there."""
     import torch
 
+    name = (name or "auto").strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SemisegError(f"{key} {name}: unknown device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SemisegError(f"{key} {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SemisegError(f"{key} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise SemisegError(f"{key} {name}: unsupported device type (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def resolve_run_checkpoint(path: str) -> Path:
+    """A checkpoint file, or a run directory's ``latest.pt`` (its kept ``latest.prev.pt`` when
+    ``latest.pt`` cannot be loaded)."""
+    from .checkpoint import load_checkpoint, previous_path
+
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    latest, prev = p / "latest.pt", previous_path(p / "latest.pt")
+    try:
+        load_checkpoint(latest)
+    except SemisegError as exc:
+        if not prev.is_file():
+            raise
+        print(f"warning: {exc}; using {prev}", file=sys.stderr)
+        return prev
+    return latest
+
+
+def _load_run(checkpoint: str, overrides: list[str], device: str | None = None):
+    """Config, model (eval mode) and metadata from a checkpoint; ``device`` (``--device``) defaults to
+    the run's ``train.device``. Checkpoints are always loaded on the CPU first, so a run trained on a
+    GPU is evaluated on a CPU-only machine with ``--device cpu`` (or ``auto``)."""
     from .trainer import load_trained_model
 
-    cfg, model, ckpt = load_trained_model(checkpoint, overrides)
-    device = torch.device(
-        "cuda" if cfg.train.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    cfg, model, ckpt = load_trained_model(resolve_run_checkpoint(checkpoint), overrides)
+    if device is not None:
+        target = pick_device(device)
+    else:
+        try:
+            target = pick_device(cfg.train.device, "train.device")
+        except SemisegError:  # e.g. trained on a GPU, evaluated on a CPU-only machine
+            target = pick_device("auto")
+    return cfg, model.to(target), ckpt, target
+
+
+def _relative_root_hint(exc: SemisegError, cfg, checkpoint: str) -> SemisegError:
+    """Add ``--set data.root=...`` advice to a missing-data error when the saved root is relative
+    (it was relative to the folder the run was started from)."""
+    root = cfg.data.root
+    if not root or Path(root).is_absolute() or Path(root).expanduser().is_dir():
+        return exc
+    run_dir = Path(checkpoint).resolve()
+    run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+    guesses = [(base / root).resolve() for base in (run_dir.parent, run_dir.parent.parent)]  # runs/<name>
+    maybe = next((f" (perhaps {g})" for g in guesses if g.is_dir()), "")
+    return type(exc)(
+        f"{exc}; the run saved the relative data.root {root!r}, taken from the current folder "
+        f"{Path.cwd()}: run from the folder the run was started in, or pass --set data.root=<folder>{maybe}"
     )
-    if cfg.train.device.startswith("cuda:"):
-        device = torch.device(cfg.train.device)
-    return cfg, model.to(device), ckpt, device
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -73,8 +175,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .metrics import format_table
     from .trainer import json_safe
 
-    cfg, model, ckpt, device = _load_run(args.checkpoint, args.overrides)
-    splits = build_splits(cfg.data, cfg.seed)
+    cfg, model, ckpt, device = _load_run(args.checkpoint, args.overrides, args.device)
+    try:
+        splits = build_splits(cfg.data, cfg.seed)
+    except SemisegError as exc:
+        raise _relative_root_hint(exc, cfg, args.checkpoint) from None
     records = getattr(splits, args.split)
     if not records:
         raise SemisegError(f"--split {args.split}: the dataset has no images in that split")
@@ -82,7 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = cm.results(ckpt["class_names"])
     print(f"{args.split}: {len(records)} images, checkpoint {args.checkpoint} (step {ckpt['step']})")
     print(format_table(results, ckpt["class_names"]))
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{args.split}.json")
+    ckpt_path = Path(args.checkpoint)
+    default_out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / f"eval_{args.split}.json"
+    out = Path(args.out) if args.out else default_out
     payload = {"checkpoint": str(args.checkpoint), "split": args.split, "step": ckpt["step"], **results}
     atomic_write_text(json.dumps(json_safe(payload), indent=2), out)
     print(f"wrote {out}")
@@ -92,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_folder
 
-    cfg, model, ckpt, device = _load_run(args.checkpoint, args.overrides)
+    cfg, model, ckpt, device = _load_run(args.checkpoint, args.overrides, args.device)
     written = predict_folder(
         model,
         args.input_dir,
@@ -104,19 +211,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ckpt["in_channels"],
         device,
         overwrite=args.overwrite,
+        log=lambda text: print(text, file=sys.stderr),
     )
     print(f"wrote {len(written)} files to {args.out_dir}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .demo import run_demo
 
     overrides = list(args.overrides)
     if args.iters is not None:
         overrides.append(f"train.iters={args.iters}")
-    cfg = load_config(BUILTIN_CONFIGS / "demo.yaml", overrides)
+    cfg = load_config_file(BUILTIN_CONFIGS / "demo.yaml", overrides)
     run_demo(cfg, args.run_dir)
     return 0
 
@@ -235,18 +342,27 @@ def _run_workers(args: argparse.Namespace) -> int:
     return sum(code != 0 for code in codes)
 
 
+def cmd_remap_masks(args: argparse.Namespace) -> int:
+    from .data.folder import remap_masks
+
+    out, count = remap_masks(args.root, args.map, out_dir=args.out)
+    print(f"wrote {count} remapped masks to {out}")
+    print(f"check them, then replace {Path(args.root) / 'masks'} with {out}")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from .config import config_to_dict, load_config
+    from .config import config_to_dict
 
-    cfg = load_config(resolve_config_path(args.config), args.overrides)
+    cfg = load_config_file(resolve_config_path(args.config), args.overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -260,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["test", "val", "labeled"])
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
+    _add_device_arg(p)
     _add_set_arg(p)
     p.set_defaults(func=cmd_eval)
 
@@ -268,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_device_arg(p)
     _add_set_arg(p)
     p.set_defaults(func=cmd_predict)
 
@@ -288,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: ROOT/splits)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_split)
+    s = data_sub.add_parser(
+        "remap-masks", help="write a copy of ROOT/masks with mask values changed (e.g. 0/255 -> 0/1)"
+    )
+    s.add_argument("root", help="dataset root (masks/)")
+    s.add_argument(
+        "--map",
+        action="append",
+        required=True,
+        metavar="OLD=NEW",
+        help="value mapping (repeatable), e.g. 255=1",
+    )
+    s.add_argument("--out", help="output folder (default: ROOT/masks_remapped; never masks/ itself)")
+    s.set_defaults(func=cmd_remap_masks)
 
     p = sub.add_parser("reproduce", help="run a grid of runs (cached, resumable) and write the tables")
     p.add_argument("grid", help="grid YAML file or built-in grid name (grids/table1_cpu_small)")
@@ -320,13 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(text: str) -> str:
+    """An error message as one printable line: line breaks folded, other control characters and
+    bytes of file names that are not UTF-8 shown as ``\\xNN``."""
+    text = " ".join(part.strip() for part in re.split(r"[\r\n]+", text) if part.strip())
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SemisegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user gave that cannot be read or written (permissions, full disk)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,6 +22,8 @@ import yaml
 
 from .errors import ConfigError
 
+HASH_NEUTRAL = "hash_neutral"  # dataclass field metadata key, see config_hash
+
 # --------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------
@@ -81,11 +83,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet", "deeplabv3plus"] = "unet"
+    name: Literal["unet", "deeplabv3plus", "guidedmix"] = "unet"
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net levels
     # U-Net encoder dropout per level; null = SSL4MIS/UniMatch's 0.05, 0.1, 0.2, 0.3, 0.5
     dropout: list[float] | None = None
-    upsample: Literal["transpose", "bilinear"] = "transpose"  # U-Net decoder (UniMatch / SSL4MIS bilinear)
+    # U-Net up-path: "bilinear" = 1×1 conv + bilinear ×2, the official medical UniMatch / SSL4MIS
+    # default; "transpose" = 2×2 stride-2 transposed conv (semiseg's default before 2026-12-01).
+    upsample: Literal["transpose", "bilinear"] = "bilinear"
     backbone: str = "resnet101"  # DeepLabV3+: a timm ResNet name
     pretrained: bool = False  # ImageNet weights through timm (needs the network)
     weights: str | None = None  # local backbone weights file (offline ImageNet weights)
@@ -93,6 +97,16 @@ class ModelConfig:
     aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
     low_level_channels: int = 48
     fp_dropout: float = 0.5  # feature-perturbation Dropout2d (UniMatch)
+    # guidedmix (GuidedMix-Net, models/guidedmix.py); hash-neutral so existing cells keep their hashes
+    backbone_widths: list[int] | None = field(default=None, metadata={HASH_NEUTRAL: True})  # ResNet stages
+    psp_bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6], metadata={HASH_NEUTRAL: True})
+    psp_channels: int = field(default=512, metadata={HASH_NEUTRAL: True})
+    decoder_channels: list[int] = field(
+        default_factory=lambda: [256, 128, 64, 32, 16], metadata={HASH_NEUTRAL: True}
+    )  # one per decoder block, deepest first
+    mitrans: bool = field(default=True, metadata={HASH_NEUTRAL: True})  # false: no MITrans block
+    mitrans_levels: list[int] = field(default_factory=lambda: [0, 1], metadata={HASH_NEUTRAL: True})
+    mitrans_zero_init: bool = field(default=False, metadata={HASH_NEUTRAL: True})  # V = 0: identity at start
 
 
 @dataclass
@@ -116,6 +130,9 @@ class TrainConfig:
     threads: int | None = None  # torch.set_num_threads; None: torch's default
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under torchrun on CUDA
     progress: Literal["auto", "bar", "log", "none"] = "auto"  # auto: bar on a TTY, log lines otherwise
+    # Start the segmenter from another run's weights: a run directory (its latest.pt) or a checkpoint
+    # file. Only the network is taken (not optimizer, step or RNG); a Mean Teacher's EMA starts there too.
+    init_from: str | None = field(default=None, metadata={HASH_NEUTRAL: True})
 
 
 @dataclass
@@ -125,6 +142,8 @@ class EvalConfig:
     overlap: float = 0.5  # sliding-window overlap fraction in [0, 1)
     size_divisor: int = 32  # whole-image mode pads to a multiple of this
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated at the end of training
+    # HD95 / ASD / ASSD per foreground class (per image, pixels; metrics.py) next to IoU and Dice
+    surface_metrics: bool = field(default=True, metadata={HASH_NEUTRAL: True})
 
 
 @dataclass
@@ -363,6 +382,33 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.overlap: must be in [0, 1), got {cfg.eval.overlap}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
+    import math  # issue 17: NaN/inf anywhere, and the remaining signs/ranges that crash a run later
+
+    def finite(obj: Any, prefix: str) -> None:
+        fields = () if isinstance(obj, dict) else dataclasses.fields(obj)
+        items = obj.items() if isinstance(obj, dict) else ((f.name, getattr(obj, f.name)) for f in fields)
+        for key, value in items:
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{dotted}: must be a finite number, got {value}")
+            if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+                raise ConfigError(f"{dotted}: must hold finite numbers, got {value}")
+            if dataclasses.is_dataclass(value) or isinstance(value, dict):
+                finite(value, dotted)
+
+    finite(cfg, "")
+    o, t = cfg.optim, cfg.train
+    for key, value, ok, want in (
+        ("optim.lr_multi", o.lr_multi, o.lr_multi > 0, "> 0"),
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.poly_power", o.poly_power, o.poly_power >= 0, ">= 0"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, ">= 1"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: only at the end)"),
+    ):
+        if not ok:
+            raise ConfigError(f"{key}: must be {want}, got {value}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -381,14 +427,18 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-HASH_NEUTRAL = "hash_neutral"  # dataclass field metadata key, see config_hash
+def _field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (built from its ``default_factory`` when it has one)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _drop_hash_neutral(obj: Any, tree: dict) -> None:
     """Remove from ``tree`` (``asdict(obj)``) every field marked ``hash_neutral`` that is at its default."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get(HASH_NEUTRAL) and value == f.default:
+        if f.metadata.get(HASH_NEUTRAL) and value == _field_default(f):
             tree.pop(f.name, None)
         elif dataclasses.is_dataclass(value) and isinstance(tree.get(f.name), dict):
             _drop_hash_neutral(value, tree[f.name])

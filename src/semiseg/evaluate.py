@@ -17,6 +17,10 @@ Inference (:func:`predict_logits`) takes a normalised ``N×C×H×W`` image batch
 :func:`evaluate` runs a model over records and returns a :class:`~semiseg.metrics.ConfusionMatrix`.
 Under DDP each rank takes ``records[rank::world_size]`` — a partition, so no record is counted twice
 (unlike ``DistributedSampler``'s padding) — and the matrices are summed with ``all_reduce``.
+With ``eval.surface_metrics`` (the default) each image's prediction is also scored with HD95 / ASD /
+ASSD per foreground class (:class:`~semiseg.metrics.SurfaceDistances`, per image at the evaluated
+resolution, in pixels); their per-class sums and counts are reduced the same way and attached to the
+matrix (``cm.surface``), so ``cm.results()`` carries them. The IoU / Dice path is unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .config import DataConfig, EvalConfig
 from .data.base import Record
 from .data.io import image_to_tensor, normalization, read_record
 from .errors import DataError
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, SurfaceDistances
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -163,6 +167,7 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     amp: bool = False,
+    surface_metrics: bool | None = None,
 ) -> ConfusionMatrix:
     """Confusion matrix of ``model`` over ``records`` (every record must have a mask).
 
@@ -174,11 +179,19 @@ def evaluate(
     model's train/eval state is restored afterwards. A record without a mask raises
     :class:`~semiseg.errors.DataError` naming its file (checked on all records, so every rank fails
     alike instead of hanging in the reduction).
+
+    ``surface_metrics`` (default: ``eval_cfg.surface_metrics``) also scores every image with the
+    surface distances (HD95 / ASD / ASSD, :class:`~semiseg.metrics.SurfaceDistances`), attached as
+    ``cm.surface`` and reduced over ranks like the matrix (every rank must pass the same value).
+    Training-time validation can pass ``False`` to keep to the confusion matrix.
     """
     device = torch.device(device)
     _check_masks(records)
     net = unwrap_model(model)
     cm = ConfusionMatrix(num_classes, device)
+    if surface_metrics is None:
+        surface_metrics = eval_cfg.surface_metrics
+    surface = SurfaceDistances(num_classes) if surface_metrics else None
     was_training = net.training
     net.eval()
     use_amp = amp and device.type == "cuda"
@@ -192,11 +205,17 @@ def evaluate(
                 with torch.autocast(device_type=device.type, enabled=use_amp):
                     logits = predict_logits(net, x, eval_cfg, pad_value)
                 target = torch.from_numpy(np.asarray(mask, dtype=np.int64)).to(device)
-                cm.update(logits.argmax(1)[0], target)
+                pred = logits.argmax(1)[0]
+                cm.update(pred, target)
+                if surface is not None:
+                    surface.update(pred, target)
     finally:
         net.train(was_training)
     if world_size > 1:
         cm.all_reduce()
+        if surface is not None:
+            surface.all_reduce()
+    cm.surface = surface
     return cm
 
 
@@ -211,9 +230,20 @@ def evaluate_to_results(
     rank: int = 0,
     world_size: int = 1,
     amp: bool = False,
+    surface_metrics: bool | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` followed by :meth:`ConfusionMatrix.results` (``num_classes = len(class_names)``)."""
     cm = evaluate(
-        model, records, data_cfg, eval_cfg, len(class_names), in_channels, device, rank, world_size, amp
+        model,
+        records,
+        data_cfg,
+        eval_cfg,
+        len(class_names),
+        in_channels,
+        device,
+        rank,
+        world_size,
+        amp,
+        surface_metrics,
     )
     return cm.results(class_names)

@@ -59,6 +59,7 @@ class Cell:
     seed: int
     cfg: RunConfig
     run_dir: Path
+    base: Cell | None = None  # the cell whose final weights this one starts from (grid `init_from`)
 
     @property
     def label(self) -> str:
@@ -110,6 +111,7 @@ GRID_KEYS = {
     "output",
     "reports",
     "dataset_overrides",
+    "init_from",
     "baseline",
     "rare_classes",
 }
@@ -138,6 +140,11 @@ def load_grid(
     methods = _named(raw["methods"], "methods", path)
     overrides = [*raw.get("overrides", []), *(extra_overrides or [])]
     per_dataset = raw.get("dataset_overrides", {}) or {}
+    chain = raw.get("init_from", {}) or {}
+    if not isinstance(chain, dict) or any(
+        str(v) not in methods or str(k) not in methods for k, v in chain.items()
+    ):
+        raise ConfigError(f"{path}: 'init_from' must map grid methods to grid methods (method: base method)")
     out = Path(output or raw.get("output") or Path("runs") / name)
     grid = Grid(
         name,
@@ -157,6 +164,9 @@ def load_grid(
                 for seed in raw["seeds"]:
                     tree = _merge_all(protocol_tree, ds_tree, m_tree)
                     run_dir = out / ds_name / fraction_label(fraction) / m_name / f"seed{seed}"
+                    base_dir = (
+                        out / ds_name / fraction_label(fraction) / str(chain.get(m_name)) / f"seed{seed}"
+                    )
                     tree = apply_overrides(
                         tree,
                         [
@@ -165,6 +175,7 @@ def load_grid(
                             f"name={name}-{ds_name}-{fraction_label(fraction)}-{m_name}-s{seed}",
                             *overrides,
                             *per_dataset.get(ds_name, []),
+                            *([f"train.init_from={base_dir}"] if m_name in chain else []),
                         ],
                     )
                     try:
@@ -174,6 +185,14 @@ def load_grid(
                             f"{path} [{ds_name} {fraction} {m_name} seed {seed}]: {exc}"
                         ) from None
                     grid.cells.append(Cell(ds_name, fraction, m_name, seed, cfg, run_dir))
+    by_place = {(c.dataset, c.fraction, c.method, c.seed): c for c in grid.cells}
+    for cell in grid.cells:
+        if cell.method in chain:
+            cell.base = by_place[(cell.dataset, cell.fraction, str(chain[cell.method]), cell.seed)]
+            if cell.base.base is not None:
+                raise ConfigError(
+                    f"{path}: init_from chains one level only ({cell.method} -> {cell.base.method})"
+                )
     return grid
 
 
@@ -318,9 +337,11 @@ def seed_major(cells: list[Cell], grid_order: list[Cell] | None = None) -> list[
 
 
 def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
-    """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states)."""
-    from .trainer import train
+    """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states).
 
+    A chained cell (grid ``init_from``) starts only once its base cell is done in this output
+    folder; a base known only from ``records.json`` is trained again for it. With several
+    processes, one whose remaining cells all wait on bases running elsewhere polls every 30 s."""
     recorded = load_recorded(grid)
     states = {id(c): cell_state(c, recorded) for c in grid.cells}
     todo = seed_major([c for c in grid.cells if states[id(c)] not in FINISHED], grid.cells)
@@ -344,33 +365,51 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
         for c in seed_major(grid.cells):
             log(f"  [{states[id(c)]:8s}] {c.label}")
         return
-    durations: list[float] = []
-    for i, cell in enumerate(todo):
-        if not claim_cell(cell):
-            log(f"  skipping {cell.label}: running in another process")
-            continue
-        try:
-            state = cell_state(cell, recorded)  # now that it is ours: another process may have finished it
-            if state in FINISHED:
-                log(f"  skipping {cell.label}: finished by another process")
+    # A chained cell needs its base's run directory (its final weights), not just its record.
+    needed = {id(c.base): c.base for c in todo if c.base is not None and states[id(c.base)] != "done"}
+    todo = seed_major(list({id(c): c for c in [*needed.values(), *todo]}.values()), grid.cells)
+    position = done
+    while todo:
+        deferred, progressed = [], False
+        for cell in todo:
+            if cell.base is not None and cell_state(cell.base) != "done":
+                deferred.append(cell)  # its base is not trained yet (later in this pass, or elsewhere)
                 continue
-            if state == "stale":
-                old = cell.run_dir
-                aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
-                old.rename(aside)
-                log(f"  config changed for {cell.label}: previous run moved to {aside}")
-            eta = ""
-            if durations:
-                eta = f", ETA {statistics.mean(durations) * (len(todo) - i) / 60:.1f} min"
-            log(
-                f"[{done + i + 1}/{len(grid.cells)}] {'resuming' if state == 'partial' else 'running'} "
-                f"{cell.label} ({len(todo) - i - 1} left after this{eta})"
-            )
-            start = time.perf_counter()
-            train(cell.cfg, cell.run_dir, resume=state == "partial")
-            durations.append(time.perf_counter() - start)
-        finally:
-            release_cell(cell)
+            position += 1
+            progressed |= _run_cell(cell, recorded, id(cell) in needed, position, len(grid.cells), log)
+        todo = [c for c in deferred if cell_state(c, recorded) not in FINISHED]
+        if todo and not progressed:
+            waiting = [c for c in todo if cell_state(c.base) == "running"]
+            if not waiting:
+                names = ", ".join(f"{c.label} (base: {c.base.method})" for c in todo)
+                raise SemisegError(f"grid {grid.name}: cannot start {names}: the base runs did not finish")
+            log(f"  waiting for {len(waiting)} base run(s) in other processes ...")
+            time.sleep(30)
+
+
+def _run_cell(cell: Cell, recorded: dict, rerun_recorded: bool, position: int, total: int, log) -> bool:
+    """Claim, (re)start or resume one cell; False when another process has it or it is finished."""
+    from .trainer import train
+
+    if not claim_cell(cell):
+        log(f"  skipping {cell.label}: running in another process")
+        return False
+    try:
+        state = cell_state(cell, recorded)  # now that it is ours: another process may have finished it
+        if state == "done" or (state == "recorded" and not rerun_recorded):
+            log(f"  skipping {cell.label}: finished by another process")
+            return False
+        if state == "stale":
+            old = cell.run_dir
+            aside = old.with_name(f"{old.name}.stale-{int(time.time())}")
+            old.rename(aside)
+            log(f"  config changed for {cell.label}: previous run moved to {aside}")
+        why = " (recorded; its weights are needed by a chained cell)" if state == "recorded" else ""
+        log(f"[{position}/{total}] {'resuming' if state == 'partial' else 'running'} {cell.label}{why}")
+        train(cell.cfg, cell.run_dir, resume=state == "partial")
+        return True
+    finally:
+        release_cell(cell)
 
 
 def eta_text(todo: list[Cell], finished: list[dict]) -> str:
@@ -381,9 +420,14 @@ def eta_text(todo: list[Cell], finished: list[dict]) -> str:
         durations.setdefault((record["dataset"], record["method"]), []).append(record["seconds"])
     known = [statistics.mean(durations[key]) for c in todo if (key := (c.dataset, c.method)) in durations]
     unknown = len(todo) - len(known)
+    if not known:
+        return f"ETA unknown: no finished run of the same dataset and method timed yet ({unknown} cells)"
     text = f"ETA ≈ {sum(known) / 3600:.1f} h of one process for {len(known)} of {len(todo)} cells"
     text += " (mean duration of finished runs of the same dataset and method"
     return text + (f"; {unknown} without one)" if unknown else ")")
+
+
+SURFACE_RECORD_KEYS = ("hd95", "asd", "assd", "mhd95", "masd", "massd", "surface_counts")
 
 
 def collect_records(grid: Grid) -> list[dict]:
@@ -412,6 +456,8 @@ def collect_records(grid: Grid) -> list[dict]:
                 "miou": test["miou"],
                 "iou": test["iou"],
                 "dice": test.get("dice"),
+                # HD95 / ASD / ASSD (pixels) of runs evaluated with surface metrics; absent in older runs
+                **{k: test[k] for k in SURFACE_RECORD_KEYS if k in test},
                 "steps": payload["steps"],
                 "seconds": payload["seconds"],
                 "config_hash": payload["config_hash"],
@@ -442,8 +488,24 @@ def _fmt(mean: float, std: float, n: int) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if n > 1 else f"{100 * mean:.2f}"
 
 
+def _surface_summary(recs: list[dict], classes: list[str]) -> dict:
+    """Mean/std over seeds of HD95 and ASD (pixels) per scored (foreground) class and of their
+    foreground means, from the records that have them (older runs have none: empty dicts)."""
+    with_surface = [r for r in recs if r.get("surface_counts")]
+    scored = {c for r in with_surface for c in r["surface_counts"]}
+    surface_classes = [c for c in classes if c in scored]
+    return {
+        "surface_seeds": sorted(r["seed"] for r in with_surface),
+        "hd95": {c: mean_std([(r.get("hd95") or {}).get(c) for r in with_surface]) for c in surface_classes},
+        "asd": {c: mean_std([(r.get("asd") or {}).get(c) for r in with_surface]) for c in surface_classes},
+        "mhd95": mean_std([r.get("mhd95") for r in with_surface]),
+        "masd": mean_std([r.get("masd") for r in with_surface]),
+    }
+
+
 def summarize(records: list[dict]) -> list[dict]:
-    """Group by (dataset, fraction, method): mean/std of mIoU and per-class IoU over seeds."""
+    """Group by (dataset, fraction, method): mean/std of mIoU and per-class IoU over seeds (and of
+    HD95 / ASD over the seeds whose records have them: :func:`_surface_summary`)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["dataset"], r["fraction"], r["method"]), []).append(r)
@@ -459,6 +521,7 @@ def summarize(records: list[dict]) -> list[dict]:
             "iou": {c: mean_std([r["iou"].get(c) for r in recs]) for c in classes},
             "seconds": mean_std([r["seconds"] for r in recs]),
             "per_seed": {r["seed"]: {"miou": r["miou"], "iou": r["iou"]} for r in recs},
+            **_surface_summary(recs, classes),
         }
         rows.append(row)
     return rows
@@ -474,8 +537,42 @@ def _seed_note(group: list[dict]) -> list[str]:
     return [f"*Methods averaged over different seeds ({per_method}); compare on the common seeds.*", ""]
 
 
+def _fmt_px(mean: float, std: float, n: int) -> str:
+    if n == 0:
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def surface_table_lines(group: list[dict], dataset: str, fraction: float | int) -> list[str]:
+    """HD95 / ASD (pixels) per foreground class, mean ± std over the seeds that have them, for one
+    table block; no lines when no run of the block has surface distances. A method whose runs
+    predate them shows ``–``."""
+    classes = list(dict.fromkeys(c for row in group for c in row.get("hd95", {})))
+    if not classes:
+        return []
+    means = len(classes) > 1
+    header = [f"{c} {m}" for c in classes for m in ("HD95", "ASD")] + (["mean HD95", "mean ASD"] * means)
+    out = [
+        f"**{dataset}, {fraction_label(fraction)} labeled** (HD95 / ASD in pixels at the evaluated "
+        "resolution, per test image then averaged; mean ± std over seeds; lower is better)",
+        "",
+        "| method | seeds | " + " | ".join(header) + " |",
+        "|---|---|" + "---|" * len(header),
+    ]
+    empty = (math.nan, math.nan, 0)
+    for row in group:
+        cells = [_fmt_px(*row.get(metric, {}).get(c, empty)) for c in classes for metric in ("hd95", "asd")]
+        if means:
+            cells += [_fmt_px(*row.get("mhd95", empty)), _fmt_px(*row.get("masd", empty))]
+        seeds = ", ".join(map(str, row.get("surface_seeds", []))) or "–"
+        out.append(f"| {row['method']} | {seeds} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def table1_markdown(rows: list[dict], caption: str) -> str:
-    """Paper Table 1 style: per-class IoU ± std and mIoU ± std, per dataset and fraction."""
+    """Paper Table 1 style: per-class IoU ± std and mIoU ± std, per dataset and fraction; then, when
+    runs have them, HD95 / ASD per foreground class (:func:`surface_table_lines`)."""
     out = [caption, ""]
     keyed: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -495,6 +592,7 @@ def table1_markdown(rows: list[dict], caption: str) -> str:
             )
         out.append("")
         out.extend(_seed_note(group))
+        out.extend(surface_table_lines(group, dataset, fraction))
     return "\n".join(out)
 
 
@@ -560,6 +658,14 @@ def rows_csv(rows: list[dict]) -> str:
         )
         for c, (m, s, _) in row["iou"].items():
             lines.append(f"{row['dataset']},{row['fraction']},{row['method']},{n},iou/{c},{m:.6f},{s:.6f}")
+        # HD95 / ASD in pixels (not fractions), n = the seeds that have them; absent for older runs
+        surface = [(f"{k}/{c}", v) for k in ("hd95", "asd") for c, v in row.get(k, {}).items()]
+        surface += [(k, row[k]) for k in ("mhd95", "masd") if k in row]
+        for metric, (m, s, k) in surface:
+            if k:
+                lines.append(
+                    f"{row['dataset']},{row['fraction']},{row['method']},{k},{metric},{m:.6f},{s:.6f}"
+                )
     return "\n".join(lines) + "\n"
 
 

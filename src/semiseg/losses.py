@@ -18,17 +18,57 @@ def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target.long(), ignore_index=IGNORE_INDEX)
 
 
-def dice_loss(logits: Tensor, target: Tensor, eps: float = 1e-5) -> Tensor:
-    """Soft multi-class Dice loss (1 − mean Dice over classes) on labeled pixels."""
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1e-5, squared: bool = False) -> Tensor:
+    """Soft multi-class Dice loss (1 − mean Dice over classes) on labeled pixels.
+
+    Denominator ``Σp + Σt`` per class, or ``Σp² + Σt²`` with ``squared`` (SSL4MIS's ``DiceLoss``,
+    used by the official medical UniMatch); sums run over the whole batch."""
+    valid = (target != IGNORE_INDEX).float()
+    return weighted_dice_loss(logits, target, valid, eps, squared)
+
+
+def weighted_dice_loss(
+    logits: Tensor, target: Tensor, pixel_weight: Tensor, eps: float = 1e-5, squared: bool = False
+) -> Tensor:
+    """``1 − mean_c (2 Σ w·p_c·t_c + ε) / (Σ w·p_c^k + Σ w·t_c^k + ε)``, k = 2 if ``squared`` else 1.
+
+    ``target`` N×H×W class indices (out-of-range values only where ``pixel_weight`` is 0),
+    ``pixel_weight`` N×H×W (0 = pixel left out). Every class counts, background included, also one
+    with no pixel (its Dice is then ``ε / (Σ w·p_c^k + ε)``: low when the class is predicted)."""
     num_classes = logits.shape[1]
-    valid = (target != IGNORE_INDEX).unsqueeze(1).float()
-    probs = logits.softmax(dim=1) * valid
-    onehot = F.one_hot(target.long().clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
-    onehot = onehot * valid
+    w = pixel_weight.unsqueeze(1).to(logits.dtype)
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target.long().clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2)
+    onehot = onehot.to(probs.dtype)
     dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
+    inter = (w * probs * onehot).sum(dims)
+    p_term = probs * probs if squared else probs
+    denom = (w * p_term).sum(dims) + (w * onehot).sum(dims)  # one-hot: t² = t
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def masked_pseudo_dice(
+    logits: Tensor,
+    pseudo: Tensor,
+    confidence: Tensor,
+    ignore: Tensor,
+    threshold: float,
+    pixel_weight: Tensor | None = None,
+    squared: bool = True,
+) -> Tensor:
+    """The official medical UniMatch's unlabeled term: class-averaged soft Dice between
+    ``softmax(logits)`` and the one-hot pseudo-label over confident, non-ignored pixels
+    (``ignore = conf < τ``), squared-sum denominators, background included."""
+    weight = (confidence >= threshold).float() * (ignore != IGNORE_INDEX).float()
+    if pixel_weight is not None:
+        weight = weight * pixel_weight
+    return weighted_dice_loss(logits, pseudo, weight, squared=squared)
+
+
+def class_balance_weights(prior: Tensor, floor: float = 1e-4) -> Tensor:
+    """Per-class CE weights ``w_c = 1 / (C·π_c)`` (``Σ_c π_c·w_c = 1``: the mean weight of a pixel
+    drawn from the prior is 1), ``π`` floored at ``floor``."""
+    return 1.0 / (prior.numel() * prior.clamp_min(floor))
 
 
 def masked_pseudo_ce(
@@ -38,13 +78,17 @@ def masked_pseudo_ce(
     ignore: Tensor,
     threshold: float,
     pixel_weight: Tensor | None = None,
+    class_weight: Tensor | None = None,
 ) -> Tensor:
     """UniMatch's unlabeled loss: ``Σ CE·[conf ≥ τ]·[not ignored]·w / #not-ignored``.
 
     ``pseudo`` N×H×W class indices, ``confidence`` N×H×W, ``ignore`` N×H×W (255 = ignored pixel),
-    ``pixel_weight`` an optional N×H×W multiplier (MPMC's λ_s).
+    ``pixel_weight`` an optional N×H×W multiplier (MPMC's λ_s), ``class_weight`` optional per-class
+    CE weights (class-balanced CE; the normalisation stays ``#not-ignored``).
     """
     ce = F.cross_entropy(logits, pseudo.long().clamp_min(0), reduction="none")
+    if class_weight is not None:
+        ce = ce * class_weight.to(ce.dtype)[pseudo.long().clamp(0, class_weight.numel() - 1)]
     not_ignored = (ignore != IGNORE_INDEX).float()
     weight = (confidence >= threshold).float() * not_ignored
     if pixel_weight is not None:

@@ -35,12 +35,23 @@ def plot_training_curves(
     for i, label in enumerate(runs):
         colour = colours[i % len(colours)]
         loss = [r for r in train[label] if loss_key in r]
-        if loss:
-            ax_loss.plot([r["step"] for r in loss], [r[loss_key] for r in loss], label=label, color=colour)
+        if loss:  # a single logged point is a marker (a line through one point draws nothing)
+            marker = "o" if len(loss) == 1 else None
+            ax_loss.plot(
+                [r["step"] for r in loss],
+                [r[loss_key] for r in loss],
+                label=label,
+                color=colour,
+                marker=marker,
+            )
         ratio = [r for r in train[label] if has_ratio and ratio_key in r]
         if ratio:
             axes[1].plot(
-                [r["step"] for r in ratio], [100 * r[ratio_key] for r in ratio], label=label, color=colour
+                [r["step"] for r in ratio],
+                [100 * r[ratio_key] for r in ratio],
+                label=label,
+                color=colour,
+                marker="o" if len(ratio) == 1 else None,
             )
         if val[label]:
             steps, miou = [r["step"] for r in val[label]], [100 * r["miou"] for r in val[label]]

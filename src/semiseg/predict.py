@@ -10,12 +10,16 @@ input files. For ``<stem>.<ext>`` two files are written to the output folder:
 * ``<stem>_overlay.png`` — the class colours blended over the original image (background untinted).
 
 Existing files are never overwritten unless ``overwrite=True``; the check happens before anything
-is written, and the error names the first conflicting file.
+is written, and the error names the first conflicting file. Every input image is checked (readable,
+complete, channel count) before the first prediction, outputs are renamed into place only when all
+images succeeded (a failure writes nothing), and files that are not images are named, not silently
+skipped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +27,19 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .checkpoint import check_writable
 from .config import DataConfig, EvalConfig
 from .data.base import Record
-from .data.io import IMAGE_SUFFIXES, image_to_tensor, list_images, open_image, pil_to_float, read_record
+from .data.io import (
+    IMAGE_SUFFIXES,
+    display_path,
+    image_to_tensor,
+    inspect_image,
+    list_images,
+    open_image,
+    pil_to_float,
+    read_record,
+)
 from .errors import DataError
 from .evaluate import pad_value_for, predict_logits, unwrap_model
 from .visualize import overlay, save_png
@@ -55,6 +69,14 @@ def _plan(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path
     return plan
 
 
+def _non_images(folder: Path, images: list[Path]) -> list[Path]:
+    """Plain files of ``folder`` that are not listed as images (skipped, and said so)."""
+    listed = set(images)
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p not in listed and not p.name.startswith(".")
+    )
+
+
 def predict_folder(
     model: nn.Module,
     input_dir: str | Path,
@@ -67,31 +89,50 @@ def predict_folder(
     device: torch.device | str,
     overwrite: bool = False,
     amp: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Predict every image in ``input_dir`` and write masks and overlays to ``out_dir``.
 
     Returns the written paths, ``[mask, overlay]`` per image in sorted input order. Raises
-    :class:`~semiseg.errors.DataError` when the folder has no images, when an image's channel count
-    differs from ``in_channels``, or when an output exists and ``overwrite`` is false. The model's
+    :class:`~semiseg.errors.DataError` when the folder has no images, when an image cannot be read
+    or its channel count differs from ``in_channels`` (every image is checked before anything is
+    written), when the output folder cannot be written, or when an output exists and ``overwrite``
+    is false. All or nothing: outputs are written to temp files and renamed into place only once
+    every image has been predicted, so a failure leaves ``out_dir`` as it was. Files of
+    ``input_dir`` that are not images are skipped and named through ``log``. The model's
     train/eval state is restored afterwards.
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     device = torch.device(device)
     images = list_images(input_dir)
+    skipped = _non_images(input_dir, images)
     if not images:
-        raise DataError(f"{input_dir}: no images found (looked for {'/'.join(IMAGE_SUFFIXES)})")
+        also = f"; it holds {len(skipped)} other file(s), e.g. {skipped[0].name}" if skipped else ""
+        raise DataError(f"{input_dir}: no images found (looked for {'/'.join(IMAGE_SUFFIXES)}){also}")
     plan = _plan(images, out_dir, overwrite)
     num_classes = len(class_names)
     if len(palette) < num_classes:
         raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
+    for img_path in images:  # every input readable, with the model's channel count, before writing
+        info = inspect_image(img_path, utf8_name=False)  # any name: outputs keep its bytes
+        if info.channels != in_channels:
+            raise DataError(
+                f"{img_path}: image has {info.channels} channel(s) (mode {info.mode}) but the model "
+                f"expects {in_channels}"
+            )
+    check_writable(out_dir, "output folder")
+    if skipped and log is not None:
+        names = ", ".join(display_path(p.name) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        log(f"note: skipped {len(skipped)} file(s) of {input_dir} that are not images: {names}")
     net = unwrap_model(model)
     was_training = net.training
     net.eval()
     use_amp = amp and device.type == "cuda"
     pad_value = pad_value_for(data_cfg, in_channels)
-    written: list[Path] = []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []  # (temp file, final path)
+    created = not out_dir.exists()
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         with torch.inference_mode():
             for img_path, mask_path, overlay_path in plan:
                 record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
@@ -104,8 +145,21 @@ def predict_folder(
                 oh, ow = original.shape[:2]
                 if pred.shape != (oh, ow):
                     pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
-                written.append(save_png(pred, mask_path))
-                written.append(save_png(overlay(original, pred, palette), overlay_path))
+                for array, final in ((pred, mask_path), (overlay(original, pred, palette), overlay_path)):
+                    tmp = final.with_name(f".{final.name}.partial.png")
+                    staged.append((tmp, final))
+                    save_png(array, tmp)
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        staged, created = [], False
+    except OSError as exc:
+        raise DataError(
+            f"{exc.filename or out_dir}: cannot write predictions ({exc.strerror or exc})"
+        ) from None
     finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # failed: leave no empty folder
+            out_dir.rmdir()
         net.train(was_training)
-    return written
+    return [final for _, mask_path, overlay_path in plan for final in (mask_path, overlay_path)]

@@ -24,14 +24,27 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
-from .checkpoint import CHECKPOINT_FORMAT, atomic_save, atomic_write_text, load_checkpoint
-from .config import RunConfig, apply_overrides, build_config, config_hash, config_to_dict, dump_config
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    check_writable,
+    drop_log_records_after,
+    load_checkpoint,
+    previous_path,
+    remove_start_leftovers,
+    stale_temp_files,
+    start_leftovers,
+)
+from .config import RunConfig, apply_overrides, build_config, config_hash, config_to_dict
 from .data.base import DataSplits, build_splits
 from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
+from .data.validate import check_data
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
-from .errors import SemisegError, TrainingError
+from .errors import ConfigError, SemisegError, TrainingError
 from .evaluate import evaluate
 from .methods import Method, StepInfo, build_method
 from .metrics import format_table
@@ -123,30 +136,48 @@ def resolve_run_dir(cfg: RunConfig, run_dir: str | None) -> Path:
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on resume return the checkpoint to continue from.
+    """Refuse to overwrite a run; on resume return the checkpoint to continue from. Creates nothing.
 
     * new directory (or empty): fine, nothing to resume;
-    * existing run and ``resume``: the saved config must match (hash), continue from ``latest.pt``;
+    * a run that never reached its first checkpoint (only the files semiseg writes at the start):
+      replaced by the same command without ``resume`` (see ``fit``); with ``resume``, an error
+      saying so;
+    * existing run and ``resume``: the saved config must match (hash), continue from ``latest.pt``
+      (``latest.prev.pt`` when ``latest.pt`` is missing);
     * existing run without ``resume``: error (never silently overwrite).
     """
     ckpt = run_dir / LATEST
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"{run_dir}: run directory path exists and is not a directory")
     has_content = run_dir.exists() and any(run_dir.iterdir())
     if not has_content:
         if resume:
             raise TrainingError(f"{run_dir}: nothing to resume (no {LATEST})")
+        return None
+    if not ckpt.is_file() and not previous_path(ckpt).is_file() and start_leftovers(run_dir) is not None:
+        if resume:
+            raise TrainingError(
+                f"{run_dir}: its run never reached its first checkpoint, so there is nothing to resume; "
+                "the same command without --resume starts it again"
+            )
         return None
     if not resume:
         raise TrainingError(
             f"{run_dir}: run directory exists; pass --resume to continue it or choose another --run-dir"
         )
     if not ckpt.is_file():
-        raise TrainingError(f"{ckpt}: nothing to resume from (run directory has no checkpoint)")
+        if not previous_path(ckpt).is_file():
+            raise TrainingError(f"{ckpt}: nothing to resume from (run directory has no checkpoint)")
+        ckpt = previous_path(ckpt)
     saved = run_dir / "config.yaml"
     if saved.is_file():
         import yaml
 
-        saved_cfg = build_config(yaml.safe_load(saved.read_text()))
-        if config_hash(saved_cfg) != config_hash(cfg):
+        try:
+            saved_hash = config_hash(build_config(yaml.safe_load(saved.read_text())))
+        except (yaml.YAMLError, SemisegError, OSError, ValueError, TypeError, AttributeError):
+            saved_hash = load_checkpoint(ckpt).get("config_hash")  # unreadable config.yaml: the checkpoint's
+        if saved_hash != config_hash(cfg):
             raise TrainingError(
                 f"{saved}: the config differs from the one this run was started with; "
                 "resume with the same config or start a new run directory"
@@ -265,6 +296,27 @@ def load_trained_model(
     return cfg, model, ckpt
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``latest.pt``."""
+    p = Path(path)
+    return p / LATEST if p.is_dir() else p
+
+
+def load_init_weights(model: Segmenter, source: str | Path) -> None:
+    """``train.init_from``: load the evaluated network of another run into ``model`` (strictly)."""
+    ckpt_path = resolve_checkpoint(source)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"train.init_from: {ckpt_path}: no such checkpoint (a run directory or a .pt file)")
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        model.load_state_dict(model_state_from_checkpoint(ckpt))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"train.init_from: {ckpt_path}: its network does not match this run's model ({first})"
+        ) from None
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
         self.cfg = cfg
@@ -277,10 +329,22 @@ class Trainer:
         seed_everything(cfg.seed, cfg.deterministic)
 
         self.splits: DataSplits = build_splits(cfg.data, cfg.seed)
+        # Every file the run will read is checked now, before anything is created (issue 17).
+        self.data_check = check_data(self.splits, cfg.data)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.num_classes)
+        if cfg.train.init_from and self.resume_from is None:
+            load_init_weights(model, cfg.train.init_from)
         if self.dist.enabled and self.device.type == "cuda" and cfg.train.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.method: Method = build_method(cfg, model, self.splits.num_classes)
+        if self.method.uses_unlabeled and not self.splits.unlabeled:
+            raise SemisegError(
+                f"method.name={cfg.method.name}: needs unlabeled images but the unlabeled split is empty"
+            )
+        if self.dist.is_main:
+            check_writable(self.run_dir)
+            for note in self.data_check.warnings:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
         self.method.to(self.device)
         if self.dist.enabled:
             ddp = nn.parallel.DistributedDataParallel(
@@ -397,7 +461,7 @@ class Trainer:
         self.best_score = float(ckpt.get("best_score", -math.inf))
         self.elapsed_before = float(ckpt.get("train_seconds", 0.0))
 
-    def evaluate_split(self, split: str) -> dict | None:
+    def evaluate_split(self, split: str, surface_metrics: bool | None = None) -> dict | None:
         records = getattr(self.splits, split)
         if not records:
             return None
@@ -412,6 +476,7 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
             amp=self.amp,
+            surface_metrics=surface_metrics,
         )
         return cm.results(self.splits.class_names)
 
@@ -432,6 +497,8 @@ class Trainer:
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         for name, opt in self.extra_optimizers.items():
+            if f"total/{name}" not in losses:  # e.g. a labeled-only warm-up step: nothing to train
+                continue
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(losses[f"total/{name}"]).backward()
             self._sync_extra_grads(opt)
@@ -447,21 +514,49 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.run_dir / "config.yaml")
+            if self.resume_from is None and remove_start_leftovers(self.run_dir):
+                print(f"{self.run_dir}: its run never reached its first checkpoint; starting it again")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainingError(
+                    f"{self.run_dir}: cannot create the run directory ({exc.strerror})"
+                ) from None
+            for tmp in stale_temp_files(self.run_dir):  # left by a run killed while writing
+                tmp.unlink(missing_ok=True)
+            atomic_write_text(
+                yaml.safe_dump(config_to_dict(cfg), sort_keys=False), self.run_dir / "config.yaml"
+            )
             self._write_splits()
         if self.resume_from is not None:
-            self.load(self.resume_from)
+            try:
+                self.load(self.resume_from)
+            except SemisegError as exc:  # truncated / corrupted: the kept previous version
+                prev = previous_path(self.run_dir / LATEST)
+                if self.resume_from == prev or not prev.is_file():
+                    raise
+                print(f"warning: {exc}; resuming from {prev} instead", file=sys.stderr, flush=True)
+                self.resume_from = prev
+                self.load(prev)
         if self.resume_from is not None and self.dist.is_main:
-            drop_metrics_after(self.run_dir / "metrics.jsonl", self.step)
+            drop_log_records_after(self.run_dir / "metrics.jsonl", self.step)
+        if self.dist.is_main:
+            s = self.splits
+            world = f" x {self.dist.world_size} processes" if self.dist.enabled else ""
+            resumed = f" | resumed from {self.resume_from} at step {self.step}" if self.resume_from else ""
+            print(
+                f"semiseg: run {self.run_dir} | device {self.device}{world} | {torch.get_num_threads()} "
+                f"thread(s) | {len(s.labeled)} labeled / {len(s.unlabeled)} unlabeled / {len(s.val)} val / "
+                f"{len(s.test)} test images ({self.data_check.summary()}){resumed}",
+                flush=True,
+            )
         logger = RunLogger(self.run_dir, cfg, self.step, self.dist.is_main)
-        if self.resume_from is not None:
-            logger.message(f"resumed from {self.resume_from} at step {self.step}")
         labeled, unlabeled = self._data_iterators()
         self.method.train()
         self._segment_start = time.perf_counter()
         window_start, window_steps = time.perf_counter(), 0
         window_sums: dict[str, float] = {}
+        window_counts: dict[str, int] = {}
         try:
             while self.step < cfg.train.iters:
                 info = StepInfo(self.step, cfg.train.iters)
@@ -471,7 +566,8 @@ class Trainer:
                 window_steps += 1
                 for key, value in step_values.items():  # losses are logged as means over the window
                     window_sums[key] = window_sums.get(key, 0.0) + value
-                logged = {k: v / window_steps for k, v in window_sums.items()}
+                    window_counts[key] = window_counts.get(key, 0) + 1  # some keys skip steps
+                logged = {k: v / window_counts[k] for k, v in window_sums.items()}
                 logged["lr"] = step_values["lr"]
                 elapsed = time.perf_counter() - window_start
                 logged["it/s"] = window_steps / max(elapsed, 1e-9)
@@ -479,6 +575,7 @@ class Trainer:
                     logged = all_reduce_mean(logged, self.device)
                     logger.log(self.step, logged)
                     window_start, window_steps, window_sums = time.perf_counter(), 0, {}
+                    window_counts = {}
                 logger.progress(self.step, logged, cfg.train.log_every)
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     self._validate(logger)
@@ -510,7 +607,7 @@ class Trainer:
             raise TrainingError(f"DDP ranks ended with different weights (parameter sums {values})")
 
     def _validate(self, logger: RunLogger) -> None:
-        res = self.evaluate_split("val")
+        res = self.evaluate_split("val", surface_metrics=False)  # HD95/ASD: final evaluation only
         if res is None:
             return
         per_class = {f"iou/{name}": value for name, value in res["iou"].items()}

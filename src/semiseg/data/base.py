@@ -75,6 +75,10 @@ class DataSplits:
     class_names: list[str]
     in_channels: int
     palette: list[tuple[int, int, int]]
+    # The masked records of unlabeled images whose masks are hidden (their masks are checked for
+    # size and completeness, never read for training), and notes for the user (split overlaps).
+    hidden: list[Record] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -149,15 +153,57 @@ def labeled_count(
 
 
 def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Record]:
+    """Records named by a split file: one name per line (``#`` comments, blank lines and a leading
+    ``./`` ignored). A line that is not UTF-8, a name listed twice or a name that is not in the
+    dataset is a one-line DataError naming the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
-    names = [
-        line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
-    ]
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read split file ({exc.strerror or exc})") from None
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8").strip()
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: line is not valid UTF-8 text") from None
+        if not text or text.startswith("#"):
+            continue
+        while text.startswith("./"):
+            text = text[2:]
+        if "\x00" in text:
+            raise DataError(f"{path}:{number}: line holds a NUL character")
+        if text in seen:
+            raise DataError(f"{path}:{number}: {text!r} is listed twice (also on line {seen[text]})")
+        seen[text] = number
+        names.append(text)
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise DataError(f"{path}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}")
+        raise DataError(
+            f"{path}:{seen[missing[0]]}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}"
+        )
     return [by_name[n] for n in names]
+
+
+def _split_overlaps(parts: dict[str, list[Record]], split_dir: Path) -> list[str]:
+    """Error for an image both trained on with its label and evaluated (labeled ∩ val/test); the
+    other overlaps are returned as warnings."""
+    names = {part: {r.name for r in records} for part, records in parts.items()}
+    for held in ("val", "test"):
+        both = sorted(names["labeled"] & names[held])
+        if both:
+            raise DataError(
+                f"{split_dir / 'labeled.txt'}: {len(both)} labeled image(s) also in {held}.txt, "
+                f"first: {both[0]!r} (evaluation would see training labels)"
+            )
+    notes = []
+    for a, b in (("labeled", "unlabeled"), ("unlabeled", "val"), ("unlabeled", "test"), ("val", "test")):
+        both = sorted(names[a] & names[b])
+        if both:
+            notes.append(f"{split_dir}: {len(both)} image(s) in both {a}.txt and {b}.txt, first: {both[0]!r}")
+    return notes
 
 
 def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits:
@@ -185,6 +231,9 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
         val_file, test_file = split_dir / "val.txt", split_dir / "test.txt"
         val = read_split_file(val_file, by_name, "data.split_dir") if val_file.is_file() else source.val
         test = read_split_file(test_file, by_name, "data.split_dir") if test_file.is_file() else source.test
+        parts = {"labeled": labeled, "unlabeled": unlabeled, "val": val, "test": test}
+        notes = _split_overlaps(parts, split_dir)
+        hidden = [r for r in unlabeled if r.mask is not None]
         unlabeled = [r.unlabeled() for r in unlabeled]
     else:
         if not pool:
@@ -198,15 +247,21 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
             chosen_names = [r.name for r in order[:count]]
         chosen = set(chosen_names)
         labeled = [r for r in pool if r.name in chosen]
+        hidden = [r for r in pool if r.name not in chosen and r.mask is not None]
         unlabeled = [r.unlabeled() for r in pool if r.name not in chosen] + [
             r.unlabeled() for r in source.extra_unlabeled
         ]
         val, test = source.val, source.test
+        notes = []
     if not labeled:
         raise DataError("labeled split is empty: nothing to train on (check data.labeled / data.split_dir)")
-    missing_mask = [r for r in labeled if r.mask is None]
-    if missing_mask:
-        raise DataError(f"{missing_mask[0].image}: labeled image has no mask")
+    for part, records in (("labeled", labeled), ("val", val), ("test", test)):
+        missing_mask = [r for r in records if r.mask is None]
+        if missing_mask:
+            where = f"{Path(split_dir) / f'{part}.txt'}: " if cfg.split_dir else ""
+            raise DataError(
+                f"{where}{missing_mask[0].image}: {part} image has no mask (labeled, val and test need masks)"
+            )
     return DataSplits(
         labeled=labeled,
         unlabeled=unlabeled,
@@ -215,6 +270,8 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
         class_names=list(class_names),
         in_channels=source.in_channels,
         palette=[tuple(c) for c in palette],
+        hidden=hidden,
+        warnings=notes,
     )
 
 

@@ -20,7 +20,10 @@ Without split files the training pool is every masked image, ``val`` and ``test`
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -29,7 +32,7 @@ from PIL import Image, UnidentifiedImageError
 from ..config import DataConfig
 from ..errors import DataError
 from .base import DatasetSource, Record, labeled_count, register_dataset, require_root
-from .io import list_images
+from .io import list_images, read_mask_file, require_utf8_name
 
 IMAGES_DIR, MASKS_DIR, UNLABELED_DIR = "images", "masks", "unlabeled"
 CLASSES_FILE = "classes.yaml"
@@ -65,12 +68,25 @@ def _scan(root: Path) -> tuple[list[Record], list[Record]]:
     images = list_images(images_dir)
     by_stem: dict[str, Path] = {}
     for path in images:
+        require_utf8_name(path)
         if path.stem in by_stem:
             raise DataError(
-                f"{path}: two images share the stem {path.stem!r} (also {by_stem[path.stem].name})"
+                f"{path}: two images share the stem {path.stem!r} (also {by_stem[path.stem].name}); "
+                "a mask could not tell them apart: rename one"
             )
         by_stem[path.stem] = path
-    masks = {p.stem: p for p in masks_dir.iterdir() if p.is_file() and p.suffix.lower() == MASK_SUFFIX}
+    masks: dict[str, Path] = {}
+    others: dict[str, Path] = {}
+    for p in sorted(masks_dir.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        require_utf8_name(p)
+        if p.suffix.lower() != MASK_SUFFIX:
+            others.setdefault(p.stem, p)
+        elif p.stem in masks:
+            raise DataError(f"{p}: two masks share the stem {p.stem!r} (also {masks[p.stem].name})")
+        else:
+            masks[p.stem] = p
     for stem, mask in sorted(masks.items()):
         if stem not in by_stem:
             raise DataError(f"{mask}: mask without an image ({IMAGES_DIR}/{stem}.* not found)")
@@ -78,16 +94,23 @@ def _scan(root: Path) -> tuple[list[Record], list[Record]]:
     for path in images:
         mask = masks.get(path.stem)
         if mask is None:
-            raise DataError(f"{path}: image has no mask ({MASKS_DIR}/{path.stem}{MASK_SUFFIX} not found)")
+            found = (
+                f"; found {others[path.stem].name}, but masks must be PNG (lossless)"
+                if path.stem in others
+                else ""
+            )
+            raise DataError(
+                f"{path}: image has no mask ({MASKS_DIR}/{path.stem}{MASK_SUFFIX} not found{found})"
+            )
         labeled.append(Record(name=_record_name(root, path), image=str(path), mask=str(mask)))
     if not labeled:
         raise DataError(f"{images_dir}: no images found (need at least one image with a mask)")
     unlabeled_dir = root / UNLABELED_DIR
-    extra = (
-        [Record(name=_record_name(root, p), image=str(p)) for p in list_images(unlabeled_dir)]
-        if unlabeled_dir.is_dir()
-        else []
-    )
+    extra = []
+    if unlabeled_dir.is_dir():
+        for p in list_images(unlabeled_dir):
+            require_utf8_name(p)
+            extra.append(Record(name=_record_name(root, p), image=str(p)))
     return labeled, extra
 
 
@@ -238,3 +261,49 @@ def write_split(
     for part, path in files.items():
         path.write_text("".join(f"{name}\n" for name in splits[part]))
     return splits
+
+
+def remap_masks(
+    root: str | Path, mapping: list[str] | dict[int, int], out_dir: str | Path | None = None
+) -> tuple[Path, int]:
+    """Write a copy of ``root/masks`` with mask values changed (``["255=1"]`` or ``{255: 1}``): the
+    conversion for masks encoded 0/255 when 255 marks the foreground (semiseg reads 255 as ignore).
+    Never writes into ``masks/`` itself nor into an existing folder (all masks or none). Returns
+    ``(output folder, number of masks written)``."""
+    import numpy as np
+
+    root = Path(root).expanduser()
+    masks_dir = root / MASKS_DIR
+    if not masks_dir.is_dir():
+        raise DataError(f"{masks_dir}: folder not found")
+    table = {}
+    items = mapping.items() if isinstance(mapping, dict) else [m.split("=", 1) for m in mapping]
+    for item in items:
+        try:
+            old, new = (int(v) for v in item)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"--map {'='.join(map(str, item))}: expected OLD=NEW with integers 0..255"
+            ) from None
+        if not (0 <= old <= 255 and 0 <= new <= 255):
+            raise DataError(f"--map {old}={new}: values must be in 0..255")
+        table[old] = new
+    out = Path(out_dir) if out_dir is not None else root / "masks_remapped"
+    if out.resolve() == masks_dir.resolve():
+        raise DataError(f"{out}: refusing to write into {MASKS_DIR}/ itself; choose another --out")
+    if out.exists():
+        raise DataError(f"{out}: output folder exists (remove it or choose another --out)")
+    paths = sorted(p for p in masks_dir.iterdir() if p.is_file() and p.suffix.lower() == MASK_SUFFIX)
+    lut = np.arange(256, dtype=np.uint8)
+    for old, new in table.items():
+        lut[old] = new
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # all or nothing: the folder appears only once every mask is written
+        for p in paths:
+            Image.fromarray(lut[read_mask_file(p)], "L").save(tmp / p.name)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, len(paths)

@@ -7,7 +7,10 @@ A reader returns the *raw* image (float32 H×W×C in [0, 1]) and raw mask (integ
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +52,104 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings(record=True) as caught:  # PIL warns (not raises) on some damage
+            warnings.simplefilter("always")
+            img = Image.open(path)
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    _raise_if_truncated(caught, path)
     return img
+
+
+def _raise_if_truncated(caught: list, path: Path) -> None:
+    """PIL reads a truncated TIFF (and some others) with only a warning: make it an error; other
+    PIL warnings (odd EXIF data, ...) are dropped, the pixels being readable."""
+    cut = [w for w in caught if "runcated" in str(w.message)]
+    if cut:
+        raise DataError(f"{path}: cannot read image (file is truncated: {str(cut[0].message).strip()})")
+
+
+# Channel count :func:`pil_to_float` produces for each PIL mode (every other mode becomes RGB).
+MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "I": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "F": 1}
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "RGB", "RGBA")
+_PNG_END = b"IEND\xaeB`\x82"
+_JPEG_END = b"\xff\xd9"
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` as printable text: bytes that are not UTF-8 are shown as ``\\xNN`` escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def require_utf8_name(path: str | Path) -> None:
+    """DataError when a file name is not valid UTF-8 (it could not be written to split files, configs
+    or logs); the message shows the raw bytes as ``\\xNN``."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(
+            f"{display_path(path)}: file name is not valid UTF-8; rename the file (e.g. with convmv)"
+        ) from None
+
+
+def _ends_complete(path: Path, fmt: str | None) -> bool:
+    """Cheap truncation test from the file's last bytes: PNG ends with its IEND chunk, JPEG with
+    the EOI marker. False means "not known to be complete" (the caller then decodes fully)."""
+    if fmt not in ("PNG", "JPEG", "MPO"):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 1024))
+            tail = fh.read()
+    except OSError:
+        return False
+    if fmt == "PNG":
+        return tail.endswith(_PNG_END) or _PNG_END in tail
+    return _JPEG_END in tail[-64:]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What :func:`inspect_image` learns about an image file."""
+
+    width: int
+    height: int
+    mode: str
+    channels: int  # as read by :func:`pil_to_float`
+    decoded: bool  # True when the pixels were fully decoded (not only the header and the file end)
+
+
+def inspect_image(path: str | Path, decode: bool = False, utf8_name: bool = True) -> ImageInfo:
+    """Size, mode and channel count of an image file, or a one-line DataError naming it.
+
+    Reads the header and checks the file is complete from its last bytes (PNG IEND chunk, JPEG EOI
+    marker), which finds truncated files without decoding them; other formats, ``decode=True`` and
+    files whose end does not look complete are decoded fully. Float images must be finite. With
+    ``utf8_name`` (datasets: names go into split files and configs) the name must be UTF-8.
+    """
+    path = Path(path)
+    if utf8_name:
+        require_utf8_name(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings(record=True) as caught, Image.open(path) as img:
+            warnings.simplefilter("always")
+            mode, (width, height), fmt = img.mode, img.size, img.format
+            full = decode or mode == "F" or not _ends_complete(path, fmt)
+            if full:
+                img.load()
+                _raise_if_truncated(caught, path)
+                if mode == "F" and not np.isfinite(np.asarray(img)).all():
+                    raise DataError(f"{path}: image holds NaN or Inf values")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    if width < 1 or height < 1:
+        raise DataError(f"{path}: image has no pixels ({width}x{height})")
+    return ImageInfo(width, height, mode, MODE_CHANNELS.get(mode, 3), full)
 
 
 def pil_to_float(img: Image.Image) -> np.ndarray:
@@ -90,7 +186,10 @@ def read_mask_file(path: str | Path) -> np.ndarray:
 
 @register_reader("file")
 def read_file_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    image = pil_to_float(open_image(record.image))
+    img = open_image(record.image)
+    if img.mode == "F" and not np.isfinite(np.asarray(img)).all():
+        raise DataError(f"{record.image}: image holds NaN or Inf values")
+    image = pil_to_float(img)
     mask = read_mask_file(record.mask) if record.mask else None
     return image, mask
 
@@ -146,6 +245,8 @@ def _read_uncached(record: Record, cfg: DataConfig, num_classes: int, in_channel
     where = record.image if record.index is None else f"{record.image}[{record.index}]"
     if in_channels is not None and image.shape[2] != in_channels:
         raise DataError(f"{where}: image has {image.shape[2]} channel(s) but the model expects {in_channels}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{where}: image holds NaN or Inf values")
     if mask is not None:
         if record.label_map:
             mask = LABEL_MAPS[record.label_map](mask)

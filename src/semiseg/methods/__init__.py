@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 from . import supervised  # noqa: F401  (registration order: supervised first)
 from .base import METHODS, Batch, Method, MethodConfig, StepInfo, register_method
 from .fixmatch import FixMatch, FixMatchConfig
+from .guidedmix import GuidedMix, GuidedMixConfig
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
+from .semi import SemiSupervisedConfig, UnlabeledRecipe
 from .supervised import Supervised, SupervisedConfig, labeled_loss
 from .unimatch import UniMatch, UniMatchConfig
 
@@ -58,15 +60,19 @@ __all__ = [
     "Batch",
     "FixMatch",
     "FixMatchConfig",
+    "GuidedMix",
+    "GuidedMixConfig",
     "MeanTeacher",
     "MeanTeacherConfig",
     "Method",
     "MethodConfig",
+    "SemiSupervisedConfig",
     "StepInfo",
     "Supervised",
     "SupervisedConfig",
     "UniMatch",
     "UniMatchConfig",
+    "UnlabeledRecipe",
     "build_method",
     "labeled_loss",
     "register_method",

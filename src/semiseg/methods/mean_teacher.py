@@ -11,6 +11,12 @@ the labeled loss plus a consistency loss towards the teacher on the unlabeled ba
              or Σ CE(f_θ(x_u), argmax p_t)·[c_t ≥ τ]·[not ignored] / #not-ignored   (``ce``)
     total  = loss_x + w(t)·λ·loss_u,   w(t) = exp(−5(1 − min(1, step / (rampup·T)))²)
 
+The unlabeled-loss recipe of :mod:`semiseg.methods.semi` applies: the teacher's prediction goes
+through the pseudo-label policy (distribution alignment also reshapes the MSE target; the mask
+replaces ``[c_t ≥ τ]``), ``warmup_iters`` labeled-only steps come first (the ramp starts after
+them), ``rampup_iters`` (when > 0) replaces the ``rampup`` fraction, ``labeled_weight`` scales
+``loss_x`` and ``unlabeled_loss`` applies to the ``ce`` consistency.
+
 BatchNorm running statistics (float buffers) are averaged like the weights; integer buffers are
 copied. The network evaluated and saved as the run's result is the teacher (``eval_teacher``) or the
 student.
@@ -19,7 +25,6 @@ student.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,16 +32,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..losses import masked_pseudo_ce, masked_softmax_mse, pseudo_label
+from ..losses import masked_softmax_mse
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
 from .base import Batch, Method, StepInfo, register_method
-from .fixmatch import eval_mode
-from .supervised import SupervisedConfig, labeled_loss
+from .semi import SemiSupervisedConfig, UnlabeledRecipe, sigmoid_rampup
+from .weak_strong import eval_mode
+
+__all__ = ["MeanTeacher", "MeanTeacherConfig", "ema_update", "sigmoid_rampup"]
 
 
 @dataclass
-class MeanTeacherConfig(SupervisedConfig):
+class MeanTeacherConfig(SemiSupervisedConfig):
     name: str = "mean_teacher"
     ema_momentum: float = 0.99  # m (SSL4MIS)
     ema_warmup: bool = True  # m_t = min(m, 1 − 1/(t+1)): a fast-moving teacher at the start
@@ -56,14 +63,7 @@ class MeanTeacherConfig(SupervisedConfig):
             raise ConfigError(f"{prefix}.threshold: must be in [0, 1], got {self.threshold}")
         if self.consistency_weight < 0:
             raise ConfigError(f"{prefix}.consistency_weight: must be >= 0, got {self.consistency_weight}")
-
-
-def sigmoid_rampup(step: int, length: float) -> float:
-    """Laine & Aila's ramp-up ``exp(−5(1 − t)²)``, ``t = clip(step / length, 0, 1)``; 1 if length ≤ 0."""
-    if length <= 0:
-        return 1.0
-    t = min(max(step / length, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
+        self.validate_semi(prefix)
 
 
 @torch.no_grad()
@@ -90,6 +90,7 @@ class MeanTeacher(PluginHost, Method):
     def __init__(self, model: Segmenter, cfg: MeanTeacherConfig, num_classes: int) -> None:
         super().__init__(model, cfg, num_classes)
         self.teacher = copy.deepcopy(model)
+        self.recipe = UnlabeledRecipe(cfg, num_classes, cfg.threshold)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -101,17 +102,23 @@ class MeanTeacher(PluginHost, Method):
         cfg = self.cfg
         x_l, y_l, x_w = batch.x_l, batch.y_l, batch.x_w
         assert x_w is not None, "mean_teacher needs unlabeled data"
+        if self.recipe.in_warmup(info.step):  # labeled-only: the supervised step
+            self.recipe.observe_labeled(y_l)
+            loss_x = cfg.labeled_loss(self.net(x_l), y_l)
+            return self.recipe.warmup_losses(loss_x, ["loss_u", "consistency_weight"])
         x_u = batch.x_s1 if cfg.student_view == "strong" and batch.x_s1 is not None else x_w
         ignore = batch.ignore if batch.ignore is not None else torch.zeros_like(x_w[:, 0], dtype=torch.uint8)
         n_l, n_u = x_l.shape[0], x_w.shape[0]
         need_feats = self.plugins_need_features
 
-        # Teacher on the weak view (eval mode, no grad).
+        # Teacher on the weak view (eval mode, no grad); pseudo-labels through the policy, whose
+        # alignment (if any) also shapes the soft MSE target.
         with torch.no_grad(), eval_mode(self.teacher):
             t_out = self.teacher(x_w, return_features=need_feats)
         t_logits = t_out.logits if need_feats else t_out
-        pseudo_w, conf_w = pseudo_label(t_logits)
-        probs_t = t_logits.softmax(dim=1)
+        self.recipe.observe_labeled(y_l)
+        pl = self.recipe.labeler(t_logits, ignore, update=True)
+        pseudo_w, conf_w, probs_t = pl.label, pl.score, pl.probs
 
         # Student on cat(x_l, x_u), one pass.
         out = self.net(torch.cat((x_l, x_u)), return_features=need_feats)
@@ -122,23 +129,26 @@ class MeanTeacher(PluginHost, Method):
             features_l=None if feats is None else [f[:n_l] for f in feats],
             features_w=None if feats is None else [f[n_l:] for f in feats],
             teacher_features_w=t_out.features if need_feats else None,
-            extras={"teacher_logits_w": t_logits},
+            extras={"teacher_logits_w": t_logits, "threshold": pl.threshold},
         )  # fmt: skip
         weight = self.plugin_pixel_weights(ctx)
 
-        loss_x = labeled_loss(logits_l, y_l, cfg.dice_weight)
+        loss_x = cfg.labeled_loss(logits_l, y_l)
         if cfg.consistency == "mse":
-            loss_u = masked_softmax_mse(logits_u, probs_t, conf_w, ignore, cfg.threshold, weight)
+            loss_u = masked_softmax_mse(logits_u, probs_t, conf_w, ignore, pl.threshold, weight)
         else:
-            loss_u = masked_pseudo_ce(logits_u, pseudo_w, conf_w, ignore, cfg.threshold, weight)
-        ramp = cfg.consistency_weight * sigmoid_rampup(info.step, cfg.rampup * info.total_steps)
-        total = loss_x + ramp * loss_u
+            loss_u = self.recipe.loss(logits_u, pseudo_w, conf_w, ignore, pl.threshold, weight)
+        ramp_length = cfg.rampup_iters if cfg.rampup_iters > 0 else cfg.rampup * info.total_steps
+        ramp = cfg.consistency_weight * sigmoid_rampup(info.step - cfg.warmup_iters, ramp_length)
+        labeled = loss_x if cfg.labeled_weight is None else cfg.labeled_weight * loss_x
+        total = labeled + ramp * loss_u
         losses = {
             "loss_x": loss_x,
             "loss_u": loss_u,
             "consistency_weight": torch.tensor(ramp, device=loss_x.device),
             "total": total,
         }
+        losses.update(self.recipe.diagnostics(pl, ignore, logits_l, y_l))
         return self.add_plugin_losses(ctx, losses)
 
     def after_step(self, info: StepInfo) -> None:

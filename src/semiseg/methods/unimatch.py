@@ -4,7 +4,7 @@ Per iteration, with ``n_l`` labeled and ``n_u`` unlabeled images::
 
     ŷ_mix, c_mix   = f_eval(x_w.flip(0))                       mix source: partner weak view, eval, no grad
     p_l, p_w, p_fp = f(cat(x_l, x_w), fp_from=n_l)             one pass; feature perturbation on x_w only
-    ŷ_w, c_w       = argmax / max softmax p_w                   detached
+    ŷ_w, c_w       = pseudo-label policy of p_w                 detached (default: argmax / max softmax)
     x̃_sj, ỹ_j, c̃_j, ĩ_j = mix(x_sj, ŷ_w, c_w, ignore)          j = 1, 2: inside the CutMix box (or
                                                                 ClassMix / SupMix mask) from the partner
     p_s1, p_s2     = f(cat(x̃_s1, x̃_s2))
@@ -16,7 +16,9 @@ Per iteration, with ``n_l`` labeled and ``n_u`` unlabeled images::
 Unlike the official code, the labeled half is not feature-perturbed (its perturbed logits were
 computed and discarded there). ``mix: supmix`` replaces CutMix by SupMix with probability
 ``supmix_p`` per sample and strong view (SupMix paper eq. 7–11), ``mix: classmix`` by ClassMix.
-Plug-ins (e.g. SUFD, eq. 12) add their terms to ``total`` after the ``/2``.
+Plug-ins (e.g. SUFD, eq. 12) add their terms to ``total`` after the ``/2``. The unlabeled-loss
+recipe (pseudo-label policy, warm-up, ramp-up, ``labeled_weight``, CE / Dice / balanced CE, the
+medical variant's Dice terms) is :mod:`semiseg.methods.semi`'s.
 """
 
 from __future__ import annotations
@@ -26,11 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..losses import masked_pseudo_ce
-from ..plugins.base import StepContext
 from .base import Batch, StepInfo, register_method
-from .fixmatch import ConsistencyConfig, WeakStrongMethod
-from .supervised import labeled_loss
+from .weak_strong import ConsistencyConfig, WeakStrongMethod
 
 
 @dataclass
@@ -47,8 +46,12 @@ class UniMatch(WeakStrongMethod):
 
     Config = UniMatchConfig
     cfg: UniMatchConfig
+    unlabeled_terms = ("loss_s1", "loss_s2", "loss_fp")
 
     def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+        warm = self.warmup_step(batch, info)
+        if warm is not None:
+            return warm
         cfg = self.cfg
         x_l, y_l, x_w, x_s1, x_s2 = batch.x_l, batch.y_l, batch.x_w, batch.x_s1, batch.x_s2
         assert x_w is not None and x_s1 is not None and x_s2 is not None, "unimatch needs x_w, x_s1, x_s2"
@@ -61,8 +64,7 @@ class UniMatch(WeakStrongMethod):
         # One forward of cat(x_l, x_w); feature perturbation only on the unlabeled half.
         out = self.net(torch.cat((x_l, x_w)), fp_from=n_l, return_features=self.plugins_need_features)
         logits_fp = out.logits_fp
-        ctx = StepContext.from_joint_pass(batch, info, out.logits, out.features, n_l, ignore)
-        logits_l, pseudo_w, conf_w = ctx.logits_l, ctx.pseudo_w, ctx.conf_w
+        ctx, pl = self.weak_context(batch, info, out.logits, out.features, ignore)
         weight = self.plugin_pixel_weights(ctx)
 
         # Two strong views, each mixed with its own mask; targets assembled under the same masks.
@@ -70,21 +72,11 @@ class UniMatch(WeakStrongMethod):
         t2 = self.strong_target(x_s2, batch.box2, ctx, weight, partner)
         logits_s1, logits_s2 = self.net(torch.cat((t1.image, t2.image))).chunk(2)
 
-        tau = cfg.threshold
-        loss_x = labeled_loss(logits_l, y_l, cfg.dice_weight)
-        loss_s1 = masked_pseudo_ce(logits_s1, t1.label, t1.confidence, t1.ignore, tau, t1.weight)
-        loss_s2 = masked_pseudo_ce(logits_s2, t2.label, t2.confidence, t2.ignore, tau, t2.weight)
-        loss_fp = masked_pseudo_ce(logits_fp, pseudo_w, conf_w, ignore, tau, weight)
-        total = cfg.scale * (
-            loss_x + cfg.weight_s1 * loss_s1 + cfg.weight_s2 * loss_s2 + cfg.weight_fp * loss_fp
-        )
-        self.mixer.observe(logits_l, y_l, pseudo_w, conf_w, ignore)
-        losses = {
-            "loss_x": loss_x,
-            "loss_s1": loss_s1,
-            "loss_s2": loss_s2,
-            "loss_fp": loss_fp,
-            "mask_ratio": self.mask_ratio(ctx),
-            "total": total,
-        }
-        return self.add_plugin_losses(ctx, losses)
+        tau = pl.threshold
+        loss_x = cfg.labeled_loss(ctx.logits_l, y_l)
+        loss_s1 = self.unlabeled_loss(logits_s1, t1, tau)
+        loss_s2 = self.unlabeled_loss(logits_s2, t2, tau)
+        loss_fp = self.recipe.loss(logits_fp, ctx.pseudo_w, ctx.conf_w, ignore, tau, weight)
+        losses = {"loss_x": loss_x, "loss_s1": loss_s1, "loss_s2": loss_s2, "loss_fp": loss_fp}
+        terms = [cfg.weight_s1 * loss_s1, cfg.weight_s2 * loss_s2, cfg.weight_fp * loss_fp]
+        return self.finish(ctx, pl, losses, loss_x, terms)

@@ -65,10 +65,17 @@ def _build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) -
     )
 
 
+def _build_guidedmix(cfg: ModelConfig, in_channels: int, num_classes: int) -> Segmenter:
+    from .guidedmix import build_guidedmix  # GuidedMix-Net's network; options validated there
+
+    return build_guidedmix(cfg, in_channels, num_classes)
+
+
 #: Model name → builder ``(cfg, in_channels, num_classes) -> Segmenter``.
 MODELS: dict[str, Callable[[ModelConfig, int, int], Segmenter]] = {
     "unet": _build_unet,
     "deeplabv3plus": _build_deeplabv3plus,
+    "guidedmix": _build_guidedmix,
 }
 
 

@@ -7,9 +7,14 @@ experiments (``more-scenarios/medical/model/unet.py``, Yang et al., CVPR 2023):
 * every level is two ``3×3 conv → BN → LeakyReLU`` with a (element-wise) dropout between them;
   encoder dropout ``0.05, 0.1, 0.2, 0.3, 0.5`` from the shallowest to the deepest level, none in
   the decoder;
-* ``2×2`` max-pooling down, ``2×2`` stride-2 transposed convolution up (SSL4MIS ``bilinear=False``),
-  skip connections by concatenation, a ``3×3`` output convolution;
-* widths ``16-32-64-128-256`` by default (≈1.81 M parameters for one input channel).
+* ``2×2`` max-pooling down; up-sampling by a ``1×1`` convolution then bilinear ×2 interpolation
+  (``align_corners=True``) — the official code's path: UniMatch's medical ``Decoder`` never passes
+  ``bilinear``, whose default in ``UpBlock`` is ``True`` (``model.upsample: bilinear``, the default);
+  ``model.upsample: transpose`` uses a ``2×2`` stride-2 transposed convolution instead (semiseg's
+  default before 2026-12-01; the committed paper-recipe tables ran with it). Skip connections by
+  concatenation, a ``3×3`` output convolution;
+* widths ``16-32-64-128-256`` by default: 1,813,764 parameters (one input channel, 4 classes) with
+  the bilinear up-path, the official count.
 
 :meth:`UNet.encode` returns the output of every encoder level (shallow to deep) and
 :meth:`UNet.decode` reads all of them, so UniMatch's feature perturbation is Dropout2d on every
@@ -17,7 +22,7 @@ encoder level, as in the official medical code (DESIGN §3.1, medical variant).
 
 Sizes that are not multiples of ``2**(levels-1)`` work: max-pooling floors, and every up-sampling
 produces exactly the size of its skip connection (the transposed convolution's ``output_size``),
-so the logits always have the input's size.
+so the logits always have the input's size (the bilinear path interpolates to the skip's size).
 """
 
 from __future__ import annotations

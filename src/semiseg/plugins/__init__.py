@@ -1,14 +1,18 @@
-"""Plug-ins that attach to any semi-supervised method (SUFD, later MPMC); importing this package
+"""Plug-ins that attach to any semi-supervised method (SUFD, MPMC); importing this package
 registers them. The interface is documented in :mod:`semiseg.plugins.base`."""
 
-from . import sufd  # noqa: F401
+from . import mpmc, sufd  # noqa: F401
 from .base import PLUGINS, Plugin, PluginConfig, PluginHost, StepContext, register_plugin
+from .mpmc import MPMC, MPMCConfig, MPMCHead
 from .sufd import SUFD, Discriminator, SUFDConfig
 
 __all__ = [
+    "MPMC",
     "PLUGINS",
     "SUFD",
     "Discriminator",
+    "MPMCConfig",
+    "MPMCHead",
     "Plugin",
     "PluginConfig",
     "PluginHost",

@@ -88,12 +88,14 @@ class StepContext:
         features: list[Tensor] | None,
         n_l: int,
         ignore: Tensor,
+        pseudo: tuple[Tensor, Tensor] | None = None,
     ) -> StepContext:
-        """Context of a joint forward of ``cat(x_l, x_w)``: split it and take detached pseudo-labels."""
+        """Context of a joint forward of ``cat(x_l, x_w)``: split it and take detached pseudo-labels
+        (``pseudo = (label, score)`` from the method's pseudo-label policy, else argmax / max)."""
         from ..losses import pseudo_label
 
         logits_l, logits_w = logits[:n_l], logits[n_l:]
-        pseudo_w, conf_w = pseudo_label(logits_w)
+        pseudo_w, conf_w = pseudo if pseudo is not None else pseudo_label(logits_w)
         return cls(
             batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
             features_l=None if features is None else [f[:n_l] for f in features],

@@ -1,0 +1,165 @@
+"""Machinery FixMatch and UniMatch share: the weak-to-strong consistency config, the mix-source
+(partner) prediction and the assembly of each strong view's target (DESIGN §3.1–3.3).
+
+Pseudo-labels come from the method's :class:`~semiseg.methods.semi.UnlabeledRecipe` (its policy:
+fixed τ by default, FreeMatch / FlexMatch masks, distribution alignment): a pixel teaches iff its
+``score ≥ threshold`` (for the fixed policy: confidence ≥ τ, exactly UniMatch's rule).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..data.base import IGNORE_INDEX
+from ..errors import ConfigError
+from ..mixers import MixConfig, MixSample, StrongMixer, labeled_source
+from ..models.base import Segmenter
+from ..plugins.base import PluginHost, StepContext
+from ..pseudo_labels import PseudoLabels
+from .base import Batch, Method, StepInfo
+from .semi import SemiSupervisedConfig, UnlabeledRecipe
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode inside the block, restoring its previous mode after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+@dataclass
+class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
+    """Options shared by the weak-to-strong consistency methods (FixMatch, UniMatch)."""
+
+    threshold: float = 0.95  # τ: pseudo-labels with confidence ≥ τ are used (the `fixed` policy)
+    scale: float = 0.5  # total = scale·(loss_x + weighted unlabeled losses)  (UniMatch's "/2")
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"{prefix}.threshold: must be in [0, 1], got {self.threshold}")
+        if self.scale <= 0:
+            raise ConfigError(f"{prefix}.scale: must be > 0, got {self.scale}")
+        for name, value in vars(self).items():
+            if name.startswith("weight_") and value < 0:
+                raise ConfigError(f"{prefix}.{name}: must be >= 0, got {value}")
+        self.validate_semi(prefix)
+        self.validate_mix(prefix)
+
+
+class WeakStrongMethod(PluginHost, Method):
+    """Machinery shared by FixMatch and UniMatch: pseudo-labels, mix-source prediction,
+    strong-view targets, the labeled-only warm-up."""
+
+    uses_unlabeled = True
+    cfg: ConsistencyConfig
+    unlabeled_terms: tuple[str, ...] = ()  # loss names logged as 0 during the warm-up
+
+    def __init__(self, model: Segmenter, cfg: ConsistencyConfig, num_classes: int) -> None:
+        super().__init__(model, cfg, num_classes)
+        self.mixer = StrongMixer(cfg, num_classes)
+        self.recipe = UnlabeledRecipe(cfg, num_classes, cfg.threshold)
+
+    @property
+    def needs_labeled_strong(self) -> bool:
+        return self.cfg.mix == "supmix" and self.cfg.supmix_source == "strong"
+
+    @staticmethod
+    def unlabeled_ignore(batch: Batch) -> Tensor:
+        """The unlabeled ignore map (255 = padding), zeros when the batch has none."""
+        assert batch.x_w is not None, "this method needs unlabeled data (x_w, x_s1, x_s2)"
+        if batch.ignore is not None:
+            return batch.ignore
+        n, _, h, w = batch.x_w.shape
+        return torch.zeros(n, h, w, dtype=torch.uint8, device=batch.x_w.device)
+
+    def warmup_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor] | None:
+        """During ``warmup_iters``: the supervised step (labeled pass only); else ``None``."""
+        if not self.recipe.in_warmup(info.step):
+            return None
+        self.recipe.observe_labeled(batch.y_l)
+        loss_x = self.cfg.labeled_loss(self.net(batch.x_l), batch.y_l)
+        return self.recipe.warmup_losses(loss_x, [*self.unlabeled_terms, "mask_ratio"])
+
+    def weak_context(
+        self, batch: Batch, info: StepInfo, logits: Tensor, features: list[Tensor] | None, ignore: Tensor
+    ) -> tuple[StepContext, PseudoLabels]:
+        """Plug-in context of the joint ``cat(x_l, x_w)`` pass, with the policy's pseudo-labels
+        (its running statistics updated from this step's labeled truth and weak prediction)."""
+        n_l = batch.x_l.shape[0]
+        self.recipe.observe_labeled(batch.y_l)
+        pl = self.recipe.labeler(logits[n_l:], ignore, update=True)
+        ctx = StepContext.from_joint_pass(batch, info, logits, features, n_l, ignore, (pl.label, pl.score))
+        ctx.extras["threshold"] = pl.threshold
+        return ctx, pl
+
+    def partner_prediction(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
+        """Pseudo-label and score of each sample's mix partner, predicted on the partner's weak
+        image ``x_w.flip(0)`` in eval mode without gradient (UniMatch's ``pred_u_w_mix``), through
+        the same policy (statistics not updated: it is the same batch)."""
+        with torch.no_grad(), eval_mode(self.model):
+            pl = self.recipe.labeler(self.model(x_w.flip(0)))
+        return pl.label, pl.score
+
+    def strong_target(
+        self,
+        x_s: Tensor,
+        box: Tensor | None,
+        ctx: StepContext,
+        weight: Tensor | None,
+        partner: tuple[Tensor, Tensor] | None,
+    ) -> MixSample:
+        """Mixed strong view with its target: own weak pseudo-label outside the mixed region; inside
+        it, the partner's (CutMix / ClassMix) or the labeled ground truth (SupMix, eq. 10–11)."""
+        own = MixSample(x_s, ctx.pseudo_w, ctx.conf_w, ctx.ignore, weight)
+        partner_sample = None
+        if partner is not None:
+            partner_sample = MixSample(
+                x_s.flip(0),
+                partner[0],
+                partner[1],
+                ctx.ignore.flip(0),
+                None if weight is None else weight.flip(0),
+            )
+        labeled = None
+        if self.cfg.mix == "supmix":
+            x_src = ctx.batch.x_ls if self.cfg.supmix_source == "strong" else ctx.batch.x_l
+            assert x_src is not None, "supmix_source=strong needs the labeled strong view (batch.x_ls)"
+            labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], weight is not None)
+        return self.mixer(own, partner_sample, labeled, box)
+
+    def unlabeled_loss(self, logits: Tensor, target: MixSample, threshold: float) -> Tensor:
+        """One unlabeled term against a (mixed) target, with the recipe's loss."""
+        return self.recipe.loss(
+            logits, target.label, target.confidence, target.ignore, threshold, target.weight
+        )
+
+    def finish(
+        self,
+        ctx: StepContext,
+        pl: PseudoLabels,
+        losses: dict[str, Tensor],
+        loss_x: Tensor,
+        terms: list[Tensor],
+    ) -> dict[str, Tensor]:
+        """``total`` from ``loss_x`` and the weighted unlabeled ``terms``, mixer statistics, the
+        mask ratio, pseudo-label diagnostics and plug-in terms."""
+        losses["total"] = self.recipe.total(loss_x, terms, self.cfg.scale, ctx.info.step)
+        self.mixer.observe(ctx.logits_l, ctx.batch.y_l, ctx.pseudo_w, ctx.conf_w, ctx.ignore)
+        losses["mask_ratio"] = self.mask_ratio(ctx, pl.threshold)
+        losses.update(self.recipe.diagnostics(pl, ctx.ignore, ctx.logits_l, ctx.batch.y_l))
+        return self.add_plugin_losses(ctx, losses)
+
+    def mask_ratio(self, ctx: StepContext, threshold: float | None = None) -> Tensor:
+        """Fraction of non-ignored weak pixels whose pseudo-label passes the mask (logged)."""
+        used = ctx.ignore != IGNORE_INDEX
+        tau = self.cfg.threshold if threshold is None else threshold
+        return ((ctx.conf_w >= tau) & used).sum() / used.sum().clamp_min(1)

@@ -1,0 +1,600 @@
+"""MPMC plug-in (Beyond Pixels §3.3, eq. 2–7): patch targets, the asymmetric loss, the adaptive λ_s / λ_m
+weights and their path through the mixers, which parameters each pass trains, any classes / crops /
+batches / channels, the head's optimizer, tiny end-to-end runs on every host, resume, configs, grids."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REPO, tiny_overrides
+
+from semiseg.checkpoint import load_checkpoint
+from semiseg.config import ModelConfig, build_config, load_config
+from semiseg.errors import ConfigError
+from semiseg.methods import Batch, StepInfo, build_method
+from semiseg.models import build_model
+from semiseg.plugins import MPMC, PLUGINS, MPMCConfig, StepContext
+from semiseg.plugins.mpmc import (
+    PatchGeometry,
+    SeparableAvgPool2d,
+    asymmetric_loss,
+    labeled_patch_loss,
+    patch_targets,
+    pixel_confidence,
+    probe_tap,
+    unlabeled_patch_loss,
+)
+from semiseg.trainer import Trainer, train
+
+NUM_CLASSES = 3
+CONFIGS = REPO / "src" / "semiseg" / "configs"
+
+
+def tiny_unet(in_channels: int = 3, num_classes: int = NUM_CLASSES):
+    return build_model(ModelConfig(name="unet", widths=[4, 8, 16, 32, 64]), in_channels, num_classes)
+
+
+def make_batch(
+    n_l: int = 2,
+    n_u: int = 2,
+    size: tuple[int, int] = (32, 32),
+    channels: int = 3,
+    classes: int = NUM_CLASSES,
+) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    y_l = torch.randint(0, classes, (n_l, *size), generator=g)
+    y_l[:, :3] = 255  # a padded strip
+    box = torch.zeros(n_u, *size)
+    box[0, 4:12, 4:12] = 1
+    ignore = torch.zeros(n_u, *size, dtype=torch.uint8)
+    ignore[:, -2:] = 255
+    return Batch(
+        torch.randn(n_l, channels, *size, generator=g), y_l,
+        *(torch.randn(n_u, channels, *size, generator=g) for _ in range(3)),
+        ignore, box, box.clone(),
+    )  # fmt: skip
+
+
+def method_with(
+    method: dict, mpmc: dict | None = None, classes: int = NUM_CLASSES, channels: int = 3, **plugins
+):
+    tree = {"method": method, "plugins": {"mpmc": mpmc or {}, **plugins}, "train": {"iters": 100}}
+    m = build_method(build_config(tree), tiny_unet(channels, classes), classes)
+    m.train()
+    return m
+
+
+def joint_context(method, batch: Batch, step: int = 0) -> StepContext:
+    """The context UniMatch / FixMatch build after their weak pass."""
+    n_l = batch.x_l.shape[0]
+    out = method.model(torch.cat((batch.x_l, batch.x_w)), return_features=True)
+    return StepContext.from_joint_pass(
+        batch, StepInfo(step, 100), out.logits, out.features, n_l, batch.ignore
+    )
+
+
+def nonzero(g: torch.Tensor | None) -> bool:
+    return g is not None and bool(g.abs().sum() > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch targets, geometry, λ_s lookup
+# ----------------------------------------------------------------------------------------------
+
+
+def brute_force_targets(labels, num_classes, geom, out_size):
+    n, H, W = labels.shape
+    h, w = out_size
+    y = torch.zeros(n, num_classes, h, w)
+    valid = torch.zeros(n, h, w, dtype=torch.bool)
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                r0, c0 = geom.stride * i + geom.offset, geom.stride * j + geom.offset
+                rows = range(max(0, r0), min(H, r0 + geom.size))
+                cols = range(max(0, c0), min(W, c0 + geom.size))
+                for r in rows:
+                    for c in cols:
+                        v = int(labels[b, r, c])
+                        if v != 255:
+                            y[b, v, i, j] = 1
+                            valid[b, i, j] = True
+    return y, valid
+
+
+@pytest.mark.parametrize(
+    "geom,size",
+    [
+        (PatchGeometry(14, 2, -6), (20, 26)),  # U-Net level 1
+        (PatchGeometry(43, 4, -21), (24, 17)),  # ResNet layer1
+        (PatchGeometry(5, 1, -2), (9, 11)),  # stride 1
+        (PatchGeometry(3, 4, 1), (21, 16)),  # gaps between patches, positive offset
+        (PatchGeometry(4, 2, 0), (15, 15)),  # even size
+    ],
+)
+def test_patch_targets_match_a_brute_force_loop(geom, size):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (3, *size), generator=g)
+    labels[torch.rand(labels.shape, generator=g) < 0.2] = 255
+    labels[1, :, : size[1] // 2] = 255  # three quarters ignore
+    labels[1, : size[0] // 2] = 255
+    labels[2] = 255  # padding only
+    out = (math.ceil(size[0] / geom.stride), size[1] // geom.stride)
+    y, valid = patch_targets(labels, 4, geom, out)
+    y_ref, valid_ref = brute_force_targets(labels, 4, geom, out)
+    assert y.shape == (3, 4, *out) and valid.shape == (3, *out)
+    assert torch.equal(y, y_ref) and torch.equal(valid, valid_ref)
+    assert valid[0].any() and not valid[2].any() and not y[2].any()  # padding: no class, not valid
+
+
+def test_probe_measures_the_taps_stride_and_receptive_field():
+    model = tiny_unet()
+    # U-Net: level 0 is conv3-conv3 (field 5); level 1 adds MaxPool 2 and two 3×3 convs at stride 2.
+    assert probe_tap(model, 0).stride == 1 and probe_tap(model, 0).field == (-2, 2)
+    auto = probe_tap(model, None)
+    assert (auto.index, auto.channels, auto.stride, auto.field) == (1, 8, 2, (-6, 7))
+    assert probe_tap(model, 2).field == (-14, 17)
+    plugin = method_with({"name": "unimatch"}).plugins["mpmc"]
+    assert plugin.tap == 1 and plugin.geometry == PatchGeometry(14, 2, -6)
+    custom = method_with({"name": "unimatch"}, {"patch_size": 6, "tap": 2}).plugins["mpmc"]
+    assert custom.geometry == PatchGeometry(6, 4, -1)  # centred on the field's centre 1.5
+    with pytest.raises(ConfigError, match=r"plugins\.mpmc\.tap"):
+        probe_tap(model, 7)
+
+
+def test_probe_on_deeplab_taps_resnet_layer1():
+    model = build_model(ModelConfig(name="deeplabv3plus", backbone="resnet18"), 3, NUM_CLASSES)
+    probe = probe_tap(model, None)
+    # stem 7×7/2 (7) + max-pool 3×3/2 (11) + layer1's four 3×3 convs at stride 4 (43), centred on 4i
+    assert (probe.index, probe.channels, probe.stride, probe.field) == (0, 64, 4, (-21, 21))
+
+
+def test_pixel_confidence_is_gamma_of_the_pseudo_class_at_the_nearest_patch():
+    geom = PatchGeometry(14, 2, -6)
+    g = torch.Generator().manual_seed(2)
+    gamma = torch.rand(2, 3, 5, 6, generator=g).softmax(1)
+    pseudo = torch.randint(0, 3, (2, 11, 12), generator=g)
+    out = pixel_confidence(gamma, pseudo, geom)
+    assert out.shape == pseudo.shape
+    for b in range(2):
+        for r in range(11):
+            for c in range(12):
+                # nearest centre: centre of location i is 0.5 + 2i
+                i = min(4, max(0, round((r - 0.5) / 2 + 1e-9)))
+                j = min(5, max(0, round((c - 0.5) / 2 + 1e-9)))
+                assert out[b, r, c] == gamma[b, pseudo[b, r, c], i, j]
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma_pos,gamma_neg", [(0.0, 1.0), (0.0, 0.0), (1.0, 4.0), (0.5, 2.0)])
+def test_asymmetric_loss_is_eq3_by_hand(gamma_pos, gamma_neg):
+    logits = torch.tensor([[-3.0, -0.4, 0.0, 0.7, 2.5], [1.0, -1.0, 4.0, -2.0, 0.3]])
+    targets = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0, 0.0]])
+    out = asymmetric_loss(logits, targets, gamma_pos, gamma_neg)
+    for idx in range(logits.numel()):
+        a, y = float(logits.flatten()[idx]), float(targets.flatten()[idx])
+        q = 1.0 / (1.0 + math.exp(-a))
+        expect = -((1 - q) ** gamma_pos) * math.log(q) if y == 1 else -(q**gamma_neg) * math.log(1 - q)
+        assert float(out.flatten()[idx]) == pytest.approx(expect, rel=1e-5)
+    if gamma_pos == gamma_neg == 0.0:  # no focusing: plain BCE
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        assert torch.allclose(out, bce, atol=1e-6)
+
+
+def test_asymmetric_loss_has_finite_gradients_for_saturated_logits():
+    logits = torch.tensor([-80.0, -30.0, 30.0, 80.0], requires_grad=True)
+    loss = asymmetric_loss(logits, torch.tensor([1.0, 0.0, 1.0, 0.0]), 0.0, 1.0).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def test_labeled_and_unlabeled_patch_losses_by_hand():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 4, 5, generator=g)
+    targets = (torch.rand(2, 3, 4, 5, generator=g) > 0.5).float()
+    valid = torch.rand(2, 4, 5, generator=g) > 0.3
+    per_loc = asymmetric_loss(logits, targets, 0.0, 1.0).mean(1)  # eq. 3: 1/C Σ_c
+    assert labeled_patch_loss(logits, targets, valid, 0.0, 1.0).item() == pytest.approx(
+        per_loc[valid].mean().item(), rel=1e-6
+    )
+    teacher = torch.randn(2, 3, 4, 5, generator=g)
+    gamma = teacher.softmax(1)
+    bce = F.binary_cross_entropy_with_logits(logits, torch.sigmoid(teacher), reduction="none")
+    expect = (gamma * bce).mean(1)[valid].mean()  # eq. 6 with λ_m = γ
+    assert unlabeled_patch_loss(logits, teacher, gamma, valid).item() == pytest.approx(
+        expect.item(), rel=1e-6
+    )
+    hard = F.binary_cross_entropy_with_logits(logits, (teacher >= 0).float(), reduction="none")
+    assert unlabeled_patch_loss(logits, teacher, gamma, valid, hard=True).item() == pytest.approx(
+        (gamma * hard).mean(1)[valid].mean().item(), rel=1e-6
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# λ_s / λ_m
+# ----------------------------------------------------------------------------------------------
+
+
+def test_weight_shapes_and_ranges():
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch"})
+    mpmc = method.plugins["mpmc"]
+    batch = make_batch(n_u=3)
+    ctx = joint_context(method, batch)
+    lam_s = mpmc.pixel_weights(ctx)
+    st = mpmc.state(ctx)
+    assert lam_s.shape == (3, 32, 32) and not lam_s.requires_grad
+    assert bool((lam_s > 0).all() and (lam_s <= 1).all())
+    assert st.gamma.shape == (3, NUM_CLASSES, 16, 16)  # λ_m: one weight per class and location
+    assert torch.allclose(st.gamma.sum(1), torch.ones(3, 16, 16))
+    assert st.valid_u.shape == (3, 16, 16) and bool(st.valid_u.all())  # 2 padded rows < a patch
+    assert st.targets_l.shape == (2, NUM_CLASSES, 16, 16)
+
+
+def set_teacher_bias(mpmc: MPMC, bias: list[float]) -> None:
+    with torch.no_grad():
+        mpmc.head.classifier.weight.zero_()
+        mpmc.head.classifier.bias.copy_(torch.tensor(bias))
+
+
+def test_confident_teacher_gives_weights_near_one_and_uncertain_near_one_over_c():
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch"})
+    mpmc = method.plugins["mpmc"]
+    batch = make_batch()
+
+    set_teacher_bias(mpmc, [12.0, -12.0, -12.0])
+    ctx = joint_context(method, batch)
+    ctx.pseudo_w = torch.zeros_like(ctx.pseudo_w)  # every pixel predicted as the confident class
+    assert torch.allclose(mpmc.pixel_weights(ctx), torch.ones(2, 32, 32), atol=1e-6)
+    assert torch.allclose(mpmc.state(ctx).gamma[:, 0], torch.ones(2, 16, 16), atol=1e-6)
+    ctx.pseudo_w = torch.ones_like(ctx.pseudo_w)  # a class the patch classifier rules out
+    assert bool((mpmc.pixel_weights(ctx) < 1e-6).all())
+
+    set_teacher_bias(mpmc, [0.0, 0.0, 0.0])
+    ctx = joint_context(method, batch)
+    assert torch.allclose(mpmc.pixel_weights(ctx), torch.full((2, 32, 32), 1 / 3))
+    assert torch.allclose(mpmc.state(ctx).gamma, torch.full((2, 3, 16, 16), 1 / 3))
+
+
+def test_literal_softmax_of_probabilities_is_bounded():
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch"}, {"confidence_from": "probs"})
+    mpmc = method.plugins["mpmc"]
+    set_teacher_bias(mpmc, [30.0, -30.0, -30.0])
+    ctx = joint_context(method, make_batch())
+    ctx.pseudo_w = torch.zeros_like(ctx.pseudo_w)
+    e = math.e
+    assert torch.allclose(mpmc.pixel_weights(ctx), torch.full((2, 32, 32), e / (e + 2)), atol=1e-5)
+
+
+def test_lambda_s_follows_the_cutmix_partner_and_supmix_pastes_weight_one():
+    torch.manual_seed(0)
+    batch = make_batch(n_u=3)
+    method = method_with({"name": "unimatch", "mix": "cutmix"})
+    ctx = joint_context(method, batch)
+    weight = method.plugin_pixel_weights(ctx)
+    target = method.strong_target(batch.x_s1, batch.box1, ctx, weight, method.partner_prediction(batch.x_w))
+    box = batch.box1.bool()
+    assert torch.equal(target.weight[box], weight.flip(0)[box])  # the partner's λ_s inside the box
+    assert torch.equal(target.weight[~box], weight[~box])
+
+    method = method_with({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0})
+    ctx = joint_context(method, batch)
+    weight = method.plugin_pixel_weights(ctx)
+    target = method.strong_target(batch.x_s1, batch.box1, ctx, weight, None)
+    pasted = target.confidence == 1.0  # ground truth (eq. 11); predictions never reach exactly 1 here
+    assert bool(pasted.any()) and bool((~pasted).any())
+    assert bool((target.weight[pasted] == 1.0).all())
+    assert torch.equal(target.weight[~pasted], weight[~pasted])
+    assert bool((weight < 1.0).all())  # so the 1s above come from the paste
+
+
+# ----------------------------------------------------------------------------------------------
+# Which parameters each pass trains
+# ----------------------------------------------------------------------------------------------
+
+
+def test_segmenter_pass_trains_the_encoder_and_the_optimizer_pass_trains_the_head():
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch"})
+    mpmc = method.plugins["mpmc"]
+    ctx = joint_context(method, make_batch())
+    stats_before = [b.clone() for b in mpmc.head.buffers()]
+
+    seg_terms = mpmc.losses(ctx)
+    assert set(seg_terms) == {"loss_l", "loss_u"}
+    assert all(torch.equal(a, b) for a, b in zip(stats_before, mpmc.head.buffers()))  # frozen pass
+    assert all(p.requires_grad for p in mpmc.head.parameters())  # un-frozen again
+    sum(seg_terms.values()).backward(retain_graph=True)
+    assert all(p.grad is None for p in mpmc.head.parameters())
+    assert nonzero(next(iter(method.model.encoder.levels[1].parameters())).grad)  # the tap's level
+    assert all(p.grad is None for p in method.model.decoder.parameters())  # MPMC reads the encoder only
+    for p in method.model.parameters():
+        p.grad = None
+
+    head_loss = mpmc.optimizer_losses(ctx)["mpmc"]
+    assert head_loss.item() == pytest.approx(sum(v.item() for v in seg_terms.values()), rel=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(stats_before, mpmc.head.buffers()))  # BN updated
+    head_loss.backward()
+    assert all(p.grad is None for p in method.model.parameters())
+    assert all(nonzero(p.grad) for p in mpmc.head.parameters())
+
+
+def test_the_head_gets_exactly_the_gradient_of_a_joint_pass():
+    """Two passes (frozen head → encoder, detached features → head) == one ordinary pass."""
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch"}, {"beta": 0.7, "weight_labeled": 1.3})
+    mpmc = method.plugins["mpmc"]
+    ctx = joint_context(method, make_batch())
+    head_loss = mpmc.optimizer_losses(ctx)["mpmc"]
+    two_pass = torch.autograd.grad(head_loss, list(mpmc.head.parameters()))
+    joint = sum(mpmc._terms(ctx, detach_features=False).values())  # head trainable, features live
+    reference = torch.autograd.grad(joint, list(mpmc.head.parameters()), retain_graph=True)
+    for a, b in zip(two_pass, reference):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    enc = list(method.model.encoder.parameters())
+    seg = torch.autograd.grad(sum(mpmc.losses(ctx).values()), enc, allow_unused=True, retain_graph=True)
+    ref_enc = torch.autograd.grad(joint, enc, allow_unused=True)
+    for a, b in zip(seg, ref_enc):
+        assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teacher():
+    torch.manual_seed(0)
+    batch = make_batch()
+    unimatch = method_with({"name": "unimatch"})
+    assert unimatch.plugins["mpmc"].state(joint_context(unimatch, batch)).dropout is not None
+
+    mt = method_with({"name": "mean_teacher"})
+    mpmc = mt.plugins["mpmc"]
+    seen = {}
+    original = mpmc.state
+
+    def spy(ctx):
+        seen["state"], seen["ctx"] = original(ctx), ctx
+        return seen["state"]
+
+    mpmc.state = spy
+    mt.training_step(batch, StepInfo(0, 100))
+    assert seen["state"].dropout is None  # the student already sees another (strong) view
+    ctx = seen["ctx"]
+    assert ctx.teacher_features_w[1].data_ptr() != ctx.features_w[1].data_ptr()
+    forced = method_with({"name": "mean_teacher"}, {"student_input": "perturbed"}).plugins["mpmc"]
+    ctx.extras.clear()  # the step's cached state belongs to the other plug-in
+    assert forced.state(ctx).dropout is not None
+
+
+def test_switches_and_warmup():
+    torch.manual_seed(0)
+    batch = make_batch()
+    only_l = method_with({"name": "unimatch"}, {"unlabeled": False})
+    ctx = joint_context(only_l, batch)
+    assert only_l.plugins["mpmc"].pixel_weights(ctx) is None
+    assert set(only_l.plugins["mpmc"].losses(ctx)) == {"loss_l"}
+
+    only_u = method_with({"name": "unimatch"}, {"labeled": False})
+    ctx = joint_context(only_u, batch)
+    assert only_u.plugins["mpmc"].pixel_weights(ctx) is not None
+    assert set(only_u.plugins["mpmc"].losses(ctx)) == {"loss_u"}
+
+    warm = method_with({"name": "unimatch"}, {"warmup_iters": 5})
+    assert warm.plugins["mpmc"].pixel_weights(joint_context(warm, batch, step=4)) is None
+    assert set(warm.plugins["mpmc"].losses(joint_context(warm, batch, step=4))) == {"loss_l"}
+    assert warm.plugins["mpmc"].pixel_weights(joint_context(warm, batch, step=5)) is not None
+
+    scaled = method_with({"name": "unimatch"}, {"scale": 0.5, "beta": 0.2, "weight_labeled": 2.0})
+    plain = method_with({"name": "unimatch"}, {"beta": 1.0})
+    plain.load_state_dict(scaled.state_dict())
+    torch.manual_seed(1)
+    a = scaled.plugins["mpmc"].losses(joint_context(scaled, batch))
+    torch.manual_seed(1)
+    b = plain.plugins["mpmc"].losses(joint_context(plain, batch))
+    assert a["loss_l"].item() == pytest.approx(b["loss_l"].item(), rel=1e-5)  # 0.5 · 2
+    assert a["loss_u"].item() == pytest.approx(0.1 * b["loss_u"].item(), rel=1e-5)  # 0.5 · 0.2
+
+
+@pytest.mark.parametrize(
+    "channels,classes,size,n_l,n_u",
+    [(1, 2, (24, 40), 1, 3), (3, 5, (33, 32), 3, 1), (1, 4, (32, 32), 2, 2)],
+    ids=["grey-2cls-nonsquare", "rgb-5cls-odd", "grey-4cls"],
+)
+def test_any_classes_crop_batch_and_channels(channels, classes, size, n_l, n_u):
+    torch.manual_seed(0)
+    method = method_with({"name": "unimatch", "mix": "supmix"}, classes=classes, channels=channels)
+    batch = make_batch(n_l, n_u, size, channels, classes)
+    losses = method.training_step(batch, StepInfo(0, 100))
+    assert {"mpmc/loss_l", "mpmc/loss_u", "total/mpmc"} <= set(losses)
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    losses["total"].backward()
+    losses["total/mpmc"].backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# The head's optimizer, state dict, config
+# ----------------------------------------------------------------------------------------------
+
+
+def test_head_has_its_own_sgd_with_poly_decay_and_is_in_the_state_dict():
+    method = method_with({"name": "fixmatch"}, {"lr": 0.02, "poly_power": 1.0, "momentum": 0.8})
+    mpmc = method.plugins["mpmc"]
+    opt = method.extra_optimizers()["mpmc"]
+    assert opt is method.extra_optimizers()["mpmc"] and isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.02 and group["momentum"] == 0.8 and group["weight_decay"] == 1e-4
+    assert {id(p) for p in group["params"]} == {id(p) for p in mpmc.head.parameters()}
+    assert not {id(p) for p in group["params"]} & {id(p) for p in method.model.parameters()}
+    method.extra_schedulers()["mpmc"](49)
+    assert group["lr"] == pytest.approx(0.01)
+    keys = [k for k in method.state_dict() if k.startswith("plugins.mpmc.head.")]
+    assert any(k.endswith("classifier.weight") for k in keys) and any("running_mean" in k for k in keys)
+
+
+def test_head_layout_follows_the_paper():
+    mpmc = method_with({"name": "unimatch"}, {"channels": [12, 10, 6], "pool_sizes": [3, 7, 19]}).plugins[
+        "mpmc"
+    ]
+    convs = [m for m in mpmc.head.blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size[0] for c in convs] == [3, 3, 1] * 3
+    assert [c.out_channels for c in convs] == [12, 12, 12, 10, 10, 10, 6, 6, 6]
+    assert convs[0].in_channels == 8 * 4  # the tap (8 channels) and three average pools
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in mpmc.head.modules()) == 9
+    assert mpmc.head.classifier.kernel_size == (1, 1) and mpmc.head.classifier.out_channels == NUM_CLASSES
+    assert [p.kernel_size for p in mpmc.head.pools] == [3, 7, 19]
+    assert all(p.count_include_pad is False for p in mpmc.head.pools)
+    default = method_with({"name": "unimatch"}).plugins["mpmc"]
+    assert [c.out_channels for c in default.head.blocks.modules() if isinstance(c, torch.nn.Conv2d)] == [
+        8
+    ] * 9
+
+
+@pytest.mark.parametrize("count_include_pad", [False, True])
+def test_separable_pooling_equals_avgpool2d(count_include_pad):
+    x = torch.randn(2, 3, 11, 23, dtype=torch.float64)
+    for k in (1, 3, 7, 19):
+        ref = torch.nn.AvgPool2d(k, stride=1, padding=k // 2, count_include_pad=count_include_pad)(x)
+        assert torch.allclose(SeparableAvgPool2d(k, count_include_pad)(x), ref, atol=1e-12)
+
+
+def test_config_validation_and_registration():
+    assert PLUGINS["mpmc"] is MPMC and MPMC.Config is MPMCConfig
+    for bad, key in [
+        ({"pool_sizes": [6]}, "pool_sizes"),
+        ({"beta": -1}, "beta"),
+        ({"labeled": False, "unlabeled": False}, "mpmc"),
+        ({"student_input": "weak"}, "student_input"),
+        ({"fp_dropout": 1.0}, "fp_dropout"),
+        ({"nope": 1}, "nope"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"plugins\.mpmc(\.{key})?"):
+            build_config({"method": {"name": "unimatch"}, "plugins": {"mpmc": bad}})
+    with pytest.raises(ConfigError, match=r"plugins\.mpmc"):
+        build_method(build_config({"plugins": {"mpmc": {}}}), tiny_unet(), NUM_CLASSES)  # supervised
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end, resume, shipped configs and grids
+# ----------------------------------------------------------------------------------------------
+
+
+def _head_state(method) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in method.plugins["mpmc"].head.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "config,extra",
+    [
+        ("cpu_small/synthetic/unimatch_supmix_sufd_mpmc.yaml", {}),
+        (None, {"method.name": "fixmatch", "plugins.mpmc": "{}"}),
+        (None, {"method.name": "mean_teacher", "plugins.mpmc": "{}"}),
+    ],
+    ids=["unimatch+supmix+sufd+mpmc", "fixmatch+mpmc", "mean_teacher+mpmc"],
+)
+def test_tiny_training_run(tmp_path, config, extra):
+    cfg = load_config(None if config is None else CONFIGS / config, tiny_overrides(iters=3, **extra))
+    trainer = Trainer(cfg, tmp_path / "run")
+    before = _head_state(trainer.method)
+    encoder_before = [p.detach().clone() for p in trainer.model.encoder.parameters()]
+    trainer.fit()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r["kind"] == "train"][-1]
+    assert {"mpmc/loss_l", "mpmc/loss_u", "total/mpmc"} <= set(last)
+    if config is not None:
+        assert {"sufd/loss_adv", "total/sufd"} <= set(last) and cfg.method.mix == "supmix"
+    after = trainer.method.plugins["mpmc"].head.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert any(not torch.equal(a, b) for a, b in zip(encoder_before, trainer.model.encoder.parameters()))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["results"]["test"]["miou"] is not None
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_checkpoint_holds_the_head_and_resume_is_exact(tmp_path, monkeypatch):
+    overrides = tiny_overrides(iters=4, **{"method.name": "unimatch", "plugins.mpmc": "{}"})
+    straight = tmp_path / "straight"
+    train(load_config(None, overrides), straight)
+
+    interrupted = tmp_path / "interrupted"
+    trainer = Trainer(load_config(None, overrides), interrupted)
+    original = trainer.train_step
+
+    def stop_at_three(batch, info):
+        if info.step == 3:
+            raise _Interrupt
+        return original(batch, info)
+
+    monkeypatch.setattr(trainer, "train_step", stop_at_three)
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    ckpt = load_checkpoint(interrupted / "latest.pt")
+    assert ckpt["step"] == 2 and "mpmc" in ckpt["extra_optimizers"]
+    assert ckpt["extra_optimizers"]["mpmc"]["state"]  # SGD momentum buffers of the head
+    assert any(k.startswith("plugins.mpmc.head.") for k in ckpt["model"])
+    train(load_config(None, overrides), interrupted, resume=True)
+
+    a, b = load_checkpoint(straight / "latest.pt"), load_checkpoint(interrupted / "latest.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_method_files_and_runnables():
+    runnables = {
+        "unimatch_mpmc": ("chase_db1", "covid_infnet", "synthetic"),
+        "unimatch_supmix_sufd_mpmc": ("chase_db1", "covid_infnet", "synthetic"),
+        "unimatch_mpmc_l": ("chase_db1", "synthetic"),  # Table 6 ablation: CHASE_DB1 only
+        "unimatch_mpmc_ul": ("chase_db1", "synthetic"),
+    }
+    for name, datasets in runnables.items():
+        assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
+        for dataset in datasets:
+            assert (CONFIGS / "cpu_small" / dataset / f"{name}.yaml").is_file(), (dataset, name)
+    full = load_config(CONFIGS / "cpu_small" / "chase_db1" / "unimatch_supmix_sufd_mpmc.yaml")
+    assert full.method.name == "unimatch" and full.method.mix == "supmix"
+    assert set(full.plugins) == {"sufd", "mpmc"} and full.plugins["mpmc"].scale == full.method.scale
+    assert full.name == "cpu_small-chase_db1-unimatch_supmix_sufd_mpmc"
+    covid = load_config(CONFIGS / "cpu_small" / "covid_infnet" / "unimatch_mpmc.yaml")
+    assert set(covid.plugins) == {"mpmc"} and covid.data.name == "covid_infnet"
+    assert covid.plugins["mpmc"].lr == covid.optim.lr * covid.optim.lr_multi
+
+
+def test_grids_load_without_running():
+    from semiseg.experiment import load_grid
+
+    grid = load_grid(CONFIGS / "grids" / "mpmc_cpu_small.yaml")
+    assert len(grid.cells) == 2 * 4 * 3
+    assert {c.method for c in grid.cells} == {
+        "unimatch", "unimatch_mpmc", "unimatch_supmix_sufd", "unimatch_supmix_sufd_mpmc"
+    }  # fmt: skip
+    assert {c.dataset for c in grid.cells} == {"chase_db1", "covid_infnet"}
+    assert {c.fraction for c in grid.cells} == {0.125} and {c.seed for c in grid.cells} == {0, 1, 2}
+
+    ablation = load_grid(CONFIGS / "grids" / "mpmc_ablation_cpu_small.yaml")
+    assert len(ablation.cells) == 4 * 3 and {c.dataset for c in ablation.cells} == {"chase_db1"}
+    parts = {
+        c.method: (c.cfg.plugins["mpmc"].labeled, c.cfg.plugins["mpmc"].unlabeled)
+        for c in ablation.cells
+        if "mpmc" in c.cfg.plugins
+    }
+    assert parts == {
+        "unimatch_mpmc_l": (True, False), "unimatch_mpmc_ul": (False, True), "unimatch_mpmc": (True, True)
+    }  # fmt: skip
+    # UniMatch cells are the same runs as Table 1's (same folder, same config hash): cached, not re-run.
+    table1 = load_grid(CONFIGS / "grids" / "table1_cpu_small.yaml")
+    from semiseg.config import config_hash
+
+    ours = {(c.dataset, c.method, c.seed): (c.run_dir, config_hash(c.cfg)) for c in ablation.cells}
+    for c in table1.cells:
+        key = (c.dataset, c.method, c.seed)
+        if c.fraction == 0.125 and key in ours:
+            assert ours[key] == (c.run_dir, config_hash(c.cfg))
