@@ -136,7 +136,7 @@ def test_masks_0_255_warn_and_convert(capsys, tmp_path):
     run, out, err = train_ok(capsys, tmp_path, folder_args(root))
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "'square' (1) never occurs" in warnings[0]
-    assert "remap-masks" in warnings[0] and "255=1" in warnings[0]
+    assert f"remap-masks {root} --map 255=1" in warnings[0]
 
     code, out, err = run_cli(["data", "remap-masks", root, "--map", "255=1"], capsys)
     assert code == 0, err

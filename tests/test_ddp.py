@@ -38,3 +38,34 @@ def test_torchrun_two_gloo_processes(tmp_path, capsys):
     single = json.loads((tmp_path / "single.json").read_text())
     assert single["confusion"] == ddp_test["confusion"]
     assert sum(map(sum, single["confusion"])) == 3 * 40 * 40
+
+
+@pytest.mark.slow
+def test_torchrun_adaptive_pseudo_labels(tmp_path):
+    """The recipe's running statistics are all-reduced: two gloo ranks of UniMatch + SupMix + SUFD
+    with FreeMatch masks on aligned predictions train to the same weights (the trainer checks)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    run = tmp_path / "ddp_recipe"
+    overrides = tiny_overrides(
+        iters=3,
+        **{
+            "train.device": "cpu",
+            "method.name": "unimatch",
+            "method.mix": "supmix",
+            "plugins.sufd": "{}",
+            "method.warmup_iters": 1,
+            "method.pseudo.mask": "freematch",
+            "method.pseudo.align": "labeled_prior",
+        },
+    )
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "semiseg", "train", "--run-dir", str(run)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("pl_used/1" in r for r in logged)

@@ -70,7 +70,7 @@ def one_error_line(err: str) -> str:
 @FUZZ
 @given(key=st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), value=VALUES)
 def test_fuzz_config_overrides(capsys, key, value):
-    code = main(["config", "show", "--set", f"{key}={value}"])
+    code = main(["config", "show", f"--set={key}={value}"])  # one token, even for a leading "-"
     out, err = capsys.readouterr()
     assert code in (0, 2), err
     if code == 2:

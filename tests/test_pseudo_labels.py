@@ -263,3 +263,20 @@ def test_init_from_loads_another_runs_network(tmp_path):
     )
     with pytest.raises(ConfigError, match="does not match"):
         Trainer(wider, tmp_path / "d")
+
+
+def test_pseudo_label_curves_figure(tmp_path):
+    import json
+
+    from semiseg.plots import plot_pseudo_label_curves
+
+    with_keys, without = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = [
+        {"step": s, "kind": "train", "pl_used/0": 0.9, "pl_used/1": 0.05, "pl_right/1": 0.5, "pl_wrong/1": 0.2}
+        for s in (20, 40)
+    ]
+    with_keys.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    without.write_text(json.dumps({"step": 20, "kind": "train", "total": 1.0}) + "\n")
+    assert plot_pseudo_label_curves({"old": without}, tmp_path / "none.png") is None
+    out = plot_pseudo_label_curves({"new": with_keys, "old": without}, tmp_path / "pl.png", ["bg", "vessel"])
+    assert out is not None and out.stat().st_size > 1000

@@ -77,8 +77,17 @@ class _Interrupt(Exception):
             "plugins.sufd": "{}",
         },
         {"method.name": "mean_teacher"},
+        {  # the adaptive recipe: its statistics (buffers) must resume exactly too
+            "method.name": "fixmatch",
+            "method.warmup_iters": 1,
+            "method.rampup_iters": 2,
+            "method.pseudo.mask": "freematch",
+            "method.pseudo.align": "labeled_prior",
+            "method.unlabeled_loss": "balanced_ce",
+        },
+        {"method.name": "mean_teacher", "method.pseudo.mask": "flexmatch", "method.threshold": 0.7},
     ],
-    ids=["supervised", "unimatch+supmix+sufd", "mean_teacher"],
+    ids=["supervised", "unimatch+supmix+sufd", "mean_teacher", "fixmatch+recipe", "mean_teacher+flexmatch"],
 )
 def test_resume_continues_exactly(tmp_path, monkeypatch, method):
     """Interrupted at step 3 and resumed from the step-2 checkpoint == never interrupted (bit-exact)."""
@@ -108,6 +117,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, method):
 
     a, b = _final_weights(straight), _final_weights(interrupted)
     assert a.keys() == b.keys()
+    # the whole method state too: EMA teachers, discriminators, pseudo-label statistics
+    full_a, full_b = (load_checkpoint(d / "latest.pt")["model"] for d in (straight, interrupted))
+    assert full_a.keys() == full_b.keys()
+    for key in full_a:
+        assert torch.equal(full_a[key], full_b[key]), key
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

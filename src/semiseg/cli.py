@@ -1,4 +1,4 @@
-"""``semiseg`` command line: train, eval, predict, demo, data split, config show.
+"""``semiseg`` command line: train, eval, predict, demo, data split, config show, export, list.
 
 Bad input ends with a one-line ``error: ...`` naming the file or config key and exit status 2.
 ``semiseg train`` also runs under ``torchrun --nproc_per_node N -m semiseg.cli train ...`` (or the
@@ -361,6 +361,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_model
+
+    out = export_model(
+        args.checkpoint,
+        args.out_dir,
+        torch_export=args.torch_export,
+        onnx=args.onnx,
+        overwrite=args.overwrite,
+    )
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .api import format_registered, registered
+
+    print(json.dumps(registered(), indent=2) if args.json else format_registered())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="semiseg", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"semiseg {__version__}")
@@ -448,6 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = config_sub.add_parser("show", help="print the fully resolved config")
     _add_config_args(s)
     s.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser(
+        "export", help="write model.safetensors + model.yaml (and optionally torch.export / ONNX)"
+    )
+    p.add_argument("checkpoint", help="run directory or checkpoint file")
+    p.add_argument("out_dir", help="export folder")
+    p.add_argument(
+        "--torch-export", action="store_true", help="also write a torch.export program (model.pt2)"
+    )
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing export files")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "list", help="registered methods, mixers, plug-ins, pseudo-label policies, datasets, models"
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.set_defaults(func=cmd_list)
     return parser
 
 
@@ -460,8 +499,13 @@ def one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    # PIL's warnings about odd but readable files (EXIF, ...) are noise here: every input is checked
+    # before a run starts, and damage that matters is an error there.
+    warnings.filterwarnings("ignore", module=r"PIL(\..*)?$")
     try:
         return int(args.func(args) or 0)
     except SemisegError as exc:

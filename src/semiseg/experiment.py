@@ -728,7 +728,7 @@ def _write_figures(grid: Grid, rows: list[dict], out_dir: Path) -> dict[str, Pat
     """Per (dataset, fraction): IoU bars, and from each method's lowest-seed run the training
     curves and the qualitative grid. Those two need the runs themselves: when one of them is only
     recorded (its run directory is gone), the existing figure is kept, not redrawn from other seeds."""
-    from .figures import curves_figure, iou_bar_chart, qualitative_figure
+    from .figures import curves_figure, iou_bar_chart, pseudo_label_figure, qualitative_figure
 
     written: dict[str, Path] = {}
     groups: dict[tuple, list[dict]] = {}
@@ -747,6 +747,9 @@ def _write_figures(grid: Grid, rows: list[dict], out_dir: Path) -> dict[str, Pat
         curve = curves_figure(first_seed, out_dir / f"curves_{tag}.png")
         if curve:
             written[f"curves_{tag}"] = curve
+        pseudo = pseudo_label_figure(first_seed, out_dir / f"pseudo_labels_{tag}.png", list(group[0]["iou"]))
+        if pseudo:
+            written[f"pseudo_labels_{tag}"] = pseudo
         written[f"qualitative_{tag}"] = qualitative_figure(
             first_seed, out_dir / f"qualitative_{tag}.png", title=title
         )

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .plots import plot_training_curves  # noqa: E402
+from .plots import plot_pseudo_label_curves, plot_training_curves  # noqa: E402
 
 
 def iou_bar_chart(rows: list[dict], out_png: Path, title: str) -> Path:
@@ -50,6 +50,13 @@ def curves_figure(run_dirs: dict[str, Path], out_png: Path) -> Path | None:
     methods that log it) and validation mIoU when the dataset has a validation split."""
     runs = {label: d / "metrics.jsonl" for label, d in run_dirs.items() if (d / "metrics.jsonl").is_file()}
     return plot_training_curves(runs, out_png, loss_key="loss_x", ratio_key="mask_ratio") if runs else None
+
+
+def pseudo_label_figure(run_dirs: dict[str, Path], out_png: Path, class_names: list[str]) -> Path | None:
+    """Each method's per-class pseudo-label diagnostics over training (``pl_*`` keys; ``None`` when
+    no run logged them)."""
+    runs = {label: d / "metrics.jsonl" for label, d in run_dirs.items() if (d / "metrics.jsonl").is_file()}
+    return plot_pseudo_label_curves(runs, out_png, class_names) if runs else None
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:

@@ -73,3 +73,57 @@ def plot_training_curves(
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_pseudo_label_curves(
+    runs: dict[str, str | Path], out_png: str | Path, class_names: list[str] | None = None
+) -> Path | None:
+    """Per-class pseudo-label diagnostics (``pl_used/<c>``, ``pl_right/<c>``, ``pl_wrong/<c>``, see
+    :func:`semiseg.pseudo_labels.pseudo_label_diagnostics`) over training, one column per class:
+    top, the share of unlabeled pixels that teach the class; bottom, of the labeled pixels whose
+    truth is the class, the share the policy would label right (solid) and wrong (dashed) — a
+    minority class collapsing shows as its solid line falling and its dashed line rising.
+    ``None`` when no run logged them (runs from before the diagnostics existed)."""
+    train = {
+        label: [r for r in read_metrics(path) if r.get("kind") == "train"] for label, path in runs.items()
+    }
+    classes = sorted(
+        {
+            int(k.split("/", 1)[1])
+            for recs in train.values()
+            for r in recs
+            for k in r
+            if k.startswith("pl_used/")
+        }
+    )
+    if not classes:
+        return None
+    fig, axes = plt.subplots(2, len(classes), figsize=(4.5 * len(classes), 7), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, c in enumerate(classes):
+        name = class_names[c] if class_names and c < len(class_names) else f"class {c}"
+        for i, (label, recs) in enumerate(train.items()):
+            colour = colours[i % len(colours)]
+            for row, key, style in ((0, "pl_used", "-"), (1, "pl_right", "-"), (1, "pl_wrong", "--")):
+                points = [r for r in recs if f"{key}/{c}" in r]
+                if points:
+                    axes[row][col].plot(
+                        [r["step"] for r in points],
+                        [100 * r[f"{key}/{c}"] for r in points],
+                        style,
+                        color=colour,
+                        label=label if key != "pl_wrong" else None,
+                    )
+        axes[0][col].set(title=f"{name}: unlabeled pixels teaching it", xlabel="iteration", ylabel="%")
+        axes[1][col].set(
+            title=f"{name}: labeled truth, right (—) / wrong (--)",
+            xlabel="iteration",
+            ylabel="% of its pixels",
+        )
+        axes[0][col].legend(fontsize=7)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

@@ -191,14 +191,18 @@ class PseudoLabeler(nn.Module):
         return PseudoLabels(label, passed.to(confidence.dtype), ADAPTIVE_THRESHOLD, probs)
 
     def _pixel_mean(self, values: Tensor, used: Tensor | None) -> Tensor:
-        """Mean over non-ignored pixels of N×K×H×W ``values`` → K (DDP-averaged)."""
+        """Mean over the non-ignored pixels of every rank of N×K×H×W ``values`` → K (NaN when no
+        rank has a pixel). Sums and counts are all-reduced on every rank, so ranks never diverge
+        and a rank whose crops are all padding still takes part in the collective."""
         k = values.shape[1]
         flat = values.permute(1, 0, 2, 3).reshape(k, -1)
         if used is not None:
             flat = flat[:, used.reshape(-1)]
-        if flat.shape[1] == 0:
+        totals = torch.cat((flat.sum(dim=1), flat.new_full((1,), float(flat.shape[1]))))
+        totals = _global_mean(totals)  # the mean of sums and counts over ranks: their ratio is exact
+        if float(totals[-1]) <= 0:
             return torch.full((k,), float("nan"), device=values.device)
-        return _global_mean(flat.mean(dim=1))
+        return totals[:-1] / totals[-1]
 
     def _update_prediction_stats(self, probs: Tensor, used: Tensor | None) -> None:
         mean = self._pixel_mean(probs, used)

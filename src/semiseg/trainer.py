@@ -11,6 +11,7 @@ the final weights on the configured splits and writes ``results.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -290,7 +291,10 @@ def load_trained_model(
     (``KEY=VALUE``) change the saved config, e.g. the evaluation settings."""
     ckpt = load_checkpoint(checkpoint)
     cfg = build_config(apply_overrides(ckpt["config"], list(overrides)))
-    model = build_model(cfg.model, ckpt["in_channels"], ckpt["num_classes"])
+    # The saved weights replace any initialisation: never download ImageNet weights or read a
+    # backbone weights file that may not exist on this machine (a run trained elsewhere).
+    init_free = dataclasses.replace(cfg.model, pretrained=False, weights=None)
+    model = build_model(init_free, ckpt["in_channels"], ckpt["num_classes"])
     model.load_state_dict(model_state_from_checkpoint(ckpt))
     model.eval()
     return cfg, model, ckpt
@@ -678,12 +682,19 @@ def json_safe(value: Any) -> Any:
 
 
 def method_label(cfg: RunConfig) -> str:
-    """Readable method name for tables: ``unimatch+supmix+sufd``."""
+    """Readable method name for tables: ``unimatch+supmix+sufd``, ``unimatch+freematch+da``."""
     parts = [cfg.method.name]
     mix = getattr(cfg.method, "mix", None)
     if mix not in (None, "none", "cutmix"):  # CutMix is FixMatch's and UniMatch's own recipe
         parts.append(mix)
     parts.extend(sorted(cfg.plugins))
+    pseudo = getattr(cfg.method, "pseudo", None)  # the unlabeled-loss recipe, when not the default
+    if pseudo is not None and pseudo.mask != "fixed":
+        parts.append(pseudo.mask)
+    if pseudo is not None and pseudo.align != "none":
+        parts.append("da")
+    if getattr(cfg.method, "unlabeled_loss", "ce") != "ce":
+        parts.append(cfg.method.unlabeled_loss)
     return "+".join(parts)
 
 

@@ -24,6 +24,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -45,7 +46,8 @@ _MODE_CHANNELS = {"1": 1, "L": 1, "LA": 1, "P": 3, "I": 1, "I;16": 1, "I;16B": 1
 def _channels(path: Path) -> int:
     """Channel count a reader will produce for ``path`` (header only), or DataError naming it."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings(), Image.open(path) as img:  # damage is reported by the data check
+            warnings.simplefilter("ignore")
             mode = img.mode
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None

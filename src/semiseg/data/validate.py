@@ -175,7 +175,7 @@ def _check_reader_record(
     return out
 
 
-def _class_warnings(counts: list[np.ndarray], class_names: list[str]) -> list[str]:
+def _class_warnings(counts: list[np.ndarray], class_names: list[str], root: str | None = None) -> list[str]:
     """A warning per class that never occurs in the labeled masks, with a hint for 0/255 masks."""
     if not counts:
         return []
@@ -194,13 +194,15 @@ def _class_warnings(counts: list[np.ndarray], class_names: list[str]) -> list[st
         if values <= {0, IGNORE_INDEX} and IGNORE_INDEX in values:
             hint = (
                 "; the labeled masks hold only 0 and 255, and 255 means ignore: if 255 marks the "
-                "foreground, convert the masks to class indices: semiseg data remap-masks ROOT --map 255=1"
+                f"foreground, convert the masks to class indices: semiseg data remap-masks {root or 'ROOT'} "
+                "--map 255=1"
             )
         elif values <= {0}:
             hint = "; every labeled mask is all background (0)"
+        many = len(missing) > 1
         notes.append(
-            f"class {shown} never occurs in the {len(counts)} labeled mask(s): the model cannot learn "
-            f"it from labels{hint}"
+            f"class{'es' if many else ''} {shown} never occur{'' if many else 's'} in the {len(counts)} "
+            f"labeled mask(s): the model cannot learn {'them' if many else 'it'} from labels{hint}"
         )
     return notes
 
@@ -250,7 +252,8 @@ def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
         files=sum(o.files for o in outcomes),
         generated=generated,
         decoded=sum(o.decoded for o in outcomes),
-        warnings=list(splits.warnings) + _class_warnings(counts, splits.class_names),
+        warnings=list(splits.warnings)
+        + _class_warnings(counts, splits.class_names, cfg.root if cfg.name == "folder" else None),
         class_pixels=[int(v) for v in np.sum(counts, axis=0)[:num_classes]] if counts else [],
     )
     report.seconds = time.perf_counter() - start
