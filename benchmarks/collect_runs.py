@@ -23,7 +23,10 @@ from semiseg.plots import read_metrics
 def run_record(run_dir: Path) -> dict:
     payload = json.loads((run_dir / "results.json").read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    test = payload["results"]["test"]
+    split = "test" if "test" in payload["results"] else "val"  # selection runs evaluate val only
+    final = payload["results"][split]
+    method_cfg = cfg["method"]
+    pseudo = method_cfg.get("pseudo") or {}
     curve = [
         {k: v for k, v in r.items() if k == "step" or k == "miou" or k.startswith("iou/")}
         for r in read_metrics(run_dir / "metrics.jsonl")
@@ -32,21 +35,33 @@ def run_record(run_dir: Path) -> dict:
     return {
         "run": str(run_dir),
         **{k: payload[k] for k in ("dataset", "fraction", "method", "seed", "protocol", "steps", "seconds")},
-        "miou": test["miou"],
-        "iou": test["iou"],
+        "split": split,
+        "miou": final["miou"],
+        "iou": final["iou"],
         "model_widths": cfg["model"].get("widths"),
         "iters": cfg["train"]["iters"],
-        "threshold": cfg["method"].get("threshold"),
+        "threshold": method_cfg.get("threshold"),
+        "recipe": {
+            "init_from": cfg["train"].get("init_from"),
+            "warmup_iters": method_cfg.get("warmup_iters", 0),
+            "rampup_iters": method_cfg.get("rampup_iters", 0),
+            "mask": pseudo.get("mask", "fixed"),
+            "align": pseudo.get("align", "none"),
+            "unlabeled_loss": method_cfg.get("unlabeled_loss", "ce"),
+            "dice_weight": method_cfg.get("dice_weight", 0.0),
+        },
         "val_curve": curve,
     }
 
 
 def markdown(records: list[dict], command: str) -> str:
     lines = [
-        f"Test IoU % (final weights) of single runs. Command: `{command}`",
+        f"IoU % of the final weights on each run's `split` (test, or val for selection runs that never "
+        f"evaluate test). Command: `{command}`",
         "",
-        "| run | method | U-Net widths | iterations | τ | per-class IoU | mIoU | validation mIoU by step |",
-        "|---|---|---|---:|---:|---|---:|---|",
+        "| run | method | split | U-Net widths | iterations | τ | per-class IoU | mIoU "
+        "| validation mIoU by step |",
+        "|---|---|---|---|---:|---:|---|---:|---|",
     ]
     for r in records:
         classes = ", ".join(f"{c} {100 * v:.2f}" for c, v in r["iou"].items() if v is not None)
@@ -54,7 +69,8 @@ def markdown(records: list[dict], command: str) -> str:
         widths = "-".join(map(str, r["model_widths"] or [])) or "–"
         tau = "–" if r["threshold"] is None else str(r["threshold"])
         lines.append(
-            f"| {Path(r['run']).name} | {r['method']} | {widths} | {r['iters']} | {tau} | {classes} "
+            f"| {Path(r['run']).name} | {r['method']} | {r.get('split', 'test')} | {widths} | {r['iters']} "
+            f"| {tau} | {classes} "
             f"| {100 * r['miou']:.2f} | {curve} |"
         )
     return "\n".join(lines) + "\n"

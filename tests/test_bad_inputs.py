@@ -151,7 +151,7 @@ def test_all_background_masks_warn(capsys, tmp_path, data):
     for path in (data / "masks").iterdir():
         Image.fromarray(np.zeros((32, 40), np.uint8)).save(path)
     _, _, err = train_ok(capsys, tmp_path, folder_args(data))
-    assert "never occurs" in err and "every labeled mask is all background" in err
+    assert "never occur" in err and "every labeled mask is all background" in err
 
 
 def test_class_missing_from_labeled_masks_warns(capsys, tmp_path, data):
@@ -210,6 +210,20 @@ def test_truncated_jpeg_held_out(capsys, tmp_path, data):
     (data / "splits" / "labeled.txt").write_text("images/img00.png\nimages/img01.png\n")
     (data / "splits" / "test.txt").write_text("images/img06.jpg\n")
     expect_train_error(capsys, tmp_path, folder_args(data, **{"data.split_dir": "splits"}), "img06.jpg")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg", "tif", "bmp", "gif"])
+def test_truncated_file_of_each_format(tmp_path, fmt):
+    from semiseg.data.io import inspect_image
+    from semiseg.errors import DataError
+
+    path = tmp_path / f"x.{fmt}"
+    rgb = (np.random.default_rng(0).random((64, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).convert("P" if fmt == "gif" else "RGB").save(path)
+    assert inspect_image(path).width == 48
+    truncate(path, 0.6)
+    with pytest.raises(DataError, match=rf"x\.{fmt}: cannot read image"):
+        inspect_image(path)
 
 
 def test_garbage_image(capsys, tmp_path, data):
@@ -305,6 +319,14 @@ def test_split_files_labeled_in_test(capsys, tmp_path, data):
     )
 
 
+def test_split_files_test_image_without_mask(capsys, tmp_path, data):
+    (data / "splits").mkdir()
+    (data / "splits" / "labeled.txt").write_text("images/img00.png\n")
+    (data / "splits" / "test.txt").write_text("unlabeled/u00.png\n")
+    args = folder_args(data, **{"data.split_dir": "splits"})
+    expect_train_error(capsys, tmp_path, args, "test.txt", "u00.png", "test image has no mask")
+
+
 def test_semi_supervised_method_without_unlabeled_images(capsys, tmp_path, data):
     (data / "splits").mkdir()
     (data / "splits" / "labeled.txt").write_text("images/img00.png\nimages/img01.png\n")
@@ -368,6 +390,11 @@ def test_nan_in_nifti_volume(capsys, tmp_path):
 def test_bad_config_values(capsys, tmp_path, override, key):
     args = sets([*tiny_overrides(iters=1), "method.name=fixmatch", override])
     expect_train_error(capsys, tmp_path, args, key)
+
+
+def test_crop_too_small_for_the_model(capsys, tmp_path):
+    args = sets(tiny_overrides(iters=1, **{"data.crop_size": 8}))
+    expect_train_error(capsys, tmp_path, args, "data.crop_size=8", "model.name=unet", "16×16")
 
 
 @pytest.mark.parametrize(

@@ -149,7 +149,18 @@ def _leaf_configs():
         and "protocols" not in p.parts
         and "datasets" not in p.parts
         and "grids" not in p.parts
+        and "recipes" not in p.parts
     )
+
+
+@pytest.mark.parametrize("recipe", sorted((CONFIGS / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("method", ["fixmatch", "unimatch", "mean_teacher"])
+def test_recipes_overlay_every_semi_supervised_method(recipe, method):
+    """``configs/recipes/*`` are overlays of ``method`` options: valid on every semi-supervised method."""
+    tree = load_yaml_tree(recipe)
+    tree["method"]["name"] = method
+    cfg = build_config(tree)
+    assert cfg.method.dice_weight == 1.0 and cfg.method.dice_squared
 
 
 @pytest.mark.parametrize("path", _leaf_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))

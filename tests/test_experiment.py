@@ -338,7 +338,9 @@ def test_chained_cells_start_from_their_base_runs(tmp_path, count_trains):
     path = write_grid(tmp_path, extra="init_from: {fixmatch: supervised}\n")
     grid = load_grid(path)
     chained = [c for c in grid.cells if c.method == "fixmatch"]
-    assert all(c.base is not None and c.base.method == "supervised" and c.base.seed == c.seed for c in chained)
+    assert all(
+        c.base is not None and c.base.method == "supervised" and c.base.seed == c.seed for c in chained
+    )
     assert all(c.cfg.train.init_from == str(c.base.run_dir) for c in chained)
     run_grid(grid, log=lambda *_: None)
     order = [run for run, _ in count_trains]

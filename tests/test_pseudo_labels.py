@@ -272,7 +272,14 @@ def test_pseudo_label_curves_figure(tmp_path):
 
     with_keys, without = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     rows = [
-        {"step": s, "kind": "train", "pl_used/0": 0.9, "pl_used/1": 0.05, "pl_right/1": 0.5, "pl_wrong/1": 0.2}
+        {
+            "step": s,
+            "kind": "train",
+            "pl_used/0": 0.9,
+            "pl_used/1": 0.05,
+            "pl_right/1": 0.5,
+            "pl_wrong/1": 0.2,
+        }
         for s in (20, 40)
     ]
     with_keys.write_text("".join(json.dumps(r) + "\n" for r in rows))

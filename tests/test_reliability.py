@@ -205,3 +205,36 @@ def test_resume_with_another_config_is_still_refused(tmp_path, capsys):
     other = tiny_overrides(iters=4, **{"train.ckpt_every": 1, "optim.lr": 0.5})
     code, _, err = run_cli(["train", *sets(other), "--run-dir", run, "--resume"], capsys)
     assert code == 2 and "config differs" in err
+
+
+# ------------------------------------------------------------------ small things of issue 17
+
+
+def test_help_has_no_rst_markup(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_eta_without_any_timing_says_so():
+    from types import SimpleNamespace
+
+    from semiseg.experiment import eta_text
+
+    todo = [SimpleNamespace(dataset="chase_db1", method=m) for m in ("supervised", "fixmatch")]
+    text = eta_text(todo, [])
+    assert text.startswith("ETA unknown") and "0.0 h" not in text and "2 cells" in text
+
+
+def test_loss_curve_with_a_single_logged_point_is_drawn(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from semiseg.plots import plot_training_curves
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 50, "kind": "train", "total": 0.7}) + "\n")
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    plot_training_curves({"demo": metrics}, tmp_path / "curve.png")
+    (line,) = figures[0].axes[0].lines
+    assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")

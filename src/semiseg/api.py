@@ -21,6 +21,7 @@ size (nearest neighbour). Messages go to the ``semiseg`` logger.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,12 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import (
+    RunConfig,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    load_config_file,
+    resolve_config_path,
+)
 from .errors import DataError, SemisegError
+from .registry import REGISTRIES
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: torch, the trainer and the export code load on first use
     import torch
 
-    from .config import RunConfig
     from .export import InferenceSpec
     from .trainer import TrainResult
 
@@ -63,8 +72,6 @@ def override_list(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[s
 
     Mapping values are written as JSON, which the override parser reads back as the same value.
     """
-    import json
-
     if overrides is None:
         return []
     if isinstance(overrides, str):
@@ -92,9 +99,6 @@ def load_run_config(
 ) -> RunConfig:
     """A validated :class:`~semiseg.config.RunConfig` from a built-in config name, a YAML path, a
     config object or ``None`` (the defaults), with ``overrides`` applied (as ``--set`` does)."""
-    from .cli import load_config_file, resolve_config_path
-    from .config import RunConfig, apply_overrides, build_config, config_to_dict
-
     items = override_list(overrides)
     if isinstance(config, RunConfig):
         return build_config(apply_overrides(config_to_dict(config), items))
@@ -290,7 +294,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 
     if isinstance(device, torch.device):
         return device
-    from .cli import pick_device
+    from .distributed import pick_device
 
     return pick_device(device or "cpu", "device")
 
@@ -328,8 +332,7 @@ def load(
         return Predictor(model, spec, target)
     if not p.exists():
         raise SemisegError(f"{p}: no such run directory, checkpoint or export folder")
-    from .cli import resolve_run_checkpoint
-    from .trainer import load_trained_model
+    from .inference import load_trained_model, resolve_run_checkpoint
 
     checkpoint = resolve_run_checkpoint(str(p))
     cfg, model, ckpt = load_trained_model(
@@ -352,7 +355,6 @@ EXPORT_OVERRIDABLE = (
 
 def _override_spec(spec: InferenceSpec, items: list[str], where: Path) -> InferenceSpec:
     """Apply ``eval.*`` / ``data.resize`` / ``data.long_side`` overrides to an export's spec."""
-    from .config import apply_overrides
     from .export import InferenceSpec
 
     for item in items:
@@ -386,26 +388,9 @@ REGISTRY_KEYS = {
 
 
 def registered() -> dict[str, list[str]]:
-    """Names of every registered method, mixer, plug-in, pseudo-label policy, dataset and model."""
-    import typing
-
-    from .data import formats  # noqa: F401  (registers the dataset builders)
-    from .data.base import DATASETS
-    from .methods import METHODS
-    from .mixers import MixName
-    from .models.registry import MODELS
-    from .plugins import PLUGINS
-    from .pseudo_labels import AlignPolicy, MaskPolicy
-
-    return {
-        "methods": sorted(METHODS),
-        "mixers": sorted(typing.get_args(MixName)),
-        "plugins": sorted(PLUGINS),
-        "pseudo_label_masks": sorted(typing.get_args(MaskPolicy)),
-        "pseudo_label_alignment": sorted(typing.get_args(AlignPolicy)),
-        "datasets": sorted(DATASETS),
-        "models": sorted(MODELS),
-    }
+    """Names of every registered method, mixer, plug-in, pseudo-label policy, dataset and model
+    (built-in ones and those installed packages add through entry points; nothing is imported)."""
+    return {key: REGISTRIES[key].names() for key in REGISTRY_KEYS}
 
 
 def format_registered(entries: dict[str, list[str]] | None = None) -> str:

@@ -26,7 +26,9 @@ import torch
 from .errors import SemisegError
 
 CHECKPOINT_FORMAT = 1
-KEEP_PREVIOUS = ("latest.pt",)  # checkpoints whose replaced version is kept as <stem>.prev.pt
+LATEST = "latest.pt"  # a run's last checkpoint (what --resume continues)
+BEST = "best.pt"  # the best validation checkpoint, when the dataset has a validation split
+KEEP_PREVIOUS = (LATEST,)  # checkpoints whose replaced version is kept as <stem>.prev.pt
 
 
 def previous_path(path: str | Path) -> Path:

@@ -3,69 +3,29 @@
 Bad input ends with a one-line ``error: ...`` naming the file or config key and exit status 2.
 ``semiseg train`` also runs under ``torchrun --nproc_per_node N -m semiseg.cli train ...`` (or the
 ``semiseg`` script path) for DistributedDataParallel; nothing else changes.
+
+Each command imports what it needs when it runs, so torch and the training code stay out of the
+CLI's start-up (``semiseg --help``, ``semiseg list``).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import re
+import subprocess
 import sys
+import threading
+import warnings
 from pathlib import Path
 
+import yaml
+
 from . import __version__
+from .config import BUILTIN_CONFIGS, config_to_dict, load_config_file, resolve_config_path
 from .errors import SemisegError
-
-BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def resolve_config_path(name: str | None) -> Path | None:
-    """A config path, or a name inside the built-in configs (``cpu_small/chase_db1/unimatch``).
-
-    The README's ``configs/...`` paths work from any folder: ``configs/`` is the repository's link
-    to the built-in configs, so that prefix is also looked up there.
-    """
-    if name is None:
-        return None
-    path = Path(name)
-    if path.is_file():
-        return path
-    names = [name]
-    parts = Path(name).parts
-    if len(parts) > 1 and parts[0] == "configs":
-        names.append(Path(*parts[1:]).as_posix())
-    for item in names:
-        for candidate in (BUILTIN_CONFIGS / item, BUILTIN_CONFIGS / f"{item}.yaml"):
-            if candidate.is_file():
-                return candidate
-    raise SemisegError(f"{name}: config file not found (nor as a built-in config under {BUILTIN_CONFIGS})")
-
-
-def load_config_file(path: Path | None, overrides: list[str]):
-    """:func:`semiseg.config.load_config`, with any failure to read the file (a ``_base_`` that is
-    not a file name, text that is not UTF-8, nesting too deep, ...) as a one-line ConfigError naming
-    the file."""
-    from .config import load_config
-    from .errors import ConfigError
-
-    unexpected = (TypeError, ValueError, AttributeError, KeyError, RecursionError, OSError)
-    try:
-        return load_config(path, overrides)
-    except SemisegError:
-        raise
-    except unexpected as exc:
-        where = str(path) if path is not None else "config"
-        for i in range(len(overrides) + 1):  # the first override that breaks it, if any, is named
-            try:
-                load_config(path, overrides[:i])
-            except SemisegError:
-                break
-            except unexpected:
-                if i:
-                    where = f"--set {overrides[i - 1]}"
-                break
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{where}: cannot read config ({type(exc).__name__}: {detail[:200]})") from None
 
 
 def _add_set_arg(p: argparse.ArgumentParser, help: str = "override a config value (repeatable)") -> None:
@@ -95,53 +55,38 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def pick_device(name: str, key: str = "--device"):
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line error when
-    that device is not there."""
-    import torch
+    """:func:`semiseg.distributed.pick_device` (imported on use: torch stays out of CLI start-up)."""
+    from .distributed import pick_device as pick
 
-    name = (name or "auto").strip()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SemisegError(f"{key} {name}: unknown device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SemisegError(f"{key} {name}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise SemisegError(f"{key} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise SemisegError(f"{key} {name}: unsupported device type (auto, cpu, cuda or cuda:N)")
-    return device
+    return pick(name, key)
 
 
 def resolve_run_checkpoint(path: str) -> Path:
-    """A checkpoint file, or a run directory's ``latest.pt`` (its kept ``latest.prev.pt`` when
-    ``latest.pt`` cannot be loaded)."""
-    from .checkpoint import load_checkpoint, previous_path
+    """:func:`semiseg.inference.resolve_run_checkpoint` (imported on use, as everything heavy here)."""
+    from .inference import resolve_run_checkpoint as resolve
 
-    p = Path(path)
-    if not p.is_dir():
-        return p
-    latest, prev = p / "latest.pt", previous_path(p / "latest.pt")
-    try:
-        load_checkpoint(latest)
-    except SemisegError as exc:
-        if not prev.is_file():
-            raise
-        print(f"warning: {exc}; using {prev}", file=sys.stderr)
-        return prev
-    return latest
+    return resolve(path)
 
 
 def _load_run(checkpoint: str, overrides: list[str], device: str | None = None):
     """Config, model (eval mode) and metadata from a checkpoint; ``device`` (``--device``) defaults to
     the run's ``train.device``. Checkpoints are always loaded on the CPU first, so a run trained on a
     GPU is evaluated on a CPU-only machine with ``--device cpu`` (or ``auto``)."""
-    from .trainer import load_trained_model
+    from .checkpoint import previous_path
+    from .inference import load_trained_model
 
-    cfg, model, ckpt = load_trained_model(resolve_run_checkpoint(checkpoint), overrides)
+    path = Path(checkpoint)
+    if path.is_dir():  # a run directory: its latest.pt, or the kept previous one if that is damaged
+        path = path / "latest.pt"
+        try:
+            cfg, model, ckpt = load_trained_model(path, overrides)
+        except SemisegError as exc:
+            if not previous_path(path).is_file() or "cannot load checkpoint" not in str(exc):
+                raise
+            print(f"warning: {exc}; using {previous_path(path)}", file=sys.stderr)
+            cfg, model, ckpt = load_trained_model(previous_path(path), overrides)
+    else:
+        cfg, model, ckpt = load_trained_model(path, overrides)
     if device is not None:
         target = pick_device(device)
     else:
@@ -172,8 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
     from .data.base import build_splits
     from .evaluate import evaluate
+    from .inference import json_safe
     from .metrics import format_table
-    from .trainer import json_safe
 
     cfg, model, ckpt, device = _load_run(args.checkpoint, args.overrides, args.device)
     try:
@@ -251,8 +196,6 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 def select_cells(grid, only: list[str]):
     """A copy of ``grid`` restricted to the cells matching every ``KEY=VALUE`` of ``--only``."""
-    import copy
-
     keys = {"dataset", "fraction", "method", "seed"}
     wanted: dict[str, set[str]] = {}
     for item in only:
@@ -298,10 +241,6 @@ def _run_workers(args: argparse.Namespace) -> int:
     claim cells by lock file, see :mod:`semiseg.experiment`), relay their output line by line with
     a ``[wK]`` prefix, and return how many failed. Without an explicit ``train.threads`` each
     worker gets ``cpu_count // workers`` threads."""
-    import os
-    import subprocess
-    import threading
-
     command = [sys.executable, "-m", "semiseg", "reproduce", args.grid, "--no-report"]
     if args.output:
         command += ["--output", args.output]
@@ -352,10 +291,6 @@ def cmd_remap_masks(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .config import config_to_dict
-
     cfg = load_config_file(resolve_config_path(args.config), args.overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
@@ -499,8 +434,6 @@ def one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
     parser = build_parser()
     args = parser.parse_args(argv)
     # PIL's warnings about odd but readable files (EXIF, ...) are noise here: every input is checked

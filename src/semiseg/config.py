@@ -6,23 +6,65 @@ relative to the file); mappings merge deeply, everything else is replaced. Comma
 checked against the dataclasses below: an unknown key or a wrong type raises :class:`ConfigError`
 naming the dotted key. The ``method`` section and every entry of ``plugins`` are validated against
 the config dataclass registered by that method or plug-in, so each method owns its options.
+
+The schema is derived from the registries (:mod:`semiseg.registry`): a field marked
+``metadata={CHOICES: <registry>}`` (``model.name``, ``method.mix``, ``method.pseudo.mask``, ...)
+accepts the registered names, and ``method`` / ``plugins.<name>`` use the ``Config`` class of the
+registered method / plug-in. Built-in registry entries are lazy, so importing this module imports no
+method, plug-in or model (they are imported when a config naming them is built).
+
+Two other field-metadata keys describe how a field enters :func:`config_hash` (the identity of a
+run's result, which caches grid cells): ``VOLATILE`` (a setting that cannot change a result:
+worker and thread counts, logging and checkpoint intervals, names) and ``HASH_NEUTRAL`` (an option
+added after results were cached, left out of the hash at its default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
 import re
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SemisegError
+from .registry import METHODS, MODELS, PLUGINS, Registry
 
 HASH_NEUTRAL = "hash_neutral"  # dataclass field metadata key, see config_hash
+VOLATILE = "volatile"  # dataclass field metadata key: cannot change a result, see config_hash
+CHOICES = "choices"  # dataclass field metadata key: the value is a name of this Registry
+
+
+@dataclass(frozen=True)
+class HashedAs:
+    """``metadata={VOLATILE: HashedAs(value)}``: volatile, but hashed as the constant ``value``.
+
+    For a setting that was part of the hash before it was declared volatile: ``value`` is what every
+    cached run had, so their hashes stay valid while any value now gives the same hash.
+    """
+
+    value: Any
+
+
+def volatile(default: Any = dataclasses.MISSING, *, hashed_as: Any = dataclasses.MISSING) -> Any:
+    """A field that cannot change a run's result (left out of :func:`config_hash`, or hashed as
+    the constant ``hashed_as``)."""
+    mark = True if hashed_as is dataclasses.MISSING else HashedAs(hashed_as)
+    return field(default=default, metadata={VOLATILE: mark})
+
+
+def registered_name(registry: Registry, default: str) -> Any:
+    """A field whose value must be a name registered in ``registry`` (checked by the loader)."""
+    return field(default=default, metadata={CHOICES: registry})
+
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -72,7 +114,9 @@ class DataConfig:
     hflip: bool = True
     batch_size: int = 4
     unlabeled_batch_size: int = 4
-    num_workers: int = 0
+    # DataLoader processes: the batch stream does not depend on them (data/datasets.py). Hashed as 0,
+    # the value of every run cached before it was volatile.
+    num_workers: int = volatile(0, hashed_as=0)
     mean: list[float] | None = None  # None: ImageNet for RGB, 0.5 for greyscale
     std: list[float] | None = None
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # MedSeg NIfTI only
@@ -83,7 +127,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["unet", "deeplabv3plus", "guidedmix"] = "unet"
+    name: str = registered_name(MODELS, "unet")  # a registered model (semiseg.registry.MODELS)
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # U-Net levels
     # U-Net encoder dropout per level; null = SSL4MIS/UniMatch's 0.05, 0.1, 0.2, 0.3, 0.5
     dropout: list[float] | None = None
@@ -124,12 +168,15 @@ class TrainConfig:
     iters: int = 800
     amp: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 20
-    eval_every: int = 0  # 0: validate only at the end (when a val split exists)
-    ckpt_every: int = 100
-    threads: int | None = None  # torch.set_num_threads; None: torch's default
+    log_every: int = volatile(20)
+    # 0: validate only at the end (when a val split exists). Hashed although the weights do not
+    # depend on it: it decides what a run records (the validation curve, which step best.pt holds).
+    eval_every: int = 0
+    ckpt_every: int = volatile(100)  # resume is exact from any checkpoint step
+    threads: int | None = volatile(None)  # torch.set_num_threads; None: torch's default
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under torchrun on CUDA
-    progress: Literal["auto", "bar", "log", "none"] = "auto"  # auto: bar on a TTY, log lines otherwise
+    # auto: bar on a TTY, log lines otherwise
+    progress: Literal["auto", "bar", "log", "none"] = volatile("auto")
     # Start the segmenter from another run's weights: a run directory (its latest.pt) or a checkpoint
     # file. Only the network is taken (not optimizer, step or RNG); a Mean Teacher's EMA starts there too.
     init_from: str | None = field(default=None, metadata={HASH_NEUTRAL: True})
@@ -148,11 +195,11 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
+    name: str = volatile("run")
     protocol: str = "custom"  # label for result records (cpu-small, paper, ...)
     seed: int = 0
     deterministic: bool = False
-    run_dir: str | None = None  # None: runs/<name>
+    run_dir: str | None = volatile(None)  # None: runs/<name>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -163,15 +210,31 @@ class RunConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Registries of method / plug-in config classes (filled by the modules that define them)
+# Config classes of the registered methods / plug-ins (views of semiseg.registry)
 # --------------------------------------------------------------------------------------------
 
-METHOD_CONFIGS: dict[str, type] = {}
-PLUGIN_CONFIGS: dict[str, type] = {}
+
+class _ConfigClasses(Mapping[str, type]):
+    """Name -> ``Config`` class of each entry of a registry (imports the entry on lookup)."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def __getitem__(self, name: str) -> type:
+        return self.registry[name].Config
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.registry
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.registry)
+
+    def __len__(self) -> int:
+        return len(self.registry)
 
 
-def _ensure_registries() -> None:
-    from . import methods, plugins  # noqa: F401  (importing registers the config classes)
+METHOD_CONFIGS: Mapping[str, type] = _ConfigClasses(METHODS)
+PLUGIN_CONFIGS: Mapping[str, type] = _ConfigClasses(PLUGINS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,11 +264,15 @@ def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
         raise ConfigError(f"{path}: invalid YAML ({first})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     bases = raw.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a file name or a list of them")
     merged: dict = {}
     for base in bases:
         merged = _deep_merge(merged, load_yaml_tree(path.parent / base, (*_seen, path)))
@@ -326,6 +393,10 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{dotted}: unknown config key (known here: {known})")
         kwargs[key] = _coerce(value, hints[key], dotted)
+        registry = fields[key].metadata.get(CHOICES)
+        if registry is not None and kwargs[key] not in registry:
+            known = ", ".join(sorted(registry))
+            raise ConfigError(f"{dotted}: unknown {registry.kind} {kwargs[key]!r} (known: {known})")
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -338,7 +409,6 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
 
 def build_config(tree: dict) -> RunConfig:
     """Validate a merged raw mapping into a :class:`RunConfig`."""
-    _ensure_registries()
     tree = dict(tree)
     method_raw = tree.pop("method", None) or {"name": "supervised"}
     plugins_raw = tree.pop("plugins", None) or {}
@@ -346,18 +416,18 @@ def build_config(tree: dict) -> RunConfig:
     if not isinstance(method_raw, dict):
         raise ConfigError(f"method: expected a mapping, got {method_raw!r}")
     name = method_raw.get("name", "supervised")
-    if name not in METHOD_CONFIGS:
-        raise ConfigError(
-            f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHOD_CONFIGS))})"
-        )
-    cfg.method = build_dataclass(METHOD_CONFIGS[name], {**method_raw, "name": name}, "method")
+    if not isinstance(name, str) or name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    cfg.method = build_dataclass(METHODS[name].Config, {**method_raw, "name": name}, "method")
     if not isinstance(plugins_raw, dict):
         raise ConfigError(f"plugins: expected a mapping of plug-in name to options, got {plugins_raw!r}")
     for pname, options in plugins_raw.items():
-        if pname not in PLUGIN_CONFIGS:
-            known = ", ".join(sorted(PLUGIN_CONFIGS)) or "none"
+        if pname not in PLUGINS:
+            known = ", ".join(sorted(PLUGINS)) or "none"
             raise ConfigError(f"plugins.{pname}: unknown plug-in (known: {known})")
-        cfg.plugins[pname] = build_dataclass(PLUGIN_CONFIGS[pname], options or {}, f"plugins.{pname}")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"plugins.{pname}: expected a mapping of options, got {options!r}")
+        cfg.plugins[pname] = build_dataclass(PLUGINS[pname].Config, options or {}, f"plugins.{pname}")
     _check_values(cfg)
     return cfg
 
@@ -382,8 +452,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.overlap: must be in [0, 1), got {cfg.eval.overlap}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
-    import math  # issue 17: NaN/inf anywhere, and the remaining signs/ranges that crash a run later
 
+    # issue 17: NaN/inf anywhere, and the remaining signs/ranges that crash a run later
     def finite(obj: Any, prefix: str) -> None:
         fields = () if isinstance(obj, dict) else dataclasses.fields(obj)
         items = obj.items() if isinstance(obj, dict) else ((f.name, getattr(obj, f.name)) for f in fields)
@@ -418,6 +488,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(tree)
 
 
+#: The configs shipped with the package (``configs/`` in the repository links here).
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(name: str | None) -> Path | None:
+    """A config path, or a name inside the built-in configs (``cpu_small/chase_db1/unimatch``).
+
+    The README's ``configs/...`` paths work from any folder: ``configs/`` is the repository's link
+    to the built-in configs, so that prefix is also looked up there.
+    """
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    names = [name]
+    parts = Path(name).parts
+    if len(parts) > 1 and parts[0] == "configs":
+        names.append(Path(*parts[1:]).as_posix())
+    for item in names:
+        for candidate in (BUILTIN_CONFIGS / item, BUILTIN_CONFIGS / f"{item}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise SemisegError(f"{name}: config file not found (nor as a built-in config under {BUILTIN_CONFIGS})")
+
+
+def load_config_file(path: Path | None, overrides: list[str]) -> RunConfig:
+    """:func:`load_config`, with any failure to read the file (a ``_base_`` that is not a file
+    name, text that is not UTF-8, nesting too deep, ...) as a one-line ConfigError naming the file."""
+    unexpected = (TypeError, ValueError, AttributeError, KeyError, RecursionError, OSError)
+    try:
+        return load_config(path, overrides)
+    except SemisegError:
+        raise
+    except unexpected as exc:
+        where = str(path) if path is not None else "config"
+        for i in range(len(overrides) + 1):  # the first override that breaks it, if any, is named
+            try:
+                load_config(path, overrides[:i])
+            except SemisegError:
+                break
+            except unexpected:
+                if i:
+                    where = f"--set {overrides[i - 1]}"
+                break
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{where}: cannot read config ({type(exc).__name__}: {detail[:200]})") from None
+
+
 def config_to_dict(cfg: RunConfig) -> dict:
     """Plain mapping of a resolved config (round-trips through :func:`build_config`)."""
     return dataclasses.asdict(cfg)
@@ -434,35 +553,50 @@ def _field_default(f: dataclasses.Field) -> Any:
     return f.default
 
 
-def _drop_hash_neutral(obj: Any, tree: dict) -> None:
-    """Remove from ``tree`` (``asdict(obj)``) every field marked ``hash_neutral`` that is at its default."""
+def _hash_view(obj: Any, tree: dict) -> None:
+    """Apply the field metadata to ``tree`` (``asdict(obj)``), recursively (nested sections and
+    plug-in configs): a ``VOLATILE`` field is removed (or set to its ``HashedAs`` constant), a
+    ``HASH_NEUTRAL`` field at its default is removed."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get(HASH_NEUTRAL) and value == _field_default(f):
+        mark = f.metadata.get(VOLATILE)
+        if isinstance(mark, HashedAs):
+            tree[f.name] = mark.value
+        elif mark or f.metadata.get(HASH_NEUTRAL) and value == _field_default(f):
             tree.pop(f.name, None)
         elif dataclasses.is_dataclass(value) and isinstance(tree.get(f.name), dict):
-            _drop_hash_neutral(value, tree[f.name])
+            _hash_view(value, tree[f.name])
         elif isinstance(value, dict) and isinstance(tree.get(f.name), dict):  # plug-in configs
             for key, item in value.items():
                 if dataclasses.is_dataclass(item) and isinstance(tree[f.name].get(key), dict):
-                    _drop_hash_neutral(item, tree[f.name][key])
+                    _hash_view(item, tree[f.name][key])
+
+
+_drop_hash_neutral = _hash_view  # its name before volatile fields joined it
+
+
+def hashed_tree(cfg: Any) -> dict:
+    """The mapping :func:`config_hash` hashes: ``asdict(cfg)`` after the field metadata."""
+    tree = dataclasses.asdict(cfg)
+    _hash_view(cfg, tree)
+    return tree
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Stable short hash of everything that changes a run's result.
+    """Stable short hash of everything that changes a run's result (it caches grid cells and
+    guards ``--resume``).
 
-    An option added after results were cached, whose default reproduces the old behaviour, is
-    declared ``field(default=..., metadata={HASH_NEUTRAL: True})``: at its default it is left out of
-    the hash, so adding it does not invalidate finished grid cells; any other value changes the hash.
+    Field metadata decides what enters it, so no key list lives here:
+
+    * ``VOLATILE`` (:func:`volatile`): a setting that cannot change a result (``name``,
+      ``run_dir``, ``data.num_workers``, ``train.threads`` / ``log_every`` / ``ckpt_every`` /
+      ``progress``) is left out, so resuming or finishing a grid with other worker or thread counts
+      never re-runs a cell. A field that used to be hashed is hashed as a constant instead
+      (``HashedAs``), so cached hashes stay valid.
+    * ``HASH_NEUTRAL``: an option added after results were cached, whose default reproduces the
+      old behaviour, is declared ``field(default=..., metadata={HASH_NEUTRAL: True})``: at its
+      default it is left out, so adding it does not invalidate finished grid cells; any other value
+      changes the hash.
     """
-    import hashlib
-    import json
-
-    tree = config_to_dict(cfg)
-    _drop_hash_neutral(cfg, tree)
-    for volatile in ("run_dir", "name"):
-        tree.pop(volatile, None)
-    for volatile in ("log_every", "ckpt_every", "threads", "progress"):
-        tree["train"].pop(volatile, None)
-    blob = json.dumps(tree, sort_keys=True, default=str).encode()
+    blob = json.dumps(hashed_tree(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

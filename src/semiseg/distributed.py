@@ -1,5 +1,6 @@
-"""torchrun / DistributedDataParallel helpers. One entry point: ``semiseg train`` under torchrun
-initialises the process group from the environment (NCCL on CUDA, gloo on CPU)."""
+"""Devices and torchrun / DistributedDataParallel helpers. One entry point: ``semiseg train`` under
+torchrun initialises the process group from the environment (NCCL on CUDA, gloo on CPU);
+:func:`pick_device` checks a ``--device`` / ``device=`` choice for inference."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import SemisegError
 
 
 @dataclass
@@ -38,6 +41,26 @@ def select_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    return device
+
+
+def pick_device(name: str, key: str = "--device") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; one-line error when
+    that device is not there (``key`` names the option in the message)."""
+    name = (name or "auto").strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SemisegError(f"{key} {name}: unknown device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SemisegError(f"{key} {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SemisegError(f"{key} {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise SemisegError(f"{key} {name}: unsupported device type (auto, cpu, cuda or cuda:N)")
     return device
 
 

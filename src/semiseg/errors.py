@@ -17,3 +17,8 @@ class DataError(SemisegError):
 
 class TrainingError(SemisegError):
     """Training cannot go on (NaN loss, existing run directory, ...)."""
+
+
+class RegistryError(SemisegError):
+    """A name registered twice (methods, plug-ins, datasets, ...), or an entry point that cannot be
+    loaded; the message names the objects and, for an entry point, its distribution."""

@@ -40,7 +40,9 @@ from torch import nn
 
 from . import __version__
 from .config import DataConfig, EvalConfig, ModelConfig, build_dataclass
+from .data.io import normalization
 from .errors import SemisegError
+from .models.registry import build_model
 
 log = logging.getLogger("semiseg")
 
@@ -75,9 +77,7 @@ class InferenceSpec:
 
     @classmethod
     def from_run(cls, cfg: Any, ckpt: dict) -> InferenceSpec:
-        """From a run's resolved config and checkpoint (:func:`~semiseg.trainer.load_trained_model`)."""
-        from .data.io import normalization
-
+        """From a run's resolved config and checkpoint (:func:`~semiseg.inference.load_trained_model`)."""
         in_channels, num_classes = int(ckpt["in_channels"]), int(ckpt["num_classes"])
         mean, std = normalization(cfg.data, in_channels)
         model_cfg = dataclasses.replace(cfg.model, pretrained=False, weights=None)
@@ -212,8 +212,6 @@ def load_exported(export_dir: str | Path, device: str | torch.device = "cpu") ->
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .models.registry import build_model
-
     export_dir = Path(export_dir)
     spec = read_spec(export_dir)
     weights = export_dir / WEIGHTS_FILE
@@ -312,9 +310,9 @@ def export_model(
     """
     from safetensors.torch import save_file
 
+    # Imported here, not above: loading an export (load_exported) must not import checkpoint code.
     from .checkpoint import check_writable
-    from .cli import resolve_run_checkpoint
-    from .trainer import load_trained_model
+    from .inference import load_trained_model, resolve_run_checkpoint
 
     out_dir = Path(out_dir)
     if onnx and (missing := onnx_missing()) is not None:

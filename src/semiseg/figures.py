@@ -7,6 +7,7 @@ in the dataset's colour map with a legend.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +16,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from .data.base import build_splits  # noqa: E402
+from .data.io import image_to_tensor, read_record  # noqa: E402
+from .evaluate import pad_value_for, predict_logits  # noqa: E402
+from .inference import load_trained_model  # noqa: E402
 from .plots import plot_pseudo_label_curves, plot_training_curves  # noqa: E402
+from .visualize import colorize, legend_patches  # noqa: E402
 
 
 def iou_bar_chart(rows: list[dict], out_png: Path, title: str) -> Path:
@@ -68,12 +75,6 @@ def qualitative_figure(
     run_dirs: dict[str, Path], out_png: Path, num_images: int = 3, title: str = ""
 ) -> Path:
     """Paper-Figure-3 style grid for the first ``num_images`` test images of the runs' test split."""
-    from .data.base import build_splits
-    from .data.io import image_to_tensor, read_record
-    from .evaluate import pad_value_for, predict_logits
-    from .trainer import load_trained_model
-    from .visualize import colorize, legend_patches
-
     predictions: dict[str, list[np.ndarray]] = {}
     inputs: list[np.ndarray] = []
     truths: list[np.ndarray] = []
@@ -126,10 +127,6 @@ def qualitative_figure(
 
 def save_compact(fig, out_png: Path, dpi: int) -> None:
     """Save a figure as a 256-colour palette PNG (photographic panels stay small enough to commit)."""
-    import io
-
-    from PIL import Image
-
     buffer = io.BytesIO()
     fig.savefig(buffer, dpi=dpi, format="png")
     plt.close(fig)

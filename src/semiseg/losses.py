@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.base import IGNORE_INDEX
+from .types import IGNORE_INDEX
 
 
 def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
@@ -47,6 +47,18 @@ def weighted_dice_loss(
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
+def confident_weights(
+    confidence: Tensor, ignore: Tensor, threshold: float, pixel_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-pixel weights of an unlabeled term, ``[conf ≥ τ]·[not ignored]·w``, and the
+    not-ignored map ``[not ignored]`` (its sum is the terms' normaliser)."""
+    not_ignored = (ignore != IGNORE_INDEX).float()
+    weight = (confidence >= threshold).float() * not_ignored
+    if pixel_weight is not None:
+        weight = weight * pixel_weight
+    return weight, not_ignored
+
+
 def masked_pseudo_dice(
     logits: Tensor,
     pseudo: Tensor,
@@ -59,9 +71,7 @@ def masked_pseudo_dice(
     """The official medical UniMatch's unlabeled term: class-averaged soft Dice between
     ``softmax(logits)`` and the one-hot pseudo-label over confident, non-ignored pixels
     (``ignore = conf < τ``), squared-sum denominators, background included."""
-    weight = (confidence >= threshold).float() * (ignore != IGNORE_INDEX).float()
-    if pixel_weight is not None:
-        weight = weight * pixel_weight
+    weight, _ = confident_weights(confidence, ignore, threshold, pixel_weight)
     return weighted_dice_loss(logits, pseudo, weight, squared=squared)
 
 
@@ -89,10 +99,7 @@ def masked_pseudo_ce(
     ce = F.cross_entropy(logits, pseudo.long().clamp_min(0), reduction="none")
     if class_weight is not None:
         ce = ce * class_weight.to(ce.dtype)[pseudo.long().clamp(0, class_weight.numel() - 1)]
-    not_ignored = (ignore != IGNORE_INDEX).float()
-    weight = (confidence >= threshold).float() * not_ignored
-    if pixel_weight is not None:
-        weight = weight * pixel_weight
+    weight, not_ignored = confident_weights(confidence, ignore, threshold, pixel_weight)
     return (ce * weight).sum() / not_ignored.sum().clamp_min(1.0)
 
 
@@ -116,8 +123,5 @@ def masked_softmax_mse(
     pixels with ``conf ≥ τ`` that are not ignored (times ``pixel_weight``), divided by the number of
     non-ignored pixels — the normalisation of :func:`masked_pseudo_ce`."""
     mse = (logits.softmax(dim=1) - target_probs.detach()).pow(2).mean(dim=1)
-    not_ignored = (ignore != IGNORE_INDEX).float()
-    weight = (confidence >= threshold).float() * not_ignored
-    if pixel_weight is not None:
-        weight = weight * pixel_weight
+    weight, not_ignored = confident_weights(confidence, ignore, threshold, pixel_weight)
     return (mse * weight).sum() / not_ignored.sum().clamp_min(1.0)

@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .data.base import IGNORE_INDEX
+from .types import IGNORE_INDEX
 
 
 def _nanmean(values: np.ndarray) -> float:

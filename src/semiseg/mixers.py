@@ -15,7 +15,9 @@ per-pixel loss weight (a plug-in's, e.g. MPMC's λ_s) all travel together::
 * :func:`supmix_mask` — ``k = max(1, ⌊n/2⌋)`` of the ``n`` ground-truth classes of a labeled image
   that are not excluded (background) or ignored (SupMix paper eq. 8–9, DESIGN §3.3).
 
-:class:`StrongMixer` applies the configured mixer to a strong view for the consistency methods
+A *mixer* (:class:`Mixer`: :class:`CutMix`, :class:`ClassMix`, :class:`SupMix`, :class:`NoMix`) is
+registered by name under ``method.mix`` (:data:`semiseg.registry.MIXERS`, so a package can add its
+own). :class:`StrongMixer` applies the configured mixer to a strong view for the consistency methods
 (FixMatch, UniMatch) and keeps the running per-class statistics that the non-uniform SupMix
 class-selection strategies read (saved in ``state_dict`` as buffers). Randomness comes from torch's
 global RNG, which the trainer seeds and restores on resume.
@@ -31,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import HASH_NEUTRAL
-from .data.base import IGNORE_INDEX
+from .config import HASH_NEUTRAL, registered_name
 from .errors import ConfigError
+from .registry import MIXERS
+from .types import IGNORE_INDEX
 
-MixName = Literal["cutmix", "classmix", "supmix", "none"]
+MixName = str  # a mixer registered in semiseg.registry.MIXERS (cutmix, classmix, supmix, none, ...)
 Strategy = Literal["paper", "inverse_frequency", "difficulty"]
 
 
@@ -191,7 +194,7 @@ class MixConfig:
     CutMix), ``supmix`` (SupMix with probability ``supmix_p``, else ``supmix_fallback``) or ``none``.
     """
 
-    mix: MixName = "cutmix"
+    mix: MixName = registered_name(MIXERS, "cutmix")  # type: ignore[assignment]
     classmix_p: float = 0.5  # same rate as UniMatch's CutMix box (data.strong.cutmix_p)
     classmix_rounding: Literal["ceil", "floor"] = "ceil"  # ⌈n/2⌉ official ClassMix code; ⌊n/2⌋ SupMix eq. 3
     supmix_p: float = 0.5  # DESIGN §3.3
@@ -293,41 +296,178 @@ class ClassStatistics(nn.Module):
         return (1.0 - stat).clamp_min(min_weight)
 
 
-class StrongMixer(nn.Module):
-    """Builds one mixed strong view and its pseudo-label target for FixMatch / UniMatch.
+class Mixer:
+    """How one strong view is mixed: registered by name under ``method.mix``
+    (:data:`semiseg.registry.MIXERS`); :class:`StrongMixer` builds one from the method config.
 
-    Per sample ``i`` of the unlabeled batch:
-
-    * ``cutmix``: inside the pipeline's box, image/label/confidence/ignore come from the partner
-      (sample ``N−1−i``, the flipped batch) — UniMatch's ``mask_u_w_cutmixed``;
-    * ``classmix``: with probability ``classmix_p``, the partner's pixels of half its predicted
-      classes (:func:`classmix_mask`); otherwise no mix;
-    * ``supmix``: with probability ``supmix_p``, the chosen ground-truth classes of labeled sample
-      ``i mod n_l`` (eq. 8–11; confidence 1 and not ignored under the mask); otherwise — and when the
-      labeled image has no candidate class — ``supmix_fallback`` (CutMix by default);
-    * ``none``: the strong view as it is.
+    ``__call__(own, partner, labeled, box_mask, stats)`` returns the mixed sample: ``own`` is the
+    strong view with its weak pseudo-label target, ``partner`` the flipped batch (when
+    :meth:`uses_partner`), ``labeled`` the labeled source (when ``needs_labeled``), ``box_mask``
+    the pipeline's CutMix boxes (N×H×W bool, all False when none was drawn), ``stats`` the running
+    :class:`ClassStatistics` (updated when :meth:`tracks_statistics`).
     """
+
+    needs_labeled: bool = False  # the labeled source is built and passed (SupMix)
+
+    def __init__(self, cfg: MixConfig) -> None:
+        self.cfg = cfg
+
+    @property
+    def labeled_strong(self) -> bool:
+        """Whether the labeled source is a strong view of the labeled crop (``batch.x_ls``)."""
+        return False
+
+    def tracks_statistics(self) -> bool:
+        """Whether the running class statistics are read (else not updated: they cost syncs)."""
+        return False
+
+    def uses_partner(self, boxes: list[Tensor | None]) -> bool:
+        """Whether this step needs the partner's prediction (the eval-mode mix-source pass)."""
+        return False
+
+    def __call__(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box_mask: Tensor,
+        stats: ClassStatistics,
+    ) -> MixSample:
+        raise NotImplementedError
+
+
+def _any_box(boxes: list[Tensor | None]) -> bool:
+    return any(b is not None and bool((b == 1).any()) for b in boxes)
+
+
+class NoMix(Mixer):
+    """``none``: the strong view as it is."""
+
+    def __call__(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box_mask: Tensor,
+        stats: ClassStatistics,
+    ) -> MixSample:
+        return own
+
+
+class CutMix(Mixer):
+    """``cutmix``: inside the pipeline's box, image/label/confidence/ignore come from the partner
+    (sample ``N−1−i``, the flipped batch) — UniMatch's ``mask_u_w_cutmixed``."""
+
+    def uses_partner(self, boxes: list[Tensor | None]) -> bool:
+        return _any_box(boxes)
+
+    def __call__(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box_mask: Tensor,
+        stats: ClassStatistics,
+    ) -> MixSample:
+        return own if not bool(box_mask.any()) else paste(own, _need(partner, "partner"), box_mask)
+
+
+class ClassMix(Mixer):
+    """``classmix``: with probability ``classmix_p``, the partner's pixels of half its predicted
+    classes (:func:`classmix_mask`); otherwise no mix."""
+
+    def uses_partner(self, boxes: list[Tensor | None]) -> bool:
+        return self.cfg.classmix_p > 0
+
+    def __call__(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box_mask: Tensor,
+        stats: ClassStatistics,
+    ) -> MixSample:
+        applied = torch.rand(own.label.shape[0], device=own.label.device) < self.cfg.classmix_p
+        if not bool(applied.any()):
+            return own
+        partner = _need(partner, "partner")
+        mask = classmix_mask(partner.label, partner.ignore, self.cfg.classmix_rounding)
+        return paste(own, partner, mask & applied[:, None, None])
+
+
+class SupMix(Mixer):
+    """``supmix``: with probability ``supmix_p``, the chosen ground-truth classes of labeled sample
+    ``i mod n_l`` (eq. 8–11; confidence 1 and not ignored under the mask); otherwise — and when the
+    labeled image has no candidate class — ``supmix_fallback`` (CutMix by default)."""
+
+    needs_labeled = True
+
+    @property
+    def labeled_strong(self) -> bool:
+        return self.cfg.supmix_source == "strong"
+
+    def tracks_statistics(self) -> bool:
+        return self.cfg.supmix_strategy != "paper"
+
+    def uses_partner(self, boxes: list[Tensor | None]) -> bool:
+        return self.cfg.supmix_fallback == "cutmix" and _any_box(boxes)
+
+    def __call__(
+        self,
+        own: MixSample,
+        partner: MixSample | None,
+        labeled: MixSample | None,
+        box_mask: Tensor,
+        stats: ClassStatistics,
+    ) -> MixSample:
+        cfg = self.cfg
+        applied = torch.rand(own.label.shape[0], device=own.label.device) < cfg.supmix_p
+        # SupMix (eq. 8–11): ground-truth classes of the labeled weak view pasted onto the strong view.
+        labeled = match_size(_need(labeled, "labeled"), tuple(own.label.shape[-2:]))
+        weights = stats.weights(cfg.supmix_strategy, cfg.supmix_difficulty, cfg.supmix_min_weight)
+        mask, _ = supmix_mask(labeled.label, tuple(cfg.supmix_exclude), weights)
+        mask = mask & applied[:, None, None]
+        out = paste(own, labeled, mask)
+        if cfg.supmix_fallback == "cutmix":
+            not_pasted = ~mask.flatten(1).any(1)
+            fallback = box_mask & not_pasted[:, None, None]
+            if bool(fallback.any()):
+                out = paste(out, _need(partner, "partner"), fallback)
+        return out
+
+
+class StrongMixer(nn.Module):
+    """Builds one mixed strong view and its pseudo-label target for FixMatch / UniMatch, with the
+    mixer registered under ``cfg.mix`` (:class:`CutMix`, :class:`ClassMix`, :class:`SupMix`,
+    :class:`NoMix`, or one a package registered), and keeps the running class statistics."""
 
     def __init__(self, cfg: MixConfig, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.kind: Mixer = MIXERS[cfg.mix](cfg)
         self.stats = ClassStatistics(num_classes, cfg.supmix_stat_momentum)
+
+    @property
+    def needs_labeled(self) -> bool:
+        """Whether :meth:`forward` needs the labeled source (SupMix)."""
+        return self.kind.needs_labeled
+
+    @property
+    def labeled_strong(self) -> bool:
+        """Whether that source is a strong view of the labeled crop (``batch.x_ls``)."""
+        return self.kind.needs_labeled and self.kind.labeled_strong
 
     def observe(
         self, logits_l: Tensor, y_l: Tensor, pseudo_w: Tensor, conf_w: Tensor, ignore: Tensor | None
     ) -> None:
-        """Update the running class statistics from a step's batch, when a SupMix strategy reads them
+        """Update the running class statistics from a step's batch, when the mixer reads them
         (skipped otherwise: the per-class counts cost device syncs for nothing)."""
-        if self.cfg.mix == "supmix" and self.cfg.supmix_strategy != "paper":
+        if self.kind.tracks_statistics():
             self.stats.update(logits_l, y_l, pseudo_w, conf_w, ignore)
 
     def uses_partner(self, boxes: list[Tensor | None]) -> bool:
         """Whether this step needs the partner's prediction (the eval-mode mix-source pass)."""
-        mix = self.cfg.mix
-        if mix == "classmix":
-            return self.cfg.classmix_p > 0
-        cutmix_possible = mix == "cutmix" or (mix == "supmix" and self.cfg.supmix_fallback == "cutmix")
-        return cutmix_possible and any(b is not None and bool((b == 1).any()) for b in boxes)
+        return self.kind.uses_partner(boxes)
 
     def forward(
         self,
@@ -340,34 +480,8 @@ class StrongMixer(nn.Module):
 
         ``partner``: the flipped batch (strong image, eval-mode pseudo-label/confidence, ignore);
         ``labeled``: ``(x_l, y_l, 1, ignore_l)`` already indexed ``i mod n_l`` (SupMix's source)."""
-        cfg = self.cfg
-        n = own.label.shape[0]
         box_mask = cutmix_mask(box) if box is not None else torch.zeros_like(own.label, dtype=torch.bool)
-        if cfg.mix == "none":
-            return own
-        if cfg.mix == "cutmix":
-            return own if not bool(box_mask.any()) else paste(own, _need(partner, "partner"), box_mask)
-        applied = torch.rand(n, device=own.label.device) < (
-            cfg.classmix_p if cfg.mix == "classmix" else cfg.supmix_p
-        )
-        if cfg.mix == "classmix":
-            if not bool(applied.any()):
-                return own
-            partner = _need(partner, "partner")
-            mask = classmix_mask(partner.label, partner.ignore, cfg.classmix_rounding)
-            return paste(own, partner, mask & applied[:, None, None])
-        # SupMix (eq. 8–11): ground-truth classes of the labeled weak view pasted onto the strong view.
-        labeled = match_size(_need(labeled, "labeled"), tuple(own.label.shape[-2:]))
-        weights = self.stats.weights(cfg.supmix_strategy, cfg.supmix_difficulty, cfg.supmix_min_weight)
-        mask, _ = supmix_mask(labeled.label, tuple(cfg.supmix_exclude), weights)
-        mask = mask & applied[:, None, None]
-        out = paste(own, labeled, mask)
-        if cfg.supmix_fallback == "cutmix":
-            not_pasted = ~mask.flatten(1).any(1)
-            fallback = box_mask & not_pasted[:, None, None]
-            if bool(fallback.any()):
-                out = paste(out, _need(partner, "partner"), fallback)
-        return out
+        return self.kind(own, partner, labeled, box_mask, self.stats)
 
 
 def _need(sample: MixSample | None, what: str) -> MixSample:

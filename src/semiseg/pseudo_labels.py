@@ -25,6 +25,11 @@ hooks (microsoft/Semi-supervised-learning):
      with ``u`` the share of unconfident pixels (threshold warm-up, ``flexmatch_warmup``);
      ``τ(c) = M(β(c))·τ`` with ``M(x) = x / (2 − x)`` (convex) or ``x`` (linear).
 
+Each mask and each alignment is a small rule class registered by name, so a package can add its own
+(``MASK_POLICIES``: :class:`FixedMask`, :class:`FreeMatchMask`, :class:`FlexMatchMask`;
+``ALIGN_POLICIES``: :class:`NoAlign`, :class:`LabeledPriorAlign`; :mod:`semiseg.registry`); the
+running statistics are the labeler's buffers, which the rules read and update.
+
 Statistics are exponential moving averages (``momentum``) of per-batch means computed from the
 training stream only (labeled ground truth, weak unlabeled predictions), kept in buffers (saved
 in checkpoints, resumed exactly) and averaged over ranks under DDP before the update.
@@ -42,13 +47,16 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from .data.base import IGNORE_INDEX
+from .config import registered_name
 from .errors import ConfigError
+from .registry import ALIGN_POLICIES, MASK_POLICIES
+from .types import IGNORE_INDEX
 
-MaskPolicy = Literal["fixed", "freematch", "flexmatch"]
-AlignPolicy = Literal["none", "labeled_prior"]
+MaskPolicy = str  # a mask registered in semiseg.registry.MASK_POLICIES (fixed, freematch, flexmatch, ...)
+AlignPolicy = str  # an alignment registered in semiseg.registry.ALIGN_POLICIES (none, labeled_prior, ...)
 
 ADAPTIVE_THRESHOLD = 0.5  # the adaptive masks' scores are 0/1: anything in (0, 1] separates them
 
@@ -57,8 +65,8 @@ ADAPTIVE_THRESHOLD = 0.5  # the adaptive masks' scores are 0/1: anything in (0, 
 class PseudoLabelConfig:
     """``method.pseudo``: how weak predictions become pseudo-labels (module docstring)."""
 
-    mask: MaskPolicy = "fixed"
-    align: AlignPolicy = "none"
+    mask: MaskPolicy = registered_name(MASK_POLICIES, "fixed")  # type: ignore[assignment]
+    align: AlignPolicy = registered_name(ALIGN_POLICIES, "none")  # type: ignore[assignment]
     # EMA momentum of the running statistics. FreeMatch uses 0.999 over 2^20 iterations; our
     # schedules are 2000–6000 steps, so the default time constant is 100 steps.
     momentum: float = 0.99
@@ -89,8 +97,6 @@ class PseudoLabels(NamedTuple):
 
 def _global_mean(values: Tensor) -> Tensor:
     """Mean of a statistic over DDP ranks (identity without a process group)."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
         dist.all_reduce(values)
@@ -101,6 +107,107 @@ def _global_mean(values: Tensor) -> Tensor:
 def convex_map(x: Tensor) -> Tensor:
     """FlexMatch's non-linear mapping ``M(x) = x / (2 − x)`` (eq. 11)."""
     return x / (2.0 - x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies: masks (which pixels teach) and alignments (the probabilities the label comes from)
+# ----------------------------------------------------------------------------------------------
+
+
+class MaskRule:
+    """A mask policy (``method.pseudo.mask``), registered in :data:`semiseg.registry.MASK_POLICIES`.
+
+    ``adaptive = False``: a pixel teaches iff its confidence ``≥ τ`` (score = confidence, threshold
+    ``τ``: mixers and losses see the confidence). Otherwise the score is the pass/fail map of
+    ``confidence ≥ thresholds(labeler)[label]`` and the threshold is :data:`ADAPTIVE_THRESHOLD`.
+    """
+
+    adaptive: bool = True
+
+    def thresholds(self, labeler: PseudoLabeler) -> Tensor:
+        """Per-class thresholds ``τ(c)`` from the labeler's current state (C values)."""
+        return torch.full_like(labeler.prior, labeler.tau)
+
+    def update(
+        self, labeler: PseudoLabeler, probs: Tensor, label: Tensor, confidence: Tensor, used: Tensor | None
+    ) -> None:
+        """Update the labeler's statistics from a step's (aligned) weak prediction."""
+
+
+class FixedMask(MaskRule):
+    """``fixed``: ``τ(c) = τ`` (``method.threshold``; FixMatch / UniMatch)."""
+
+    adaptive = False
+
+
+class FreeMatchMask(MaskRule):
+    """``freematch``: ``τ_t(c) = p̃_t(c) / max_k p̃_t(k) · τ_t`` (FreeMatch eq. 6–10)."""
+
+    def thresholds(self, labeler: PseudoLabeler) -> Tensor:
+        return labeler.class_prob / labeler.class_prob.max().clamp_min(1e-12) * labeler.global_conf
+
+    def update(
+        self, labeler: PseudoLabeler, probs: Tensor, label: Tensor, confidence: Tensor, used: Tensor | None
+    ) -> None:
+        stats = labeler._pixel_mean(torch.cat((confidence.unsqueeze(1), probs), dim=1), used)
+        if bool(torch.isfinite(stats).all()):
+            labeler._ema(labeler.global_conf, stats[0])
+            labeler._ema(labeler.class_prob, stats[1:])
+
+
+class FlexMatchMask(MaskRule):
+    """``flexmatch``: ``τ(c) = M(β(c))·τ`` from the learning effect ``σ(c)`` (FlexMatch eq. 6–11)."""
+
+    def thresholds(self, labeler: PseudoLabeler) -> Tensor:
+        cfg = labeler.cfg
+        sigma, unused = labeler.learned[:-1], labeler.learned[-1]
+        denom = sigma.max()
+        if cfg.flexmatch_warmup:
+            denom = torch.maximum(denom, unused)
+        beta = (sigma / denom.clamp_min(1e-12)).clamp(0.0, 1.0)
+        mapped = convex_map(beta) if cfg.flexmatch_mapping == "convex" else beta
+        return mapped * labeler.tau
+
+    def update(
+        self, labeler: PseudoLabeler, probs: Tensor, label: Tensor, confidence: Tensor, used: Tensor | None
+    ) -> None:
+        onehot = nn.functional.one_hot(label, labeler.num_classes).permute(0, 3, 1, 2).float()
+        confident = (confidence >= labeler.tau).float().unsqueeze(1)
+        shares = labeler._pixel_mean(torch.cat((onehot * confident, 1.0 - confident), dim=1), used)
+        if bool(torch.isfinite(shares).all()):
+            shares[:-1] = shares[:-1] / labeler.prior.clamp_min(labeler.cfg.min_prior)
+            labeler._ema(labeler.learned, shares)
+
+
+class AlignRule:
+    """An alignment (``method.pseudo.align``), registered in :data:`semiseg.registry.ALIGN_POLICIES`:
+    the class probabilities the pseudo-label is taken from. ``identity``: the softmax unchanged."""
+
+    identity: bool = False
+
+    def __call__(self, labeler: PseudoLabeler, probs: Tensor) -> Tensor:
+        return probs
+
+
+class NoAlign(AlignRule):
+    """``none``: the model's softmax ``p``."""
+
+    identity = True
+
+
+class LabeledPriorAlign(AlignRule):
+    """``labeled_prior``: ``p̃ = normalise(p · π / p̄)`` (ReMixMatch / DARS distribution alignment)."""
+
+    def __call__(self, labeler: PseudoLabeler, probs: Tensor) -> Tensor:
+        floor = labeler.cfg.min_prior
+        ratio = labeler.prior.clamp_min(floor) / labeler.pred_mean.clamp_min(floor)
+        probs = probs * ratio.view(1, -1, 1, 1)
+        return probs / probs.sum(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The labeler
+# ----------------------------------------------------------------------------------------------
 
 
 class PseudoLabeler(nn.Module):
@@ -122,6 +229,8 @@ class PseudoLabeler(nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.tau = threshold
+        self.mask_rule: MaskRule = MASK_POLICIES[cfg.mask]()
+        self.align_rule: AlignRule = ALIGN_POLICIES[cfg.align]()
         c = num_classes
         self.register_buffer("prior", torch.full((c,), 1.0 / c))  # π: labeled class frequency
         self.register_buffer("pred_mean", torch.full((c,), 1.0 / c))  # p̄: mean weak prediction
@@ -132,7 +241,7 @@ class PseudoLabeler(nn.Module):
 
     @property
     def is_fixed(self) -> bool:
-        return self.cfg.mask == "fixed" and self.cfg.align == "none"
+        return not self.mask_rule.adaptive and self.align_rule.identity
 
     def _ema(self, buffer: Tensor, value: Tensor, first: bool = False) -> None:
         if first:
@@ -153,39 +262,24 @@ class PseudoLabeler(nn.Module):
 
     def thresholds(self) -> Tensor:
         """Per-class thresholds ``τ(c)`` of the current state (C values)."""
-        cfg = self.cfg
-        if cfg.mask == "freematch":
-            return self.class_prob / self.class_prob.max().clamp_min(1e-12) * self.global_conf
-        if cfg.mask == "flexmatch":
-            sigma, unused = self.learned[:-1], self.learned[-1]
-            denom = sigma.max()
-            if cfg.flexmatch_warmup:
-                denom = torch.maximum(denom, unused)
-            beta = (sigma / denom.clamp_min(1e-12)).clamp(0.0, 1.0)
-            mapped = convex_map(beta) if cfg.flexmatch_mapping == "convex" else beta
-            return mapped * self.tau
-        return torch.full_like(self.prior, self.tau)
+        return self.mask_rule.thresholds(self)
 
     @torch.no_grad()
     def __call__(self, logits: Tensor, ignore: Tensor | None = None, update: bool = False) -> PseudoLabels:
         """Pseudo-labels of ``logits`` (N×C×H×W, detached here); ``update`` the running statistics
         from the non-ignored pixels first (the weak unlabeled pass of a training step)."""
         probs = logits.detach().float().softmax(dim=1)
-        cfg = self.cfg
         if self.is_fixed:
             confidence, label = probs.max(dim=1)
             return PseudoLabels(label, confidence, self.tau, probs)
         used = None if ignore is None else (ignore != IGNORE_INDEX)
         if update:
             self._update_prediction_stats(probs, used)
-        if cfg.align == "labeled_prior":
-            ratio = self.prior.clamp_min(cfg.min_prior) / self.pred_mean.clamp_min(cfg.min_prior)
-            probs = probs * ratio.view(1, -1, 1, 1)
-            probs = probs / probs.sum(dim=1, keepdim=True)
+        probs = self.align_rule(self, probs)
         confidence, label = probs.max(dim=1)
-        if update and cfg.mask != "fixed":
+        if update and self.mask_rule.adaptive:
             self._update_mask_stats(probs, label, confidence, used)
-        if cfg.mask == "fixed":
+        if not self.mask_rule.adaptive:
             return PseudoLabels(label, confidence, self.tau, probs)
         passed = confidence >= self.thresholds()[label]
         return PseudoLabels(label, passed.to(confidence.dtype), ADAPTIVE_THRESHOLD, probs)
@@ -213,18 +307,7 @@ class PseudoLabeler(nn.Module):
     def _update_mask_stats(
         self, probs: Tensor, label: Tensor, confidence: Tensor, used: Tensor | None
     ) -> None:
-        if self.cfg.mask == "freematch":
-            stats = self._pixel_mean(torch.cat((confidence.unsqueeze(1), probs), dim=1), used)
-            if bool(torch.isfinite(stats).all()):
-                self._ema(self.global_conf, stats[0])
-                self._ema(self.class_prob, stats[1:])
-        elif self.cfg.mask == "flexmatch":
-            onehot = nn.functional.one_hot(label, self.num_classes).permute(0, 3, 1, 2).float()
-            confident = (confidence >= self.tau).float().unsqueeze(1)
-            shares = self._pixel_mean(torch.cat((onehot * confident, 1.0 - confident), dim=1), used)
-            if bool(torch.isfinite(shares).all()):
-                shares[:-1] = shares[:-1] / self.prior.clamp_min(self.cfg.min_prior)
-                self._ema(self.learned, shares)
+        self.mask_rule.update(self, probs, label, confidence, used)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ the final weights on the configured splits and writes ``results.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,11 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from torch import nn
 
 from .checkpoint import (
+    BEST,
     CHECKPOINT_FORMAT,
+    LATEST,
     atomic_save,
     atomic_write_text,
     check_writable,
@@ -40,20 +42,25 @@ from .checkpoint import (
     stale_temp_files,
     start_leftovers,
 )
-from .config import RunConfig, apply_overrides, build_config, config_hash, config_to_dict
+from .config import RunConfig, build_config, config_hash, config_to_dict
 from .data.base import DataSplits, build_splits
 from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
-from .data.validate import check_data
+from .data.validate import check_crop_size, check_data
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
 from .errors import ConfigError, SemisegError, TrainingError
 from .evaluate import evaluate
-from .methods import Method, StepInfo, build_method
+from .inference import (
+    eval_prefix,
+    json_safe,
+    load_trained_model,
+    method_label,
+    model_state_from_checkpoint,
+    resolve_checkpoint,
+)
+from .methods import Method, build_method
 from .metrics import format_table
 from .models import Segmenter, build_model
-
-LATEST = "latest.pt"
-BEST = "best.pt"
-
+from .types import StepInfo
 
 # ---------------------------------------------------------------------------------------------
 # Seeding and RNG state
@@ -172,8 +179,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
         ckpt = previous_path(ckpt)
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        import yaml
-
         try:
             saved_hash = config_hash(build_config(yaml.safe_load(saved.read_text())))
         except (yaml.YAMLError, SemisegError, OSError, ValueError, TypeError, AttributeError):
@@ -270,42 +275,6 @@ class TrainResult:
     seconds: float
 
 
-def eval_prefix(method: Method) -> str:
-    """State-dict prefix of the evaluated network inside the method (``model.``, ``teacher.``)."""
-    target = method.eval_model()
-    for name, module in method.named_modules():
-        if module is target:
-            return f"{name}." if name else ""
-    raise TrainingError("method.eval_model() is not a submodule of the method")  # pragma: no cover
-
-
-def model_state_from_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
-    prefix = ckpt.get("eval_prefix", "model.")
-    return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-
-
-def load_trained_model(
-    checkpoint: str | Path, overrides: list[str] | tuple[str, ...] = ()
-) -> tuple[RunConfig, Segmenter, dict]:
-    """``(config, model in eval mode on the CPU, checkpoint dict)`` of a saved run; ``overrides``
-    (``KEY=VALUE``) change the saved config, e.g. the evaluation settings."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = build_config(apply_overrides(ckpt["config"], list(overrides)))
-    # The saved weights replace any initialisation: never download ImageNet weights or read a
-    # backbone weights file that may not exist on this machine (a run trained elsewhere).
-    init_free = dataclasses.replace(cfg.model, pretrained=False, weights=None)
-    model = build_model(init_free, ckpt["in_channels"], ckpt["num_classes"])
-    model.load_state_dict(model_state_from_checkpoint(ckpt))
-    model.eval()
-    return cfg, model, ckpt
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory's ``latest.pt``."""
-    p = Path(path)
-    return p / LATEST if p.is_dir() else p
-
-
 def load_init_weights(model: Segmenter, source: str | Path) -> None:
     """``train.init_from``: load the evaluated network of another run into ``model`` (strictly)."""
     ckpt_path = resolve_checkpoint(source)
@@ -335,6 +304,7 @@ class Trainer:
         self.splits: DataSplits = build_splits(cfg.data, cfg.seed)
         # Every file the run will read is checked now, before anything is created (issue 17).
         self.data_check = check_data(self.splits, cfg.data)
+        check_crop_size(cfg, self.splits.in_channels, self.splits.num_classes)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.num_classes)
         if cfg.train.init_from and self.resume_from is None:
             load_init_weights(model, cfg.train.init_from)
@@ -371,8 +341,6 @@ class Trainer:
 
     def _broadcast_extra_parameters(self) -> None:
         """Start every rank's extra modules (e.g. a discriminator) from rank 0's weights."""
-        import torch.distributed as dist
-
         for opt in self.method.extra_optimizers().values():
             for group in opt.param_groups:
                 for p in group["params"]:
@@ -382,8 +350,6 @@ class Trainer:
         """Average gradients of modules outside DDP over ranks."""
         if not self.dist.enabled:
             return
-        import torch.distributed as dist
-
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -601,8 +567,6 @@ class Trainer:
         """Under DDP every rank must end with the same weights; fail loudly if not."""
         if not self.dist.enabled:
             return
-        import torch.distributed as dist
-
         checksum = torch.stack([p.detach().double().sum() for p in self.method.parameters()]).sum()
         gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
         dist.all_gather(gathered, checksum)
@@ -670,38 +634,23 @@ def drop_metrics_after(path: Path, step: int) -> None:
     atomic_write_text("".join(f"{line}\n" for line in kept), path)
 
 
-def json_safe(value: Any) -> Any:
-    """Replace NaN/inf by None (strict JSON), recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def method_label(cfg: RunConfig) -> str:
-    """Readable method name for tables: ``unimatch+supmix+sufd``, ``unimatch+freematch+da``."""
-    parts = [cfg.method.name]
-    mix = getattr(cfg.method, "mix", None)
-    if mix not in (None, "none", "cutmix"):  # CutMix is FixMatch's and UniMatch's own recipe
-        parts.append(mix)
-    parts.extend(sorted(cfg.plugins))
-    pseudo = getattr(cfg.method, "pseudo", None)  # the unlabeled-loss recipe, when not the default
-    if pseudo is not None and pseudo.mask != "fixed":
-        parts.append(pseudo.mask)
-    if pseudo is not None and pseudo.align != "none":
-        parts.append("da")
-    if getattr(cfg.method, "unlabeled_loss", "ce") != "ce":
-        parts.append(cfg.method.unlabeled_loss)
-    return "+".join(parts)
-
-
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train (or resume) a run and evaluate its final weights."""
     trainer = Trainer(cfg, run_dir, resume)
     return trainer.fit()
 
 
-__all__ = ["DistInfo", "TrainResult", "Trainer", "load_trained_model", "model_state_from_checkpoint", "train"]
+__all__ = [
+    "BEST",
+    "LATEST",
+    "DistInfo",
+    "TrainResult",
+    "Trainer",
+    "eval_prefix",
+    "json_safe",
+    "load_trained_model",
+    "method_label",
+    "model_state_from_checkpoint",
+    "resolve_checkpoint",
+    "train",
+]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .data.base import IGNORE_INDEX
+from .types import IGNORE_INDEX
 
 Color = tuple[int, int, int]
 IGNORE_COLOR: Color = (255, 255, 255)

@@ -1,6 +1,7 @@
 """The data contract every dataset follows.
 
-A dataset *builder* (one small module per format, registered in :data:`DATASETS`) turns a
+A dataset *builder* (one small module per format, registered by name in :data:`DATASETS`,
+:data:`semiseg.registry.DATASETS`: built-in builders are imported on first use) turns a
 :class:`~semiseg.config.DataConfig` into a :class:`DatasetSource`: lists of :class:`Record` (cheap,
 picklable references to an image and an optional mask) for the training pool, extra unlabeled
 images, validation and test, plus class names and the channel count. :func:`make_splits` then picks
@@ -22,8 +23,8 @@ from typing import Literal
 
 from ..config import DataConfig
 from ..errors import DataError
-
-IGNORE_INDEX = 255
+from ..registry import DATASETS
+from ..types import IGNORE_INDEX  # noqa: F401  (re-exported: its home before semiseg.types)
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,11 @@ class DataSplits:
 
 
 DatasetBuilder = Callable[[DataConfig], DatasetSource]
-DATASETS: dict[str, DatasetBuilder] = {}
 
 
 def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    def wrap(fn: DatasetBuilder) -> DatasetBuilder:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+    """Register a dataset builder under ``data.name: <name>`` (a name registered twice is an error)."""
+    return DATASETS.register(name)
 
 
 def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
@@ -277,8 +274,6 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
 
 def build_splits(cfg: DataConfig, seed: int) -> DataSplits:
     """Build the dataset named by ``cfg.name`` and choose its splits."""
-    from . import formats  # noqa: F401  (registers the builders)
-
     if cfg.name not in DATASETS:
         known = ", ".join(sorted(DATASETS))
         raise DataError(f"data.name: unknown dataset {cfg.name!r} (known: {known})")

@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..config import DataConfig
-from ..methods.base import Batch
-from .base import IGNORE_INDEX, Record
+from ..types import IGNORE_INDEX, Batch
+from .base import Record
 from .io import normalization, normalize, read_record
 from .transforms import cutmix_box, strong_view, weak_view
 

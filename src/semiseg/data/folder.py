@@ -27,6 +27,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import yaml
 from PIL import Image, UnidentifiedImageError
 
@@ -272,8 +273,6 @@ def remap_masks(
     conversion for masks encoded 0/255 when 255 marks the foreground (semiseg reads 255 as ignore).
     Never writes into ``masks/`` itself nor into an existing folder (all masks or none). Returns
     ``(output folder, number of masks written)``."""
-    import numpy as np
-
     root = Path(root).expanduser()
     masks_dir = root / MASKS_DIR
     if not masks_dir.is_dir():

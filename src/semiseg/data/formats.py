@@ -1,3 +1,4 @@
-"""Importing this module registers every built-in dataset builder and reader."""
+"""Imports every built-in dataset module. Not needed to use them: the built-in datasets, readers and
+label maps are registered lazily in :mod:`semiseg.registry` and imported on first use."""
 
 from . import acdc, chase, cityscapes, covid, folder, synthetic, voc  # noqa: F401

@@ -19,11 +19,10 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
 from ..errors import DataError
+from ..registry import LABEL_MAPS, READERS
 from .base import IGNORE_INDEX, Record
 
 Reader = Callable[[Record, DataConfig], tuple[np.ndarray, np.ndarray | None]]
-READERS: dict[str, Reader] = {}
-LABEL_MAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,19 +30,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".pp
 
 
 def register_reader(name: str) -> Callable[[Reader], Reader]:
-    def wrap(fn: Reader) -> Reader:
-        READERS[name] = fn
-        return fn
-
-    return wrap
+    """Register a reader under ``Record.reader == name`` (:data:`semiseg.registry.READERS`)."""
+    return READERS.register(name)
 
 
-def register_label_map(name: str):
-    def wrap(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-        LABEL_MAPS[name] = fn
-        return fn
-
-    return wrap
+def register_label_map(name: str) -> Callable[[Callable[[np.ndarray], np.ndarray]], Callable]:
+    """Register a mask value mapping under ``Record.label_map == name``."""
+    return LABEL_MAPS.register(name)
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -24,13 +24,16 @@ for a class that never occurs in the labeled masks (with a hint for masks encode
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..config import DataConfig
-from ..errors import DataError, SemisegError
+from ..errors import ConfigError, DataError, SemisegError
+from ..models import build_model
 from .base import IGNORE_INDEX, DataSplits, Record
 from .io import LABEL_MAPS, MASK_MODES, READERS, inspect_image, read_mask_file, require_utf8_name
 
@@ -258,3 +261,33 @@ def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_crop_size(cfg, in_channels: int, num_classes: int) -> None:
+    """One-line ConfigError when a training batch (``data.batch_size`` crops of ``data.crop_size``)
+    cannot go through the model — e.g. a U-Net whose levels need a larger input — found by a
+    forward pass on the ``meta`` device (shapes only: no memory, no computation, no download, and
+    the global RNG is left as it was). Failures other than the model's own shape checks are not
+    this check's business and are ignored."""
+    state = torch.get_rng_state()
+    try:
+        model_cfg = dataclasses.replace(cfg.model, pretrained=False, weights=None)
+        with torch.device("meta"):
+            model = build_model(model_cfg, in_channels, num_classes)
+        model.train()
+        side = cfg.data.crop_size
+        x = torch.empty(cfg.data.batch_size, in_channels, side, side, device="meta")
+        try:
+            model(x)
+        except ValueError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "shape error"
+            raise ConfigError(
+                f"data.crop_size={side}: a {cfg.data.batch_size}×{side}×{side} training batch does not fit "
+                f"model.name={cfg.model.name} ({detail})"
+            ) from None
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a model that cannot run on 'meta' is checked by training itself
+        pass
+    finally:
+        torch.set_rng_state(state)

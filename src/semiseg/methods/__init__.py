@@ -1,4 +1,4 @@
-"""Training methods; importing this package registers every built-in method.
+"""Training methods (registered by name in :data:`semiseg.registry.METHODS`, imported on first use).
 
 :func:`build_method` is what the trainer calls: it builds the configured method around the segmenter
 and attaches the configured plug-ins (``plugins.<name>`` sections, see :mod:`semiseg.plugins.base`).
@@ -6,9 +6,10 @@ and attaches the configured plug-ins (``plugins.<name>`` sections, see :mod:`sem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from . import supervised  # noqa: F401  (registration order: supervised first)
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..models.base import Segmenter
+from ..plugins.base import PLUGINS, PluginHost
 from .base import METHODS, Batch, Method, MethodConfig, StepInfo, register_method
 from .fixmatch import FixMatch, FixMatchConfig
 from .guidedmix import GuidedMix, GuidedMixConfig
@@ -16,10 +17,6 @@ from .mean_teacher import MeanTeacher, MeanTeacherConfig
 from .semi import SemiSupervisedConfig, UnlabeledRecipe
 from .supervised import Supervised, SupervisedConfig, labeled_loss
 from .unimatch import UniMatch, UniMatchConfig
-
-if TYPE_CHECKING:
-    from ..config import RunConfig
-    from ..models.base import Segmenter
 
 
 def build_method(cfg: RunConfig, model: Segmenter, num_classes: int) -> Method:
@@ -30,9 +27,6 @@ def build_method(cfg: RunConfig, model: Segmenter, num_classes: int) -> Method:
     ``plugins.<name>`` when the method cannot host it (a method without plug-in hooks, or a plug-in
     that needs unlabeled data on a method that uses none, e.g. ``supervised``).
     """
-    from ..errors import ConfigError
-    from ..plugins.base import PLUGINS, PluginHost
-
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")

@@ -12,54 +12,14 @@ segmenter's step. :meth:`after_step` runs after all optimizer steps (EMA updates
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..config import METHOD_CONFIGS
 from ..models.base import Segmenter
-
-
-@dataclass
-class Batch:
-    """One iteration's data. Unlabeled fields are None for methods that use no unlabeled data.
-
-    ``x_l, y_l``: labeled weak view (N×C×H×W, N×H×W with 255 = ignore);
-    ``x_w, x_s1, x_s2``: unlabeled weak view and two independent strong views (same geometry);
-    ``ignore``: N×H×W, 255 where the unlabeled crop is padding;
-    ``box1, box2``: N×H×W {0,1} CutMix boxes drawn for each strong view (all zero when not drawn);
-    ``x_ls``: a strong view of the labeled crop, only when the method sets ``needs_labeled_strong``.
-    """
-
-    x_l: Tensor
-    y_l: Tensor
-    x_w: Tensor | None = None
-    x_s1: Tensor | None = None
-    x_s2: Tensor | None = None
-    ignore: Tensor | None = None
-    box1: Tensor | None = None
-    box2: Tensor | None = None
-    x_ls: Tensor | None = None
-
-    def to(self, device: torch.device | str) -> Batch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
-        return Batch(**moved)
-
-
-@dataclass
-class StepInfo:
-    """Where training is: ``step`` in ``[0, total_steps)``."""
-
-    step: int
-    total_steps: int
-
-    @property
-    def progress(self) -> float:
-        return self.step / max(1, self.total_steps)
+from ..registry import METHODS
+from ..types import Batch, StepInfo
 
 
 @dataclass
@@ -117,13 +77,10 @@ class Method(nn.Module):
         return self.model
 
 
-METHODS: dict[str, type[Method]] = {}
-
-
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    def wrap(cls: type[Method]) -> type[Method]:
-        METHODS[name] = cls
-        METHOD_CONFIGS[name] = cls.Config
-        return cls
+    """Register a method class under ``method.name: <name>`` (its ``Config`` is the schema of the
+    ``method`` section); a name registered twice is an error (:data:`semiseg.registry.METHODS`)."""
+    return METHODS.register(name)
 
-    return wrap
+
+__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StepInfo", "register_method"]

@@ -78,10 +78,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.base import IGNORE_INDEX
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
+from ..types import IGNORE_INDEX
 from .base import Batch, Method, StepInfo, register_method
 from .mean_teacher import sigmoid_rampup
 from .supervised import SupervisedConfig

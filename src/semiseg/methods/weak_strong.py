@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..data.base import IGNORE_INDEX
 from ..errors import ConfigError
 from ..mixers import MixConfig, MixSample, StrongMixer, labeled_source
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
 from ..pseudo_labels import PseudoLabels
+from ..types import IGNORE_INDEX
 from .base import Batch, Method, StepInfo
 from .semi import SemiSupervisedConfig, UnlabeledRecipe
 
@@ -70,7 +70,7 @@ class WeakStrongMethod(PluginHost, Method):
 
     @property
     def needs_labeled_strong(self) -> bool:
-        return self.cfg.mix == "supmix" and self.cfg.supmix_source == "strong"
+        return self.mixer.labeled_strong
 
     @staticmethod
     def unlabeled_ignore(batch: Batch) -> Tensor:
@@ -130,8 +130,8 @@ class WeakStrongMethod(PluginHost, Method):
                 None if weight is None else weight.flip(0),
             )
         labeled = None
-        if self.cfg.mix == "supmix":
-            x_src = ctx.batch.x_ls if self.cfg.supmix_source == "strong" else ctx.batch.x_l
+        if self.mixer.needs_labeled:
+            x_src = ctx.batch.x_ls if self.mixer.labeled_strong else ctx.batch.x_l
             assert x_src is not None, "supmix_source=strong needs the labeled strong view (batch.x_ls)"
             labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], weight is not None)
         return self.mixer(own, partner_sample, labeled, box)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .base import Segmenter
 
 
@@ -166,3 +168,38 @@ class DeepLabV3Plus(Segmenter):
         c4 = F.interpolate(c4, size=c1.shape[-2:], mode="bilinear", align_corners=True)
         out = self.classifier(self.fuse(torch.cat([self.reduce(c1), c4], dim=1)))
         return F.interpolate(out, size=size, mode="bilinear", align_corners=True)
+
+
+def build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) -> DeepLabV3Plus:
+    """``model.name: deeplabv3plus`` from a :class:`~semiseg.config.ModelConfig` (options validated
+    here; timm and hub errors become one-line config errors)."""
+    import timm  # slow to import: only when a DeepLabV3+ is built
+
+    if cfg.output_stride not in (8, 16, 32):
+        raise ConfigError(f"model.output_stride: must be 8, 16 or 32, got {cfg.output_stride}")
+    if not cfg.aspp_rates or any(r < 1 for r in cfg.aspp_rates):
+        raise ConfigError(f"model.aspp_rates: need positive dilation rates, got {cfg.aspp_rates}")
+    if cfg.low_level_channels < 1:
+        raise ConfigError(f"model.low_level_channels: must be >= 1, got {cfg.low_level_channels}")
+    if not timm.is_model(cfg.backbone):
+        raise ConfigError(f"model.backbone: unknown timm model {cfg.backbone!r} (e.g. resnet50, resnet101)")
+    try:
+        backbone = create_timm_backbone(cfg.backbone, in_channels, cfg.output_stride, cfg.pretrained)
+    except Exception as exc:  # noqa: BLE001 - timm/hub errors become one-line config errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if cfg.pretrained:
+            raise ConfigError(
+                f"model.pretrained: could not get ImageNet weights for {cfg.backbone!r} through timm "
+                f"(needs the network; offline, download them elsewhere and set model.weights): {first}"
+            ) from exc
+        raise ConfigError(
+            f"model.backbone: cannot build {cfg.backbone!r} as a feature backbone: {first}"
+        ) from exc
+    return DeepLabV3Plus(
+        in_channels,
+        num_classes,
+        backbone=backbone,
+        output_stride=cfg.output_stride,
+        aspp_rates=cfg.aspp_rates,
+        low_level_channels=cfg.low_level_channels,
+    )

@@ -47,17 +47,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .base import Segmenter, SegOutput
 from .deeplabv3plus import conv_bn_relu
-
-if TYPE_CHECKING:
-    from ..config import ModelConfig
 
 #: timm ``features_only`` indices: the stem and the four ResNet stages.
 OUT_INDICES: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -319,9 +317,7 @@ class GuidedMixNet(Segmenter):
 def build_guidedmix(cfg: ModelConfig, in_channels: int, num_classes: int) -> GuidedMixNet:
     """``model.name: guidedmix`` from a :class:`~semiseg.config.ModelConfig` (options validated here,
     each error naming its ``model.<key>``)."""
-    import timm
-
-    from ..errors import ConfigError
+    import timm  # slow to import: only when the network is built
 
     if cfg.output_stride not in (8, 16, 32):
         raise ConfigError(f"model.output_stride: must be 8, 16 or 32, got {cfg.output_stride}")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ModelConfig
+from ..errors import ConfigError
 from .base import Segmenter
 
 #: SSL4MIS / UniMatch encoder dropout for the five levels 16-32-64-128-256.
@@ -187,3 +189,19 @@ class UNet(Segmenter):
         if tuple(logits.shape[-2:]) != tuple(size):  # only when decode is handed foreign features
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
+
+
+def build_unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> UNet:
+    """``model.name: unet`` from a :class:`~semiseg.config.ModelConfig` (options validated here)."""
+    if cfg.pretrained:
+        raise ConfigError(
+            "model.pretrained: the U-Net has no ImageNet weights; train from scratch or set model.weights "
+            "to a saved encoder"
+        )
+    if len(cfg.widths) < 2 or any(w < 1 for w in cfg.widths):
+        raise ConfigError(f"model.widths: need at least two positive widths, got {cfg.widths}")
+    if cfg.dropout is not None and len(cfg.dropout) != len(cfg.widths):
+        raise ConfigError(f"model.dropout: {len(cfg.dropout)} values for {len(cfg.widths)} U-Net levels")
+    return UNet(
+        in_channels, num_classes, widths=cfg.widths, dropout=cfg.dropout, bilinear=cfg.upsample == "bilinear"
+    )

@@ -1,7 +1,6 @@
-"""Plug-ins that attach to any semi-supervised method (SUFD, MPMC); importing this package
-registers them. The interface is documented in :mod:`semiseg.plugins.base`."""
+"""Plug-ins that attach to any semi-supervised method (SUFD, MPMC), registered by name in
+:data:`semiseg.registry.PLUGINS`. The interface is documented in :mod:`semiseg.plugins.base`."""
 
-from . import mpmc, sufd  # noqa: F401
 from .base import PLUGINS, Plugin, PluginConfig, PluginHost, StepContext, register_plugin
 from .mpmc import MPMC, MPMCConfig, MPMCHead
 from .sufd import SUFD, Discriminator, SUFDConfig

@@ -33,17 +33,15 @@ features (``forward(..., return_features=True)``) and fill ``features_l`` / ``fe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..config import PLUGIN_CONFIGS
-
-if TYPE_CHECKING:  # annotations only: semiseg.methods imports this module
-    from ..methods.base import Batch, StepInfo
-    from ..models.base import Segmenter
+from ..models.base import Segmenter
+from ..registry import PLUGINS
+from ..types import StepContext, StepInfo
 
 
 @dataclass
@@ -52,56 +50,6 @@ class PluginConfig:
 
     def validate(self, prefix: str) -> None:  # called by the config loader with "plugins.<name>"
         """Raise :class:`~semiseg.errors.ConfigError` naming ``prefix.<field>`` for a bad value."""
-
-
-@dataclass
-class StepContext:
-    """What a plug-in sees of one training step (built by the host method after its weak forward).
-
-    ``logits_l`` N_l×C×H×W labeled prediction (with grad); ``logits_w`` N_u×C×H×W prediction of the
-    model being trained on the unlabeled batch (with grad: UniMatch/FixMatch's weak view, Mean
-    Teacher's student view); ``pseudo_w`` / ``conf_w`` N_u×H×W detached pseudo-labels and their
-    confidence (from the weak forward, or the EMA teacher); ``ignore`` N_u×H×W (255 = padding);
-    ``features_l`` / ``features_w`` encoder features (shallow to deep, with grad) of the labeled and
-    unlabeled pass, and ``teacher_features_w`` those of the network that made the pseudo-labels
-    (detached) — all three only when a plug-in has ``needs_features``. ``extras``: method-specific.
-    """
-
-    batch: Batch
-    info: StepInfo
-    logits_l: Tensor
-    logits_w: Tensor
-    pseudo_w: Tensor
-    conf_w: Tensor
-    ignore: Tensor
-    features_l: list[Tensor] | None = None
-    features_w: list[Tensor] | None = None
-    teacher_features_w: list[Tensor] | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_joint_pass(
-        cls,
-        batch: Batch,
-        info: StepInfo,
-        logits: Tensor,
-        features: list[Tensor] | None,
-        n_l: int,
-        ignore: Tensor,
-        pseudo: tuple[Tensor, Tensor] | None = None,
-    ) -> StepContext:
-        """Context of a joint forward of ``cat(x_l, x_w)``: split it and take detached pseudo-labels
-        (``pseudo = (label, score)`` from the method's pseudo-label policy, else argmax / max)."""
-        from ..losses import pseudo_label
-
-        logits_l, logits_w = logits[:n_l], logits[n_l:]
-        pseudo_w, conf_w = pseudo if pseudo is not None else pseudo_label(logits_w)
-        return cls(
-            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
-            features_l=None if features is None else [f[:n_l] for f in features],
-            features_w=None if features is None else [f[n_l:] for f in features],
-            teacher_features_w=None if features is None else [f[n_l:].detach() for f in features],
-        )  # fmt: skip
 
 
 class Plugin(nn.Module):
@@ -137,19 +85,10 @@ class Plugin(nn.Module):
         """Runs after every optimizer step."""
 
 
-PLUGINS: dict[str, type[Plugin]] = {}
-
-
 def register_plugin(name: str) -> Callable[[type[Plugin]], type[Plugin]]:
-    """Register a plug-in class and its config dataclass under ``plugins.<name>``."""
-
-    def wrap(cls: type[Plugin]) -> type[Plugin]:
-        cls.name = name
-        PLUGINS[name] = cls
-        PLUGIN_CONFIGS[name] = cls.Config
-        return cls
-
-    return wrap
+    """Register a plug-in class (and so its config dataclass) under ``plugins.<name>``; it learns its
+    name (``cls.name``); a name registered twice is an error (:data:`semiseg.registry.PLUGINS`)."""
+    return PLUGINS.register(name)
 
 
 class PluginHost:
@@ -218,3 +157,13 @@ class PluginHost:
     def after_step(self, info: StepInfo) -> None:
         for plugin in self.plugins.values():
             plugin.after_step(info)
+
+
+__all__ = [
+    "PLUGINS",
+    "Plugin",
+    "PluginConfig",
+    "PluginHost",
+    "StepContext",
+    "register_plugin",
+]

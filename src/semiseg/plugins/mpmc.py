@@ -83,19 +83,17 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.base import IGNORE_INDEX
 from ..errors import ConfigError
 from ..models.base import Segmenter
+from ..types import IGNORE_INDEX, StepInfo
 from .base import Plugin, PluginConfig, StepContext, register_plugin
-
-if TYPE_CHECKING:  # annotations only: semiseg.methods imports the plug-ins
-    from ..methods.base import StepInfo
 
 #: Probe sizes (pixels) tried in turn until the tap's receptive field fits inside the probe.
 PROBE_SIZES: tuple[int, ...] = (64, 128, 256, 512)
@@ -601,8 +599,6 @@ class MPMC(Plugin):
     def after_step(self, info: StepInfo) -> None:
         """Under torchrun, average the head's BatchNorm statistics over ranks (the head is outside
         DDP; its parameters are kept equal by the trainer's gradient averaging)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         for buf in self.head.buffers():

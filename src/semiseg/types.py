@@ -1,0 +1,116 @@
+"""Types every layer shares: the ignore label, a training batch, where training is, and what a
+plug-in sees of a training step.
+
+Imports only torch and the standard library, so data pipelines, losses, mixers, methods and
+plug-ins can all use these without importing each other. The old homes re-export them
+(:mod:`semiseg.methods.base`: ``Batch``, ``StepInfo``; :mod:`semiseg.plugins.base`:
+``StepContext``; :mod:`semiseg.data.base`: ``IGNORE_INDEX``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Mask value of pixels that are not scored and not trained on (padding, unlabeled, "void").
+IGNORE_INDEX = 255
+
+
+@dataclass
+class Batch:
+    """One iteration's data. Unlabeled fields are None for methods that use no unlabeled data.
+
+    ``x_l, y_l``: labeled weak view (N×C×H×W, N×H×W with 255 = ignore);
+    ``x_w, x_s1, x_s2``: unlabeled weak view and two independent strong views (same geometry);
+    ``ignore``: N×H×W, 255 where the unlabeled crop is padding;
+    ``box1, box2``: N×H×W {0,1} CutMix boxes drawn for each strong view (all zero when not drawn);
+    ``x_ls``: a strong view of the labeled crop, only when the method sets ``needs_labeled_strong``.
+    """
+
+    x_l: Tensor
+    y_l: Tensor
+    x_w: Tensor | None = None
+    x_s1: Tensor | None = None
+    x_s2: Tensor | None = None
+    ignore: Tensor | None = None
+    box1: Tensor | None = None
+    box2: Tensor | None = None
+    x_ls: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, Tensor) else value
+        return Batch(**moved)
+
+
+@dataclass
+class StepInfo:
+    """Where training is: ``step`` in ``[0, total_steps)``."""
+
+    step: int
+    total_steps: int
+
+    @property
+    def progress(self) -> float:
+        return self.step / max(1, self.total_steps)
+
+
+@dataclass
+class StepContext:
+    """What a plug-in sees of one training step (built by the host method after its weak forward).
+
+    ``logits_l`` N_l×C×H×W labeled prediction (with grad); ``logits_w`` N_u×C×H×W prediction of the
+    model being trained on the unlabeled batch (with grad: UniMatch/FixMatch's weak view, Mean
+    Teacher's student view); ``pseudo_w`` / ``conf_w`` N_u×H×W detached pseudo-labels and their
+    confidence (from the weak forward, or the EMA teacher); ``ignore`` N_u×H×W (255 = padding);
+    ``features_l`` / ``features_w`` encoder features (shallow to deep, with grad) of the labeled and
+    unlabeled pass, and ``teacher_features_w`` those of the network that made the pseudo-labels
+    (detached) — all three only when a plug-in has ``needs_features``. ``extras``: method-specific.
+    """
+
+    batch: Batch
+    info: StepInfo
+    logits_l: Tensor
+    logits_w: Tensor
+    pseudo_w: Tensor
+    conf_w: Tensor
+    ignore: Tensor
+    features_l: list[Tensor] | None = None
+    features_w: list[Tensor] | None = None
+    teacher_features_w: list[Tensor] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_joint_pass(
+        cls,
+        batch: Batch,
+        info: StepInfo,
+        logits: Tensor,
+        features: list[Tensor] | None,
+        n_l: int,
+        ignore: Tensor,
+        pseudo: tuple[Tensor, Tensor] | None = None,
+    ) -> StepContext:
+        """Context of a joint forward of ``cat(x_l, x_w)``: split it and take detached pseudo-labels
+        (``pseudo = (label, score)`` from the method's pseudo-label policy, else argmax / max of the
+        softmax, as :func:`semiseg.losses.pseudo_label`)."""
+        logits_l, logits_w = logits[:n_l], logits[n_l:]
+        if pseudo is None:
+            with torch.no_grad():
+                conf_w, pseudo_w = logits_w.detach().softmax(dim=1).max(dim=1)
+        else:
+            pseudo_w, conf_w = pseudo
+        return cls(
+            batch, info, logits_l, logits_w, pseudo_w, conf_w, ignore,
+            features_l=None if features is None else [f[:n_l] for f in features],
+            features_w=None if features is None else [f[n_l:] for f in features],
+            teacher_features_w=None if features is None else [f[n_l:].detach() for f in features],
+        )  # fmt: skip
+
+
+__all__ = ["IGNORE_INDEX", "Batch", "StepContext", "StepInfo"]
