@@ -534,9 +534,10 @@ def test_shipped_configs_and_grids() -> None:
     assert all(len(h) == 1 for h in cells.values())  # a shared run directory has one config
     ablation = load_grid(CONFIGS / "grids" / "guidedmix_ablation_cpu_small.yaml")
     by = {c.method: c.cfg for c in ablation.cells if c.seed == 0}
-    assert by["guidedmix_random_pairs"].method.pairing == "random"
-    assert by["guidedmix_no_mitrans"].model.mitrans is False
-    assert by["guidedmix_hard"].method.decoupling == "hard"
+    assert by["guidedmix_random_pairs+cedice"].method.pairing == "random"
+    assert by["guidedmix_no_mitrans+cedice"].model.mitrans is False
+    assert by["guidedmix_hard+cedice"].method.decoupling == "hard"
+    assert all(cfg.method.dice_weight == 1.0 for cfg in by.values())  # the recipe's labeled loss
     sweep = load_grid(CONFIGS / "grids" / "guidedmix_lambda_sweep_cpu_small.yaml")
     assert sorted({c.cfg.method.lambda_max for c in sweep.cells}) == [0.1, 0.2, 0.3, 0.4, 0.5]
 

@@ -569,15 +569,18 @@ def test_method_files_and_runnables():
 
 
 def test_grids_load_without_running():
+    from semiseg.config import config_hash
     from semiseg.experiment import load_grid
 
     grid = load_grid(CONFIGS / "grids" / "mpmc_cpu_small.yaml")
     assert len(grid.cells) == 2 * 4 * 3
     assert {c.method for c in grid.cells} == {
-        "unimatch", "unimatch_mpmc", "unimatch_supmix_sufd", "unimatch_supmix_sufd_mpmc"
+        "unimatch+freematch+da", "unimatch+mpmc+freematch+da",
+        "unimatch+supmix+sufd+freematch+da", "unimatch+supmix+sufd+mpmc+freematch+da",
     }  # fmt: skip
     assert {c.dataset for c in grid.cells} == {"chase_db1", "covid_infnet"}
     assert {c.fraction for c in grid.cells} == {0.125} and {c.seed for c in grid.cells} == {0, 1, 2}
+    assert all(c.cfg.method.pseudo.mask == "freematch" for c in grid.cells)  # the chosen recipe
 
     ablation = load_grid(CONFIGS / "grids" / "mpmc_ablation_cpu_small.yaml")
     assert len(ablation.cells) == 4 * 3 and {c.dataset for c in ablation.cells} == {"chase_db1"}
@@ -587,14 +590,16 @@ def test_grids_load_without_running():
         if "mpmc" in c.cfg.plugins
     }
     assert parts == {
-        "unimatch_mpmc_l": (True, False), "unimatch_mpmc_ul": (False, True), "unimatch_mpmc": (True, True)
-    }  # fmt: skip
-    # UniMatch cells are the same runs as Table 1's (same folder, same config hash): cached, not re-run.
-    table1 = load_grid(CONFIGS / "grids" / "table1_cpu_small.yaml")
-    from semiseg.config import config_hash
-
-    ours = {(c.dataset, c.method, c.seed): (c.run_dir, config_hash(c.cfg)) for c in ablation.cells}
-    for c in table1.cells:
-        key = (c.dataset, c.method, c.seed)
-        if c.fraction == 0.125 and key in ours:
-            assert ours[key] == (c.run_dir, config_hash(c.cfg))
+        "unimatch+mpmc_l+freematch+da": (True, False),
+        "unimatch+mpmc_ul+freematch+da": (False, True),
+        "unimatch+mpmc+freematch+da": (True, True),
+    }
+    # Cells shared with the recipe Table 1 are the same runs (same folder, same config hash): run once.
+    table1 = load_grid(CONFIGS / "grids" / "table1_cpu_small_recipe.yaml")
+    ours = {
+        (c.dataset, c.method, c.seed): (c.run_dir, config_hash(c.cfg)) for c in [*grid.cells, *ablation.cells]
+    }
+    shared = [c for c in table1.cells if (c.dataset, c.method, c.seed) in ours]
+    assert len(shared) == 2 * 2 * 3
+    for c in shared:
+        assert ours[(c.dataset, c.method, c.seed)] == (c.run_dir, config_hash(c.cfg))
