@@ -70,3 +70,80 @@ def write_folder_dataset(
     names = ["background", "square", "corner"][:num_classes]
     (root / "classes.yaml").write_text("names: [" + ", ".join(names) + "]\n")
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line, in-process
+# ----------------------------------------------------------------------------------------------
+
+
+def run_cli(args, capsys):
+    """``semiseg <args>`` in-process: ``(exit code, stdout, stderr)``."""
+    from semiseg.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def sets(overrides):
+    """``--set`` arguments for config overrides."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def expect_error(capsys, args, *needles):
+    """A user error: exit status 2 and exactly one ``error: ...`` line holding every needle."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 2, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Training steps and interrupted runs
+# ----------------------------------------------------------------------------------------------
+
+
+def trainer_step(method, batch, step: int, total: int = 10):
+    """What the trainer does with a step's losses (segmenter SGD, extra optimizers, schedulers, EMA)."""
+    import torch
+
+    from semiseg.methods import StepInfo
+
+    opt = torch.optim.SGD(method.model.parameters(), lr=0.01)
+    info = StepInfo(step, total)
+    losses = method.training_step(batch, info)
+    opt.zero_grad()
+    losses["total"].backward()
+    opt.step()
+    for name, extra in method.extra_optimizers().items():
+        extra.zero_grad()
+        losses[f"total/{name}"].backward()
+        extra.step()
+    for fn in method.extra_schedulers().values():
+        fn(step)
+    method.after_step(info)
+    return losses
+
+
+class Interrupt(Exception):
+    """Raised by :func:`fit_interrupted` in place of a training step, as a killed process would stop."""
+
+
+def fit_interrupted(trainer, monkeypatch, at_step: int = 3) -> None:
+    """``trainer.fit()`` stopped when step ``at_step`` is about to run (its checkpoints so far kept)."""
+    import pytest
+
+    original = trainer.train_step
+
+    def stop(batch, info):
+        if info.step == at_step:
+            raise Interrupt
+        return original(batch, info)
+
+    monkeypatch.setattr(trainer, "train_step", stop)
+    with pytest.raises(Interrupt):
+        trainer.fit()

@@ -13,20 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_overrides, write_folder_dataset
+from helpers import expect_error, run_cli, sets, tiny_overrides, write_folder_dataset
 from PIL import Image
 
 from semiseg.cli import main
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
 
 
 def folder_args(root, iters=1, **extra):
@@ -38,16 +28,6 @@ def folder_args(root, iters=1, **extra):
         **extra,
     }
     return sets(tiny_overrides(iters=iters, **values))
-
-
-def expect_error(capsys, args, *needles):
-    code, out, err = run_cli(args, capsys)
-    assert code == 2, (out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def expect_train_error(capsys, tmp_path, args, *needles):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import fit_interrupted, tiny_overrides, trainer_step
 from torch import Tensor, nn
 
 from semiseg.config import HASH_NEUTRAL, ModelConfig, build_config, config_hash, load_config
@@ -89,24 +89,6 @@ def method_for(
     built = build_method(cfg, model if model is not None else tiny_net(), 3)
     assert isinstance(built, GuidedMix)
     return built
-
-
-def trainer_step(method: GuidedMix, batch: Batch, step: int, total: int = 10) -> dict[str, Tensor]:
-    """What the trainer does with a step's losses (segmenter SGD, extra optimizers, after_step)."""
-    opt = torch.optim.SGD(method.model.parameters(), lr=0.01)
-    info = StepInfo(step, total)
-    losses = method.training_step(batch, info)
-    opt.zero_grad()
-    losses["total"].backward()
-    opt.step()
-    for name, extra in method.extra_optimizers().items():
-        extra.zero_grad()
-        losses[f"total/{name}"].backward()
-        extra.step()
-    for fn in method.extra_schedulers().values():
-        fn(step)
-    method.after_step(info)
-    return losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -564,10 +546,6 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert train and all(math.isfinite(r["loss_u"]) and math.isfinite(r["loss_cla"]) for r in train)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_is_exact_with_random_pairs_and_per_sample_lambda(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -590,16 +568,7 @@ def test_resume_is_exact_with_random_pairs_and_per_sample_lambda(
     config = CONFIGS / "cpu_small" / "synthetic" / "guidedmix.yaml"
     train(load_config(config, sets), tmp_path / "straight")
     trainer = Trainer(load_config(config, sets), tmp_path / "interrupted")
-    original = trainer.train_step
-
-    def stop_at_three(batch: Batch, info: StepInfo) -> dict[str, float]:
-        if info.step == 3:
-            raise _Interrupt
-        return original(batch, info)
-
-    monkeypatch.setattr(trainer, "train_step", stop_at_three)
-    with pytest.raises(_Interrupt):
-        trainer.fit()
+    fit_interrupted(trainer, monkeypatch, at_step=3)
     train(load_config(config, sets), tmp_path / "interrupted", resume=True)
     a, b = (
         model_state_from_checkpoint(load_checkpoint(tmp_path / d / "latest.pt"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import trainer_step
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -69,24 +70,6 @@ def make_batch(
 def method_for(method: dict, plugins: dict | None = None, model: Segmenter | None = None, iters: int = 10):
     cfg = build_config({"method": method, "plugins": plugins or {}, "train": {"iters": iters}})
     return build_method(cfg, model if model is not None else tiny_unet(), 3)
-
-
-def trainer_step(method, batch: Batch, step: int, total: int = 10) -> dict[str, Tensor]:
-    """What the trainer does with a step's losses (segmenter SGD, extra optimizers, schedulers, EMA)."""
-    opt = torch.optim.SGD(method.model.parameters(), lr=0.01)
-    info = StepInfo(step, total)
-    losses = method.training_step(batch, info)
-    opt.zero_grad()
-    losses["total"].backward()
-    opt.step()
-    for name, extra in method.extra_optimizers().items():
-        extra.zero_grad()
-        losses[f"total/{name}"].backward()
-        extra.step()
-    for fn in method.extra_schedulers().values():
-        fn(step)
-    method.after_step(info)
-    return losses
 
 
 # ----------------------------------------------------------------------------------------------

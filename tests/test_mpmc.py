@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, tiny_overrides
+from helpers import REPO, fit_interrupted, tiny_overrides
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import ModelConfig, build_config, load_config
@@ -515,10 +515,6 @@ def test_tiny_training_run(tmp_path, config, extra):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["results"]["test"]["miou"] is not None
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_checkpoint_holds_the_head_and_resume_is_exact(tmp_path, monkeypatch):
     overrides = tiny_overrides(iters=4, **{"method.name": "unimatch", "plugins.mpmc": "{}"})
     straight = tmp_path / "straight"
@@ -526,16 +522,7 @@ def test_checkpoint_holds_the_head_and_resume_is_exact(tmp_path, monkeypatch):
 
     interrupted = tmp_path / "interrupted"
     trainer = Trainer(load_config(None, overrides), interrupted)
-    original = trainer.train_step
-
-    def stop_at_three(batch, info):
-        if info.step == 3:
-            raise _Interrupt
-        return original(batch, info)
-
-    monkeypatch.setattr(trainer, "train_step", stop_at_three)
-    with pytest.raises(_Interrupt):
-        trainer.fit()
+    fit_interrupted(trainer, monkeypatch, at_step=3)
     ckpt = load_checkpoint(interrupted / "latest.pt")
     assert ckpt["step"] == 2 and "mpmc" in ckpt["extra_optimizers"]
     assert ckpt["extra_optimizers"]["mpmc"]["state"]  # SGD momentum buffers of the head

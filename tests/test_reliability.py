@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import run_cli, sets, tiny_overrides
 
 from semiseg import checkpoint as ck
 from semiseg.checkpoint import atomic_save, load_checkpoint, previous_path
@@ -20,16 +20,6 @@ from semiseg.errors import SemisegError
 from semiseg.trainer import Trainer, model_state_from_checkpoint, train
 
 OVERRIDES = tiny_overrides(iters=4, **{"train.ckpt_every": 1, "deterministic": True})
-
-
-def sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def weights(run_dir):

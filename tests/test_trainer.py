@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import fit_interrupted, tiny_overrides
 
 from semiseg.checkpoint import atomic_save, load_checkpoint
 from semiseg.config import load_config
@@ -62,10 +62,6 @@ def test_poly_schedule_and_param_groups():
     assert n_params == len(list(model.parameters()))
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "method",
     [
@@ -97,16 +93,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, method):
 
     interrupted = tmp_path / "interrupted"
     trainer = Trainer(load_config(None, overrides), interrupted)
-    original = trainer.train_step
-
-    def stop_at_three(batch, info):
-        if info.step == 3:
-            raise _Interrupt
-        return original(batch, info)
-
-    monkeypatch.setattr(trainer, "train_step", stop_at_three)
-    with pytest.raises(_Interrupt):
-        trainer.fit()
+    fit_interrupted(trainer, monkeypatch, at_step=3)
     assert load_checkpoint(interrupted / "latest.pt")["step"] == 2
     train(load_config(None, overrides), interrupted, resume=True)
 

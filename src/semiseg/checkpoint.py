@@ -18,6 +18,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +145,37 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_writes(
+    out_dir: Path, created: bool, what: str, error: type[SemisegError] = SemisegError
+) -> Iterator[Callable[[Path, Path], Path]]:
+    """All-or-nothing writing of several files into ``out_dir``.
+
+    The block writes each file to a temp path registered with ``stage(tmp, final)`` (which returns
+    ``tmp``); when the block finishes, every temp file is renamed to its final path. On any failure
+    the temp files are deleted and ``out_dir``, when ``created`` (it did not exist before) and left
+    empty, is removed. An OSError becomes ``error("<file or out_dir>: cannot write <what> (...)")``.
+    """
+    staged: list[tuple[Path, Path]] = []  # (temp file, final path)
+
+    def stage(tmp: Path, final: Path) -> Path:
+        staged.append((tmp, final))
+        return tmp
+
+    try:
+        yield stage
+        for tmp, final in staged:
+            os.replace(tmp, final)
+        staged, created = [], False
+    except OSError as exc:
+        raise error(f"{exc.filename or out_dir}: cannot write {what} ({exc.strerror or exc})") from None
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -29,7 +29,6 @@ import dataclasses
 import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -311,7 +310,7 @@ def export_model(
     from safetensors.torch import save_file
 
     # Imported here, not above: loading an export (load_exported) must not import checkpoint code.
-    from .checkpoint import check_writable
+    from .checkpoint import check_writable, staged_writes
     from .inference import load_trained_model, resolve_run_checkpoint
 
     out_dir = Path(out_dir)
@@ -349,17 +348,15 @@ def export_model(
         **spec.to_dict(),
         "files": {"weights": WEIGHTS_FILE},
     }
-    staged: list[tuple[Path, Path]] = []
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    with staged_writes(out_dir, created, "the export") as staged:
 
-    def stage(name: str) -> Path:
-        final = out_dir / name
-        tmp = final.with_name(f".{final.stem}.partial{final.suffix}")  # torch.export wants .pt2
-        staged.append((tmp, final))
-        return tmp
+        def stage(name: str) -> Path:
+            final = out_dir / name
+            tmp = final.with_name(f".{final.stem}.partial{final.suffix}")  # torch.export wants .pt2
+            return staged(tmp, final)
 
-    try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(stage(WEIGHTS_FILE)), metadata={"format": "pt", "description": SPEC_FILE})
         net = LogitsModel(model).eval()
@@ -374,18 +371,6 @@ def export_model(
         stage(SPEC_FILE).write_text(
             yaml.safe_dump(description, sort_keys=False, allow_unicode=True, default_flow_style=None)
         )
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        staged, created = [], False
-    except OSError as exc:
-        raise SemisegError(
-            f"{exc.filename or out_dir}: cannot write the export ({exc.strerror or exc})"
-        ) from None
-    finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
     log.info("exported %s (step %s) to %s", checkpoint, ckpt.get("step"), out_dir)
     return out_dir
 

@@ -16,6 +16,27 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def _plot_steps(ax, records: list[dict], key: str, *fmt: str, percent: bool = False, **style) -> None:
+    """``records[i][key]`` (× 100 when ``percent``) against ``records[i]["step"]``; nothing when
+    there are no records."""
+    if records:
+        ax.plot(
+            [r["step"] for r in records],
+            [100 * r[key] for r in records] if percent else [r[key] for r in records],
+            *fmt,
+            **style,
+        )
+
+
+def _save(fig, out_png: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return out_png
+
+
 def plot_training_curves(
     runs: dict[str, str | Path],
     out_png: str | Path,
@@ -35,24 +56,10 @@ def plot_training_curves(
     for i, label in enumerate(runs):
         colour = colours[i % len(colours)]
         loss = [r for r in train[label] if loss_key in r]
-        if loss:  # a single logged point is a marker (a line through one point draws nothing)
-            marker = "o" if len(loss) == 1 else None
-            ax_loss.plot(
-                [r["step"] for r in loss],
-                [r[loss_key] for r in loss],
-                label=label,
-                color=colour,
-                marker=marker,
-            )
         ratio = [r for r in train[label] if has_ratio and ratio_key in r]
-        if ratio:
-            axes[1].plot(
-                [r["step"] for r in ratio],
-                [100 * r[ratio_key] for r in ratio],
-                label=label,
-                color=colour,
-                marker="o" if len(ratio) == 1 else None,
-            )
+        for ax, recs, key, percent in ((ax_loss, loss, loss_key, False), (axes[1], ratio, ratio_key, True)):
+            marker = "o" if len(recs) == 1 else None  # a line through one point draws nothing
+            _plot_steps(ax, recs, key, percent=percent, label=label, color=colour, marker=marker)
         if val[label]:
             steps, miou = [r["step"] for r in val[label]], [100 * r["miou"] for r in val[label]]
             ax_val.plot(steps, miou, marker="o", label=label, color=colour)
@@ -67,12 +74,7 @@ def plot_training_curves(
         ax_val.legend(fontsize=8)
     else:
         ax_val.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=ax_val.transAxes)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, dpi=110)
 
 
 def plot_pseudo_label_curves(
@@ -106,14 +108,10 @@ def plot_pseudo_label_curves(
             colour = colours[i % len(colours)]
             for row, key, style in ((0, "pl_used", "-"), (1, "pl_right", "-"), (1, "pl_wrong", "--")):
                 points = [r for r in recs if f"{key}/{c}" in r]
-                if points:
-                    axes[row][col].plot(
-                        [r["step"] for r in points],
-                        [100 * r[f"{key}/{c}"] for r in points],
-                        style,
-                        color=colour,
-                        label=label if key != "pl_wrong" else None,
-                    )
+                shown = label if key != "pl_wrong" else None
+                _plot_steps(
+                    axes[row][col], points, f"{key}/{c}", style, percent=True, color=colour, label=shown
+                )
         axes[0][col].set(title=f"{name}: unlabeled pixels teaching it", xlabel="iteration", ylabel="%")
         axes[1][col].set(
             title=f"{name}: labeled truth, right (—) / wrong (--)",
@@ -121,9 +119,4 @@ def plot_pseudo_label_curves(
             ylabel="% of its pixels",
         )
         axes[0][col].legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png, dpi=100)

@@ -18,7 +18,6 @@ skipped.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import check_writable
+from .checkpoint import check_writable, staged_writes
 from .config import DataConfig, EvalConfig
 from .data.base import Record
 from .data.io import (
@@ -129,11 +128,11 @@ def predict_folder(
     net.eval()
     use_amp = amp and device.type == "cuda"
     pad_value = pad_value_for(data_cfg, in_channels)
-    staged: list[tuple[Path, Path]] = []  # (temp file, final path)
     created = not out_dir.exists()
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with torch.inference_mode():
+        # a failure leaves no temp file, and no empty folder where there was none
+        with staged_writes(out_dir, created, "predictions", DataError) as stage, torch.inference_mode():
+            out_dir.mkdir(parents=True, exist_ok=True)
             for img_path, mask_path, overlay_path in plan:
                 record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
                 image, _ = read_record(record, data_cfg, num_classes, in_channels)
@@ -146,20 +145,7 @@ def predict_folder(
                 if pred.shape != (oh, ow):
                     pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
                 for array, final in ((pred, mask_path), (overlay(original, pred, palette), overlay_path)):
-                    tmp = final.with_name(f".{final.name}.partial.png")
-                    staged.append((tmp, final))
-                    save_png(array, tmp)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-        staged, created = [], False
-    except OSError as exc:
-        raise DataError(
-            f"{exc.filename or out_dir}: cannot write predictions ({exc.strerror or exc})"
-        ) from None
+                    save_png(array, stage(final.with_name(f".{final.name}.partial.png"), final))
     finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        if created and out_dir.is_dir() and not any(out_dir.iterdir()):  # failed: leave no empty folder
-            out_dir.rmdir()
         net.train(was_training)
     return [final for _, mask_path, overlay_path in plan for final in (mask_path, overlay_path)]

@@ -24,7 +24,7 @@ so any timm ResNet name works (``resnet18`` … ``resnet101``; ``resnet101s`` ha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,18 +91,50 @@ def create_timm_backbone(
     Random init follows UniMatch's ResNet (Kaiming fan-out convs, BatchNorm γ = 1): timm's
     ``zero_init_last`` (γ = 0 on each block's last BN) is switched off for timm ResNets.
     """
+    return timm_features(name, in_channels, (1, 4), output_stride, pretrained)
+
+
+def timm_features(
+    name: str,
+    in_channels: int,
+    out_indices: tuple[int, ...],
+    output_stride: int,
+    pretrained: bool,
+    **extra: object,
+) -> nn.Module:
+    """``timm.create_model(name, features_only=True, ...)`` returning the ``out_indices`` features;
+    timm ResNets are built without ``zero_init_last`` (UniMatch's init). ``extra``: more keyword
+    arguments for timm (e.g. ``channels``)."""
     import timm
 
-    kwargs = {"zero_init_last": False} if name in timm.list_models(module="resnet") else {}
+    kwargs: dict[str, object] = {"zero_init_last": False} if name in timm.list_models(module="resnet") else {}
+    kwargs.update(extra)
     return timm.create_model(
         name,
         features_only=True,
-        out_indices=(1, 4),
+        out_indices=out_indices,
         output_stride=output_stride,
         pretrained=pretrained,
         in_chans=in_channels,
         **kwargs,
     )
+
+
+def backbone_or_config_error(cfg: ModelConfig, create: Callable[[], nn.Module]) -> nn.Module:
+    """``create()`` (a timm backbone of ``cfg.backbone``), with timm and hub errors turned into one-line
+    config errors naming ``model.pretrained`` (weights that could not be fetched) or ``model.backbone``."""
+    try:
+        return create()
+    except Exception as exc:  # noqa: BLE001 - timm/hub errors become one-line config errors
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if cfg.pretrained:
+            raise ConfigError(
+                f"model.pretrained: could not get ImageNet weights for {cfg.backbone!r} through timm "
+                f"(needs the network; offline, download them elsewhere and set model.weights): {first}"
+            ) from exc
+        raise ConfigError(
+            f"model.backbone: cannot build {cfg.backbone!r} as a feature backbone: {first}"
+        ) from exc
 
 
 class DeepLabV3Plus(Segmenter):
@@ -183,18 +215,9 @@ def build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) ->
         raise ConfigError(f"model.low_level_channels: must be >= 1, got {cfg.low_level_channels}")
     if not timm.is_model(cfg.backbone):
         raise ConfigError(f"model.backbone: unknown timm model {cfg.backbone!r} (e.g. resnet50, resnet101)")
-    try:
-        backbone = create_timm_backbone(cfg.backbone, in_channels, cfg.output_stride, cfg.pretrained)
-    except Exception as exc:  # noqa: BLE001 - timm/hub errors become one-line config errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if cfg.pretrained:
-            raise ConfigError(
-                f"model.pretrained: could not get ImageNet weights for {cfg.backbone!r} through timm "
-                f"(needs the network; offline, download them elsewhere and set model.weights): {first}"
-            ) from exc
-        raise ConfigError(
-            f"model.backbone: cannot build {cfg.backbone!r} as a feature backbone: {first}"
-        ) from exc
+    backbone = backbone_or_config_error(
+        cfg, lambda: create_timm_backbone(cfg.backbone, in_channels, cfg.output_stride, cfg.pretrained)
+    )
     return DeepLabV3Plus(
         in_channels,
         num_classes,

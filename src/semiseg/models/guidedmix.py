@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Segmenter, SegOutput
-from .deeplabv3plus import conv_bn_relu
+from .deeplabv3plus import backbone_or_config_error, conv_bn_relu, timm_features
 
 #: timm ``features_only`` indices: the stem and the four ResNet stages.
 OUT_INDICES: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -174,22 +174,8 @@ def create_resnet_encoder(
     ``widths`` overrides a timm ResNet's four stage widths (random init only). timm ResNets are
     built without ``zero_init_last`` (as :func:`~semiseg.models.deeplabv3plus.create_timm_backbone`).
     """
-    import timm
-
-    kwargs: dict[str, object] = {}
-    if name in timm.list_models(module="resnet"):
-        kwargs["zero_init_last"] = False
-    if widths is not None:
-        kwargs["channels"] = tuple(int(w) for w in widths)
-    return timm.create_model(
-        name,
-        features_only=True,
-        out_indices=OUT_INDICES,
-        output_stride=output_stride,
-        pretrained=pretrained,
-        in_chans=in_channels,
-        **kwargs,
-    )
+    extra = {} if widths is None else {"channels": tuple(int(w) for w in widths)}
+    return timm_features(name, in_channels, OUT_INDICES, output_stride, pretrained, **extra)
 
 
 class GuidedMixNet(Segmenter):
@@ -344,20 +330,12 @@ def build_guidedmix(cfg: ModelConfig, in_channels: int, num_classes: int) -> Gui
         raise ConfigError(
             f"model.mitrans_levels: decoder levels are 0..{len(OUT_INDICES) - 1} (0 = deepest), got {levels}"
         )
-    try:
-        backbone = create_resnet_encoder(
+    backbone = backbone_or_config_error(
+        cfg,
+        lambda: create_resnet_encoder(
             cfg.backbone, in_channels, cfg.output_stride, cfg.pretrained, cfg.backbone_widths
-        )
-    except Exception as exc:  # noqa: BLE001 - timm/hub errors become one-line config errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        if cfg.pretrained:
-            raise ConfigError(
-                f"model.pretrained: could not get ImageNet weights for {cfg.backbone!r} through timm "
-                f"(needs the network; offline, download them elsewhere and set model.weights): {first}"
-            ) from exc
-        raise ConfigError(
-            f"model.backbone: cannot build {cfg.backbone!r} as a feature backbone: {first}"
-        ) from exc
+        ),
+    )
     if len(backbone.feature_info.channels()) != len(OUT_INDICES):
         raise ConfigError(f"model.backbone: {cfg.backbone!r} does not give {len(OUT_INDICES)} feature levels")
     return GuidedMixNet(

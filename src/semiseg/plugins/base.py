@@ -85,6 +85,42 @@ class Plugin(nn.Module):
         """Runs after every optimizer step."""
 
 
+class OwnOptimizerPlugin(Plugin):
+    """A plug-in that trains its own module with its own optimizer (SUFD's discriminator, MPMC's head).
+
+    The optimizer, from :meth:`make_optimizer`, is created on first use (after the trainer moved the
+    method) and exposed under the plug-in's name, with a per-step poly schedule
+    ``cfg.lr·(1 − step/total)^cfg.poly_power`` (the segmenter's). ``cfg`` has ``lr`` and ``poly_power``.
+    """
+
+    def __init__(self, cfg: PluginConfig, num_classes: int, model: Segmenter, total_steps: int) -> None:
+        super().__init__(cfg, num_classes, model, total_steps)
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The plug-in's optimizer over its own parameters, with ``lr = cfg.lr``."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        if self._optimizer is None:
+            self._optimizer = self.make_optimizer()
+        return {self.name: self._optimizer}
+
+    def schedulers(self) -> dict[str, Callable[[int], None]]:
+        return {self.name: self.set_lr}
+
+    def lr_at(self, step: int) -> float:
+        """Poly decay ``lr·(1 − step/total)^power`` (the segmenter's schedule)."""
+        frac = min(max(step, 0), self.total_steps) / max(1, self.total_steps)
+        return self.cfg.lr * (1.0 - frac) ** self.cfg.poly_power
+
+    def set_lr(self, step: int) -> None:
+        """Called by the trainer after optimizer step ``step``: set the lr of step ``step + 1``
+        (the segmenter's poly schedule is likewise evaluated at the step about to run)."""
+        for group in self.optimizers()[self.name].param_groups:
+            group["lr"] = self.lr_at(step + 1)
+
+
 def register_plugin(name: str) -> Callable[[type[Plugin]], type[Plugin]]:
     """Register a plug-in class (and so its config dataclass) under ``plugins.<name>``; it learns its
     name (``cls.name``); a name registered twice is an error (:data:`semiseg.registry.PLUGINS`)."""

@@ -80,7 +80,7 @@ each parameter gets exactly the gradient of eq. 7.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -93,7 +93,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..types import IGNORE_INDEX, StepInfo
-from .base import Plugin, PluginConfig, StepContext, register_plugin
+from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
 
 #: Probe sizes (pixels) tried in turn until the tap's receptive field fits inside the probe.
 PROBE_SIZES: tuple[int, ...] = (64, 128, 256, 512)
@@ -427,7 +427,7 @@ class _StepState:
 
 
 @register_plugin("mpmc")
-class MPMC(Plugin):
+class MPMC(OwnOptimizerPlugin):
     """MPMC plug-in: patch multi-label head, asymmetric loss, adaptive λ_s / λ_m (module docstring)."""
 
     Config = MPMCConfig
@@ -444,7 +444,6 @@ class MPMC(Plugin):
         self.head = MPMCHead(
             probe.channels, num_classes, widths, list(cfg.pool_sizes), cfg.pool_count_include_pad
         )
-        self._optimizer: torch.optim.Optimizer | None = None
 
     # -- shared per-step state ----------------------------------------------------------------
 
@@ -570,31 +569,16 @@ class MPMC(Plugin):
 
     # -- the head's optimizer -------------------------------------------------------------------
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """SGD over the head, created on first use (after the trainer moved the method)."""
-        if self._optimizer is None:
-            cfg = self.cfg
-            self._optimizer = torch.optim.SGD(
-                self.head.parameters(),
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                nesterov=cfg.nesterov,
-            )
-        return {self.name: self._optimizer}
-
-    def schedulers(self) -> dict[str, Callable[[int], None]]:
-        return {self.name: self.set_lr}
-
-    def lr_at(self, step: int) -> float:
-        """Poly decay ``lr·(1 − step/total)^power`` (the segmenter's schedule)."""
-        frac = min(max(step, 0), self.total_steps) / max(1, self.total_steps)
-        return self.cfg.lr * (1.0 - frac) ** self.cfg.poly_power
-
-    def set_lr(self, step: int) -> None:
-        """Called by the trainer after optimizer step ``step``: the lr of step ``step + 1``."""
-        for group in self.optimizers()[self.name].param_groups:
-            group["lr"] = self.lr_at(step + 1)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """SGD over the head (created on first use, after the trainer moved the method)."""
+        cfg = self.cfg
+        return torch.optim.SGD(
+            self.head.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.nesterov,
+        )
 
     def after_step(self, info: StepInfo) -> None:
         """Under torchrun, average the head's BatchNorm statistics over ranks (the head is outside

@@ -26,7 +26,6 @@ so the output is at least 1×1 for any input size (a 128² input gives a 4×4 ma
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.base import Segmenter
-from .base import Plugin, PluginConfig, StepContext, register_plugin
+from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
 
 
 @dataclass
@@ -93,7 +92,7 @@ class Discriminator(nn.Module):
 
 
 @register_plugin("sufd")
-class SUFD(Plugin):
+class SUFD(OwnOptimizerPlugin):
     """SUFD plug-in: adversarial alignment of unlabeled to labeled predictions (eq. 12)."""
 
     Config = SUFDConfig
@@ -104,7 +103,6 @@ class SUFD(Plugin):
         self.needs_features = cfg.input == "features"
         in_channels = num_classes if cfg.input == "probs" else _feature_channels(model, cfg.feature_index)
         self.disc = Discriminator(in_channels, list(cfg.channels), cfg.negative_slope)
-        self._optimizer: torch.optim.Optimizer | None = None
 
     # -- inputs of D --------------------------------------------------------------------------
 
@@ -150,28 +148,12 @@ class SUFD(Plugin):
 
     # -- D's optimizer ------------------------------------------------------------------------
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """Adam over D's parameters, created on first use (after the trainer moved the method)."""
-        if self._optimizer is None:
-            b1, b2 = self.cfg.betas
-            self._optimizer = torch.optim.Adam(
-                self.disc.parameters(), lr=self.cfg.lr, betas=(b1, b2), weight_decay=self.cfg.weight_decay
-            )
-        return {self.name: self._optimizer}
-
-    def schedulers(self) -> dict[str, Callable[[int], None]]:
-        return {self.name: self.set_lr}
-
-    def lr_at(self, step: int) -> float:
-        """Poly decay ``lr·(1 − step/total)^power``."""
-        frac = min(max(step, 0), self.total_steps) / max(1, self.total_steps)
-        return self.cfg.lr * (1.0 - frac) ** self.cfg.poly_power
-
-    def set_lr(self, step: int) -> None:
-        """Called by the trainer after optimizer step ``step``: set the lr of step ``step + 1``
-        (the segmenter's poly schedule is likewise evaluated at the step about to run)."""
-        for group in self.optimizers()[self.name].param_groups:
-            group["lr"] = self.lr_at(step + 1)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam over D's parameters (created on first use, after the trainer moved the method)."""
+        b1, b2 = self.cfg.betas
+        return torch.optim.Adam(
+            self.disc.parameters(), lr=self.cfg.lr, betas=(b1, b2), weight_decay=self.cfg.weight_decay
+        )
 
 
 def _feature_channels(model: Segmenter, index: int) -> int:
