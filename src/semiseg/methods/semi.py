@@ -128,7 +128,10 @@ class UnlabeledRecipe(nn.Module):
         return masked_pseudo_ce(logits, label, score, ignore, threshold, weight, class_weight)
 
     def observe_labeled(self, y_l: Tensor) -> None:
-        self.labeler.observe_labeled(y_l)
+        """Update the labeled class prior, when something reads it (an adaptive policy, balanced
+        CE): at the defaults the step pays no bincount, device sync or DDP collective for it."""
+        if not self.labeler.is_fixed or self.cfg.unlabeled_loss == "balanced_ce":
+            self.labeler.observe_labeled(y_l)
 
     def diagnostics(
         self, pseudo_u: PseudoLabels, ignore_u: Tensor, logits_l: Tensor, y_l: Tensor
