@@ -624,16 +624,6 @@ class Trainer:
             atomic_write_text("".join(f"{n}\n" for n in names), split_dir / f"{part}.txt")
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """On resume, forget log lines of steps the interrupted segment ran past its last checkpoint."""
-    if not path.is_file():
-        return
-    kept = [
-        line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-    ]
-    atomic_write_text("".join(f"{line}\n" for line in kept), path)
-
-
 def train(cfg: RunConfig, run_dir: str | Path | None = None, resume: bool = False) -> TrainResult:
     """Train (or resume) a run and evaluate its final weights."""
     trainer = Trainer(cfg, run_dir, resume)
