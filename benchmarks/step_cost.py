@@ -46,15 +46,25 @@ METHODS = [
 ]
 
 
-def method_config(method: str, dataset: str, extra: list[str]) -> RunConfig:
+def split_variant(spec: str) -> tuple[str, list[str]]:
+    """``"unimatch@train.channels_last=true,plugins.sufd.input_scale=0.5"`` -> (method, overrides)."""
+    method, _, rest = spec.partition("@")
+    return method, [o for o in rest.split(",") if o]
+
+
+def method_config(spec: str, dataset: str, extra: list[str]) -> RunConfig:
+    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at cpu-small."""
+    method, overrides = split_variant(spec)
+    extra = [*extra, *overrides]
     tree: dict = {}
     for part in ("protocols/cpu_small.yaml", f"datasets/{dataset}.yaml", f"methods/{method}.yaml"):
         tree = _deep_merge(tree, load_yaml_tree(CONFIGS / part))
     return build_config(apply_overrides(tree, ["train.progress=none", "train.iters=1000", *extra]))
 
 
-def passes_for(method: str) -> list[tuple[str, str]]:
+def passes_for(spec: str) -> list[tuple[str, str]]:
     """(kind, batch part) of the network passes a method needs; kind: grad | nograd | grad_fp."""
+    method = split_variant(spec)[0]
     if method == "supervised":
         return [("grad", "l")]
     if method.startswith("mean_teacher"):

@@ -33,6 +33,7 @@ VOLATILE_CHANGES = {
     "train.log_every": 3,
     "train.ckpt_every": 9,
     "train.progress": "bar",
+    "train.channels_last": "true",
 }
 
 

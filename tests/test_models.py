@@ -404,3 +404,17 @@ def test_load_backbone_weights_returns_a_report(imagenet_file: Path) -> None:
     assert report.dropped_classifier == ["fc.weight", "fc.bias"]
     assert report.loaded == len(m.backbone.state_dict())
     assert report.adapted == [] and report.dropped_non_backbone == []
+
+
+def test_dropout_mask_does_not_depend_on_memory_format():
+    from semiseg.models.base import Dropout
+
+    drop = Dropout(0.3).train()
+    x = torch.randn(2, 5, 6, 7)
+    torch.manual_seed(0)
+    native = torch.nn.functional.dropout(x, 0.3, True)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), native)  # contiguous: the native path, bit for bit
+    torch.manual_seed(0)
+    nhwc = drop(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(nhwc, native) and nhwc.is_contiguous(memory_format=torch.channels_last)

@@ -216,3 +216,19 @@ def test_modules_import_first_in_a_fresh_interpreter(module):
     code = f"import {module}; from semiseg.plugins import PLUGINS; assert 'sufd' in PLUGINS"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_input_scale_downsamples_what_the_discriminator_sees():
+    torch.manual_seed(0)
+    method = unimatch_sufd(input_scale=0.5)
+    sufd = method.plugins["sufd"]
+    ctx = context(method, make_batch(size=32))
+    p_l, p_w = sufd._inputs(ctx)
+    assert p_w.shape[-2:] == (16, 16) and p_l.shape[-2:] == (16, 16)
+    expect = F.avg_pool2d(ctx.logits_w.softmax(1), 2)
+    assert torch.allclose(p_w, expect, atol=1e-6)
+    o_u = sufd.disc(expect)
+    value = 0.01 * F.binary_cross_entropy_with_logits(o_u, torch.ones_like(o_u))
+    assert sufd.losses(ctx)["loss_adv"].item() == pytest.approx(value.item(), rel=1e-5)
+    with pytest.raises(Exception, match="plugins.sufd.input_scale"):
+        build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"input_scale": 0}}})

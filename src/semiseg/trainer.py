@@ -320,6 +320,8 @@ class Trainer:
             for note in self.data_check.warnings:
                 print(f"warning: {note}", file=sys.stderr, flush=True)
         self.method.to(self.device)
+        if cfg.train.channels_last:  # convolutions follow their weights' memory format
+            self.method.to(memory_format=torch.channels_last)
         if self.dist.enabled:
             ddp = nn.parallel.DistributedDataParallel(
                 self.method.model, device_ids=[self.device.index] if self.device.type == "cuda" else None

@@ -27,6 +27,25 @@ class SegOutput:
     features: list[Tensor] | None = None
 
 
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask does not depend on the input's memory format.
+
+    Native dropout draws its random mask in memory order, so the same network with channels-last
+    weights (``train.channels_last``) would drop different elements. A channels-last input is
+    dropped with the mask the contiguous network draws, on every device: on CPU by the native
+    kernel's own steps (``noise = bernoulli(1 − p) / (1 − p)`` drawn in NCHW order, then ``x·noise``),
+    elsewhere through a contiguous copy. A contiguous input takes the native path unchanged."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.dim() != 4 or x.is_contiguous():
+            return super().forward(x)
+        if x.device.type == "cpu" and 0 < self.p < 1 and not self.inplace:
+            noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+            return x * noise.div_(1 - self.p)
+        out = F.dropout(x.contiguous(), self.p, True, self.inplace)
+        return out.contiguous(memory_format=torch.channels_last)
+
+
 class Segmenter(nn.Module):
     """Base class: subclasses implement :meth:`encode`, :meth:`decode` and :meth:`backbone_parameters`."""
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .base import Segmenter
+from .base import Dropout, Segmenter
 
 
 def conv_bn_relu(
@@ -76,7 +76,7 @@ class ASPP(nn.Module):
         branches.append(ASPPPooling(in_channels, out_channels))
         self.branches = nn.ModuleList(branches)
         self.project = conv_bn_relu(len(branches) * out_channels, out_channels, 1)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(self.project(torch.cat([b(x) for b in self.branches], dim=1)))

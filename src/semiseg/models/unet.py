@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
-from .base import Segmenter
+from .base import Dropout, Segmenter
 
 #: SSL4MIS / UniMatch encoder dropout for the five levels 16-32-64-128-256.
 SSL4MIS_DROPOUT: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -61,7 +61,7 @@ class ConvBlock(nn.Sequential):
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
             nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
             nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(),

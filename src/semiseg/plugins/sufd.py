@@ -18,6 +18,10 @@ encoder feature ``features[feature_index]`` that :meth:`Segmenter.encode` return
 the deepest — the input of the decoder's last stage for the U-Net, the ASPP input for DeepLabV3+);
 its channel count is found with one probe forward at construction.
 
+``input_scale`` (default 1, the paper): ``D`` looks at ``p`` area-down-sampled by this factor, both
+players alike; 0.5 makes ``D`` 4× cheaper (D dominates SUFD's cost at cpu-small). Not the paper's: an option,
+off by default (its accuracy is not yet checked on seeds; benchmarks/README "Faster cells").
+
 ``D`` (Hung et al., BMVC 2018): 4×4 stride-2 padding-1 convolutions ``in→64→128→256→512→1`` with
 LeakyReLU 0.2 between them, output map ``o``. Each such conv halves the size (``⌊s/2⌋``); to keep
 tiny inputs working, a map smaller than 2 pixels on a side is replicate-padded to 2 before a conv,
@@ -33,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
@@ -52,6 +57,7 @@ class SUFDConfig(PluginConfig):
     warmup_iters: int = 0  # generator term off before this step (D trains from step 0)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # hidden widths of D
     negative_slope: float = 0.2  # LeakyReLU
+    input_scale: float = field(default=1.0, metadata={HASH_NEUTRAL: True})  # D sees p down-sampled ×this
 
     def validate(self, prefix: str) -> None:
         if self.lambda_adv < 0:
@@ -64,6 +70,8 @@ class SUFDConfig(PluginConfig):
             raise ConfigError(f"{prefix}.warmup_iters: must be >= 0, got {self.warmup_iters}")
         if not self.channels or any(c < 1 for c in self.channels):
             raise ConfigError(f"{prefix}.channels: need positive widths, got {self.channels}")
+        if not 0.0 < self.input_scale <= 1.0:
+            raise ConfigError(f"{prefix}.input_scale: must be in (0, 1], got {self.input_scale}")
 
 
 class Discriminator(nn.Module):
@@ -109,11 +117,18 @@ class SUFD(OwnOptimizerPlugin):
     def _inputs(self, ctx: StepContext) -> tuple[Tensor, Tensor]:
         """``(p_l, p_w)``: labeled and weak unlabeled model outputs D looks at (both with grad)."""
         if self.cfg.input == "probs":
-            return ctx.logits_l.float().softmax(1), ctx.logits_w.float().softmax(1)
-        if ctx.features_l is None or ctx.features_w is None:
+            p_l, p_w = ctx.logits_l.float().softmax(1), ctx.logits_w.float().softmax(1)
+        elif ctx.features_l is None or ctx.features_w is None:
             raise RuntimeError("sufd: input 'features' needs the host method to pass encoder features")
-        i = self.cfg.feature_index
-        return ctx.features_l[i].float(), ctx.features_w[i].float()
+        else:
+            i = self.cfg.feature_index
+            p_l, p_w = ctx.features_l[i].float(), ctx.features_w[i].float()
+        return self._scaled(p_l), self._scaled(p_w)
+
+    def _scaled(self, p: Tensor) -> Tensor:
+        if self.cfg.input_scale == 1.0:
+            return p
+        return F.interpolate(p, scale_factor=self.cfg.input_scale, mode="area")
 
     # -- the two players ----------------------------------------------------------------------
 
