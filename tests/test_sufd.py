@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semiseg.config import ModelConfig, build_config
+from semiseg.config import ModelConfig, build_config, config_hash
 from semiseg.methods import Batch, StepInfo, build_method
 from semiseg.models import build_model
 from semiseg.plugins import PLUGINS, SUFD, Discriminator, StepContext, SUFDConfig
@@ -232,3 +232,29 @@ def test_input_scale_downsamples_what_the_discriminator_sees():
     assert sufd.losses(ctx)["loss_adv"].item() == pytest.approx(value.item(), rel=1e-5)
     with pytest.raises(Exception, match="plugins.sufd.input_scale"):
         build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"input_scale": 0}}})
+
+
+def _adam_after_steps(**kw: object) -> torch.Tensor:
+    torch.manual_seed(0)
+    disc = Discriminator(NUM_CLASSES, [8, 16, 32, 64])
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.9, 0.99), **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        for p in disc.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return torch.nn.utils.parameters_to_vector(disc.parameters()).detach()
+
+
+def test_discriminator_optimizer_is_adam_fused_or_multi_tensor():
+    """D's Adam: ``fused`` (default, volatile: rounding only) or ``foreach`` (bit-identical to the
+    per-parameter loop)."""
+    loop = _adam_after_steps(foreach=False)
+    assert torch.equal(_adam_after_steps(foreach=True), loop)
+    assert torch.allclose(_adam_after_steps(fused=True), loop, rtol=0, atol=1e-7)
+    assert unimatch_sufd().extra_optimizers()["sufd"].defaults["fused"]
+    opt = unimatch_sufd(fused=False).extra_optimizers()["sufd"]
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]
+    base = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {}}})
+    other = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"fused": False}}})
+    assert config_hash(base) == config_hash(other)

@@ -8,6 +8,7 @@ from helpers import REPO, fit_interrupted, tiny_overrides
 from semiseg.checkpoint import atomic_save, load_checkpoint
 from semiseg.config import config_hash, load_config
 from semiseg.errors import SemisegError, TrainingError
+from semiseg.models import build_model
 from semiseg.trainer import Trainer, build_optimizer, model_state_from_checkpoint, poly_lr, train
 
 CONFIGS = REPO / "src" / "semiseg" / "configs"
@@ -244,3 +245,24 @@ def test_channels_last_changes_only_rounding(tmp_path, config, extra):
     # 0.2 %); later steps add what two updates make of that rounding.
     assert eager[0] == pytest.approx(nhwc[0], rel=1e-5)
     assert eager == pytest.approx(nhwc, rel=1e-3)
+
+
+def test_sgd_multi_tensor_update_is_bit_identical_to_the_loop():
+    """``build_optimizer`` uses ``foreach=True``; on CPU PyTorch's default is the per-parameter
+    loop. Same bits after several momentum / weight-decay steps."""
+    cfg = load_config(None, tiny_overrides(**{"optim.lr_multi": 10.0}))
+    finals = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model = build_model(cfg.model, 3, 3)
+        opt = build_optimizer(model, cfg)
+        assert opt.defaults["foreach"] is True
+        for group in opt.param_groups:
+            group["foreach"] = foreach
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        finals.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    assert torch.equal(finals[0], finals[1])

@@ -109,7 +109,10 @@ def _to_tuple(x: Any) -> Any:
 
 
 def build_optimizer(model: Segmenter, cfg: RunConfig) -> torch.optim.SGD:
-    """SGD with two groups: backbone at ``lr``, everything else at ``lr × lr_multi``."""
+    """SGD with two groups: backbone at ``lr``, everything else at ``lr × lr_multi``.
+
+    ``foreach=True`` (multi-tensor update) on every device: bit-identical to the per-parameter loop
+    PyTorch uses on CPU by default (tested), and fewer kernel launches."""
     backbone_ids = {id(p) for p in model.backbone_parameters()}
     backbone = [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad]
     head = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
@@ -118,7 +121,7 @@ def build_optimizer(model: Segmenter, cfg: RunConfig) -> torch.optim.SGD:
     if head:
         groups.append({"params": head, "lr": o.lr * o.lr_multi, "lr_scale": o.lr_multi})
     return torch.optim.SGD(
-        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, foreach=True
     )
 
 

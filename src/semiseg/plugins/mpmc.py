@@ -578,6 +578,7 @@ class MPMC(OwnOptimizerPlugin):
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
+            foreach=True,  # bit-identical to the per-parameter loop (see trainer.build_optimizer)
         )
 
     def after_step(self, info: StepInfo) -> None:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import HASH_NEUTRAL
+from ..config import HASH_NEUTRAL, volatile
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
@@ -58,6 +58,9 @@ class SUFDConfig(PluginConfig):
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # hidden widths of D
     negative_slope: float = 0.2  # LeakyReLU
     input_scale: float = field(default=1.0, metadata={HASH_NEUTRAL: True})  # D sees p down-sampled ×this
+    # Adam's fused kernel for D's 2.8 M parameters (≈ 5× faster than the multi-tensor update on CPU);
+    # the same update up to float rounding, so volatile like ``train.threads``. false: ``foreach``.
+    fused: bool = volatile(True)
 
     def validate(self, prefix: str) -> None:
         if self.lambda_adv < 0:
@@ -166,8 +169,13 @@ class SUFD(OwnOptimizerPlugin):
     def make_optimizer(self) -> torch.optim.Optimizer:
         """Adam over D's parameters (created on first use, after the trainer moved the method)."""
         b1, b2 = self.cfg.betas
+        fused = {"fused": True} if self.cfg.fused else {"foreach": True}
         return torch.optim.Adam(
-            self.disc.parameters(), lr=self.cfg.lr, betas=(b1, b2), weight_decay=self.cfg.weight_decay
+            self.disc.parameters(),
+            lr=self.cfg.lr,
+            betas=(b1, b2),
+            weight_decay=self.cfg.weight_decay,
+            **fused,
         )
 
 
