@@ -24,7 +24,6 @@ For each variant (a method file of ``configs/methods``, optionally with override
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import statistics
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from step_cost import floor_step, method_config, passes_for, peak_memory
+from step_cost import floor_step, method_config, passes_for, peak_memory, write_results
 
 from semiseg.checkpoint import atomic_save
 from semiseg.data.datasets import make_batch
@@ -177,15 +176,11 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
     }
     name = f"cell_cost_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     header = (
         f"Cell cost on `{args.dataset}` (cpu-small, {args.threads} thread(s), {result['setup']['device']}); "
         f"medians of {args.rounds} interleaved rounds. Command: `{result['setup']['command']}`"
     )
-    (out / f"{name}.md").write_text(to_markdown(result, header))
-    print(to_markdown(result, header))
+    write_results(Path(args.out), name, result, to_markdown(result, header))
 
 
 if __name__ == "__main__":

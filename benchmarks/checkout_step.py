@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from step_cost import write_results
+
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
@@ -136,11 +138,7 @@ def main() -> None:
             f"| {r['arm']} | `{Path(r['checkout']).name}` | {' '.join(r['overrides']) or '–'} "
             f"| {r['step_s']:.3f} | {r['ratio_to_first']:.2f} |"
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"checkout_step_{args.tag}.json").write_text(json.dumps(result, indent=2))
-    (out / f"checkout_step_{args.tag}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out), f"checkout_step_{args.tag}", result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

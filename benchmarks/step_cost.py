@@ -255,17 +255,21 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python " + " ".join(sys.argv),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"step_cost_{args.dataset}.json").write_text(json.dumps(result, indent=2))
     s = result["setup"]
     header = (
         f"Step cost on `{args.dataset}` (cpu-small: {s['model']} {s['widths']}, crop {s['crop']}, "
         f"batch {s['batch_l']}+{s['batch_u']}, {s['threads']} threads, {s['device']}); medians of "
         f"{args.rounds} interleaved rounds. Command: `{s['command']}`"
     )
-    (out / f"step_cost_{args.dataset}.md").write_text(to_markdown(result, header))
-    print(to_markdown(result, header))
+    write_results(Path(args.out), f"step_cost_{args.dataset}", result, to_markdown(result, header))
+
+
+def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
+    """``out/<name>.json`` and ``out/<name>.md``; the Markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -247,14 +247,14 @@ def _adam_after_steps(**kw: object) -> torch.Tensor:
 
 
 def test_discriminator_optimizer_is_adam_fused_or_multi_tensor():
-    """D's Adam: ``fused`` (default, volatile: rounding only) or ``foreach`` (bit-identical to the
-    per-parameter loop)."""
+    """D's Adam: ``foreach`` (default, bit-identical to the per-parameter loop) or ``fused``
+    (volatile: rounding only)."""
     loop = _adam_after_steps(foreach=False)
     assert torch.equal(_adam_after_steps(foreach=True), loop)
     assert torch.allclose(_adam_after_steps(fused=True), loop, rtol=0, atol=1e-7)
-    assert unimatch_sufd().extra_optimizers()["sufd"].defaults["fused"]
-    opt = unimatch_sufd(fused=False).extra_optimizers()["sufd"]
+    assert unimatch_sufd(fused=True).extra_optimizers()["sufd"].defaults["fused"]
+    opt = unimatch_sufd().extra_optimizers()["sufd"]
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
     base = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {}}})
-    other = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"fused": False}}})
+    other = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"fused": True}}})
     assert config_hash(base) == config_hash(other)
