@@ -41,7 +41,7 @@ from semiseg.trainer import Trainer
 
 
 def build(spec: str, args, scratch: Path) -> dict:
-    cfg = method_config(spec, args.dataset, [f"train.threads={args.threads}", *args.set])
+    cfg = method_config(spec, args.dataset, [f"train.threads={args.threads}", *args.set], iters=None)
     trainer = Trainer(cfg, scratch)
     labeled, unlabeled = trainer._data_iterators()
     trainer.method.train()
@@ -64,7 +64,7 @@ def measure(args) -> dict:
             batch, data_s = next_batch(run)
             trainer = run["trainer"]
             t = time.perf_counter()
-            trainer.train_step(batch, StepInfo(r, run["cfg"].train.iters))
+            trainer.train_step(batch, StepInfo(args.at_step + r, run["cfg"].train.iters))
             step_s = time.perf_counter() - t
             t = time.perf_counter()
             floor_step(trainer, batch, passes_for(spec))
@@ -115,7 +115,7 @@ def real_cell(row: dict, args, scratch: Path) -> dict:
     """Time ``Trainer.fit`` for ``--cell-iters`` iterations (data, steps, checkpoints, evaluation)."""
     n = args.cell_iters
     extra = [f"train.threads={args.threads}", f"train.iters={n}", *args.set]
-    cfg = method_config(row["variant"], args.dataset, extra)
+    cfg = method_config(row["variant"], args.dataset, extra, iters=None)
     run_dir = scratch / f"cell_{len(list(scratch.glob('cell_*')))}"
     t = time.perf_counter()
     Trainer(cfg, run_dir).fit()
@@ -159,6 +159,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cell-iters", type=int, default=0, help="also time a real cell of N iterations")
+    p.add_argument(
+        "--at-step", type=int, default=0, help="timed steps pretend to be at this step (past warm-ups)"
+    )
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--set", action="append", default=[], help="config override for every variant")
     p.add_argument("--scratch", default="runs/cell_cost")

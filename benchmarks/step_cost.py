@@ -52,14 +52,15 @@ def split_variant(spec: str) -> tuple[str, list[str]]:
     return method, [o for o in rest.split(",") if o]
 
 
-def method_config(spec: str, dataset: str, extra: list[str]) -> RunConfig:
-    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at cpu-small."""
+def method_config(spec: str, dataset: str, extra: list[str], iters: int | None = 1000) -> RunConfig:
+    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at cpu-small;
+    ``iters`` replaces the protocol's iteration count unless None."""
     method, overrides = split_variant(spec)
-    extra = [*extra, *overrides]
+    extra = [*([f"train.iters={iters}"] if iters is not None else []), *extra, *overrides]
     tree: dict = {}
     for part in ("protocols/cpu_small.yaml", f"datasets/{dataset}.yaml", f"methods/{method}.yaml"):
         tree = _deep_merge(tree, load_yaml_tree(CONFIGS / part))
-    return build_config(apply_overrides(tree, ["train.progress=none", "train.iters=1000", *extra]))
+    return build_config(apply_overrides(tree, ["train.progress=none", *extra]))
 
 
 def passes_for(spec: str) -> list[tuple[str, str]]:
