@@ -1,7 +1,7 @@
 """Where a whole grid cell's time goes, per method variant, measured side by side in one run.
 
 For each variant (a method file of ``configs/methods``, optionally with overrides:
-``unimatch@train.channels_last=true``) at the cpu-small protocol of ``--dataset``:
+``unimatch@train.channels_last=true``) at ``--protocol`` (default cpu-small) on ``--dataset``:
 
 * **step**: the trainer's training step on a freshly loaded batch (forward, losses, backward,
   optimizer steps, plug-in steps); **floor**: the raw forward+backward of the network passes the
@@ -41,7 +41,8 @@ from semiseg.trainer import Trainer
 
 
 def build(spec: str, args, scratch: Path) -> dict:
-    cfg = method_config(spec, args.dataset, [f"train.threads={args.threads}", *args.set], iters=None)
+    extra = [f"train.threads={args.threads}", *args.set]
+    cfg = method_config(spec, args.dataset, extra, iters=None, protocol=args.protocol)
     trainer = Trainer(cfg, scratch)
     labeled, unlabeled = trainer._data_iterators()
     trainer.method.train()
@@ -115,7 +116,7 @@ def real_cell(row: dict, args, scratch: Path) -> dict:
     """Time ``Trainer.fit`` for ``--cell-iters`` iterations (data, steps, checkpoints, evaluation)."""
     n = args.cell_iters
     extra = [f"train.threads={args.threads}", f"train.iters={n}", *args.set]
-    cfg = method_config(row["variant"], args.dataset, extra, iters=None)
+    cfg = method_config(row["variant"], args.dataset, extra, iters=None, protocol=args.protocol)
     run_dir = scratch / f"cell_{len(list(scratch.glob('cell_*')))}"
     t = time.perf_counter()
     Trainer(cfg, run_dir).fit()
@@ -154,6 +155,7 @@ def to_markdown(result: dict, header: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="chase_db1")
+    p.add_argument("--protocol", default="cpu_small", help="configs/protocols/<name>.yaml")
     p.add_argument("--variants", nargs="+", default=["unimatch", "unimatch@train.channels_last=true"])
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -180,7 +182,8 @@ def main() -> None:
     }
     name = f"cell_cost_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     header = (
-        f"Cell cost on `{args.dataset}` (cpu-small, {args.threads} thread(s), {result['setup']['device']}); "
+        f"Cell cost on `{args.dataset}` ({args.protocol}, {args.threads} thread(s), "
+        f"{result['setup']['device']}); "
         f"medians of {args.rounds} interleaved rounds. Command: `{result['setup']['command']}`"
     )
     write_results(Path(args.out), name, result, to_markdown(result, header))

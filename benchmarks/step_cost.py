@@ -52,13 +52,15 @@ def split_variant(spec: str) -> tuple[str, list[str]]:
     return method, [o for o in rest.split(",") if o]
 
 
-def method_config(spec: str, dataset: str, extra: list[str], iters: int | None = 1000) -> RunConfig:
-    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at cpu-small;
-    ``iters`` replaces the protocol's iteration count unless None."""
+def method_config(
+    spec: str, dataset: str, extra: list[str], iters: int | None = 1000, protocol: str = "cpu_small"
+) -> RunConfig:
+    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at ``protocol``
+    (configs/protocols); ``iters`` replaces the protocol's iteration count unless None."""
     method, overrides = split_variant(spec)
     extra = [*([f"train.iters={iters}"] if iters is not None else []), *extra, *overrides]
     tree: dict = {}
-    for part in ("protocols/cpu_small.yaml", f"datasets/{dataset}.yaml", f"methods/{method}.yaml"):
+    for part in (f"protocols/{protocol}.yaml", f"datasets/{dataset}.yaml", f"methods/{method}.yaml"):
         tree = _deep_merge(tree, load_yaml_tree(CONFIGS / part))
     return build_config(apply_overrides(tree, ["train.progress=none", *extra]))
 
@@ -103,7 +105,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     runners = {}
     for method in args.methods:
-        cfg = method_config(method, args.dataset, args.set)
+        cfg = method_config(method, args.dataset, args.set, protocol=args.protocol)
         trainer = Trainer(cfg, Path(args.scratch) / f"{method}")
         labeled, unlabeled = trainer._data_iterators()
         batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(trainer.device)
@@ -153,6 +155,8 @@ def peak_memory(method: str, args) -> float:
         method,
         "--dataset",
         args.dataset,
+        "--protocol",
+        args.protocol,
         "--threads",
         str(args.threads),
         "--scratch",
@@ -173,7 +177,7 @@ def child(method: str, args) -> None:
     import threading
 
     torch.set_num_threads(args.threads)
-    cfg = method_config(method, args.dataset, args.set)
+    cfg = method_config(method, args.dataset, args.set, protocol=args.protocol)
     trainer = Trainer(cfg, Path(args.scratch) / method)
     labeled, unlabeled = trainer._data_iterators()
     batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(trainer.device)
@@ -225,6 +229,7 @@ def main() -> None:
     p.add_argument(
         "--dataset", default="chase_db1", help="configs/datasets/<name>.yaml (run from the repo root)"
     )
+    p.add_argument("--protocol", default="cpu_small", help="configs/protocols/<name>.yaml")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
@@ -242,7 +247,7 @@ def main() -> None:
 
     shutil.rmtree(args.scratch, ignore_errors=True)
     result = measure(args)
-    cfg = method_config("unimatch", args.dataset, args.set)
+    cfg = method_config("unimatch", args.dataset, args.set, protocol=args.protocol)
     result["setup"] = {
         "dataset": args.dataset,
         "crop": cfg.data.crop_size,
@@ -258,7 +263,7 @@ def main() -> None:
     }
     s = result["setup"]
     header = (
-        f"Step cost on `{args.dataset}` (cpu-small: {s['model']} {s['widths']}, crop {s['crop']}, "
+        f"Step cost on `{args.dataset}` ({args.protocol}: {s['model']} {s['widths']}, crop {s['crop']}, "
         f"batch {s['batch_l']}+{s['batch_u']}, {s['threads']} threads, {s['device']}); medians of "
         f"{args.rounds} interleaved rounds. Command: `{s['command']}`"
     )
