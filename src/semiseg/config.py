@@ -175,7 +175,7 @@ class TrainConfig:
     ckpt_every: int = volatile(100)  # resume is exact from any checkpoint step
     threads: int | None = volatile(None)  # torch.set_num_threads; None: torch's default
     # Keep the network's (and its plug-ins') 4-D weights in channels-last memory format, so the
-    # convolutions run NHWC: 20-30 % faster U-Net steps on CPU (benchmarks/README "Faster cells").
+    # convolutions run NHWC: ≈ 0.8× the U-Net step on CPU (benchmarks/README "Faster cells").
     # Like ``threads`` it changes only floating-point rounding, so it is volatile.
     channels_last: bool = volatile(False)
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under torchrun on CUDA
