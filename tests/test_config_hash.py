@@ -29,6 +29,7 @@ VOLATILE_CHANGES = {
     "name": "another-name",
     "run_dir": "somewhere/else",
     "data.num_workers": 3,
+    "data.resize_crop_only": "true",
     "train.threads": 7,
     "train.log_every": 3,
     "train.ckpt_every": 9,

@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from semiseg.config import StrongAugConfig
-from semiseg.data.transforms import blur_kernel_size, cutmix_box, strong_view, weak_view
+from semiseg.data.transforms import (
+    _aa_bilinear_rows,
+    blur_kernel_size,
+    cutmix_box,
+    resize_window,
+    strong_view,
+    weak_view,
+)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -105,6 +113,60 @@ def test_weak_view_scale_range_is_sampled():
         _, _, ignore = weak_view(image, mask, 64, [0.5, 1.0], False, gen(seed))
         pads.append(int((ignore == 255).sum()))
     assert min(pads) < 64 * 64 * 0.2 and max(pads) > 64 * 64 * 0.5  # scale varied in [0.5, 1]
+
+
+@pytest.mark.parametrize(
+    ("in_size", "out_size"), [(50, 13), (97, 40), (480, 333), (500, 1000), (37, 37), (7, 64)]
+)
+def test_windowed_resampling_weights_are_pytorchs(in_size, out_size):
+    """Rows of the antialiased bilinear matrix equal F.interpolate's own weights (read off an identity)."""
+    eye = torch.eye(in_size)[None, None]
+    reference = F.interpolate(
+        eye, size=(out_size, in_size), mode="bilinear", align_corners=False, antialias=True
+    )
+    start, stop = out_size // 3, out_size - out_size // 4
+    first, weights = _aa_bilinear_rows(in_size, out_size, start, stop)
+    full = torch.zeros(stop - start, in_size)
+    full[:, first : first + weights.shape[1]] = weights
+    torch.testing.assert_close(full, reference[0, 0, start:stop], rtol=0, atol=2e-7)
+
+
+def test_resize_window_equals_a_crop_of_the_full_resize():
+    rng = np.random.default_rng(0)
+    img = torch.from_numpy(rng.random((3, 41, 57), dtype=np.float32))
+    lab = torch.from_numpy(rng.integers(0, 5, (41, 57)).astype(np.uint8))
+    for size in [(90, 125), (20, 28), (41, 80)]:
+        full = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+        full_lab = F.interpolate(lab[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(
+            torch.uint8
+        )
+        rows, cols = (size[0] // 4, size[0] - 2), (3, size[1] // 2)
+        out, out_lab = resize_window(img.permute(1, 2, 0).numpy(), lab.numpy(), size, rows, cols)
+        window = (slice(*rows), slice(*cols))
+        torch.testing.assert_close(out, full[(slice(None), *window)].clamp(0, 1), rtol=0, atol=1e-6)
+        assert torch.equal(out_lab, full_lab[window])
+
+
+def test_resize_crop_only_draws_the_same_views_up_to_rounding():
+    """``data.resize_crop_only``: same crop, flip, labels and ignore map; image equal to ≤ 1e-6; the
+    generator ends in the same state (later draws are unchanged), over up-, down- and no rescale,
+    padding, grey and RGB."""
+    rng = np.random.default_rng(1)
+    for case in range(60):
+        h, w = (int(v) for v in rng.integers(12, 160, 2))
+        channels = int(rng.choice([1, 3]))
+        image = rng.random((h, w, channels), dtype=np.float32)
+        mask = rng.integers(0, 4, (h, w)).astype(np.uint8) if case % 3 else None
+        crop = int(rng.integers(8, 120))
+        scales = [1.0, 1.0] if case % 7 == 0 else sorted(rng.uniform(0.3, 2.5, 2).tolist())
+        g_full, g_window = gen(case), gen(case)
+        full = weak_view(image, mask, crop, scales, True, g_full)
+        window = weak_view(image, mask, crop, scales, True, g_window, resize_crop_only=True)
+        torch.testing.assert_close(window[0], full[0], rtol=0, atol=1e-6)
+        assert torch.equal(window[1], full[1]) and torch.equal(window[2], full[2])
+        assert torch.equal(g_window.get_state(), g_full.get_state())
+        if scales == [1.0, 1.0]:
+            assert torch.equal(window[0], full[0])  # no resampling: exact
 
 
 # ------------------------------------------------------------------ strong view

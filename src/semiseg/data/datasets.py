@@ -62,7 +62,7 @@ class _RecordDataset(Dataset):
     def _weak(self, index: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         image, mask = self._read(index)
         c = self.cfg
-        return weak_view(image, mask, c.crop_size, c.scale_range, c.hflip, gen)
+        return weak_view(image, mask, c.crop_size, c.scale_range, c.hflip, gen, c.resize_crop_only)
 
 
 class LabeledDataset(_RecordDataset):
