@@ -109,7 +109,9 @@ def test_hash_neutral_option_at_default_leaves_the_hash_unchanged():
         assert config_hash(load_config(None, [*base, changed])) != config_hash(cfg), changed
 
 
-@pytest.mark.parametrize("grid", ["table1_cpu_small", "table2_cpu_small", "supervised_cpu_small"])
+@pytest.mark.parametrize(
+    "grid", ["table1_cpu_small", "table2_cpu_small", "supervised_cpu_small", "table1_cpu_small_recipe"]
+)
 def test_committed_grid_records_keep_their_config_hashes(grid):
     """Every committed record of a built-in grid still matches one of its cells' config hashes, so
     new options (at their defaults) never make finished cells run again."""
@@ -161,6 +163,17 @@ def test_recipes_overlay_every_semi_supervised_method(recipe, method):
     tree["method"]["name"] = method
     cfg = build_config(tree)
     assert cfg.method.dice_weight == 1.0 and cfg.method.dice_squared
+
+
+@pytest.mark.parametrize("grid", sorted((CONFIGS / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_grid_builds_all_its_cells(grid):
+    """Each built-in grid resolves every cell's config (protocol, dataset, method, overrides, chains)."""
+    from semiseg.experiment import load_grid
+
+    loaded = load_grid(grid)
+    assert loaded.cells and all(c.cfg.seed == c.seed for c in loaded.cells)
+    for cell in loaded.cells:
+        assert (cell.base is not None) == bool(cell.cfg.train.init_from), cell.method
 
 
 @pytest.mark.parametrize("path", _leaf_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
