@@ -49,6 +49,16 @@ def build(spec: str, args, scratch: Path) -> dict:
     return {"cfg": cfg, "trainer": trainer, "labeled": labeled, "unlabeled": unlabeled}
 
 
+def warm_image_cache(runners: dict) -> None:
+    """Read every training image once, so no variant pays the per-process image cache's misses
+    (decode + resize) inside the timed rounds (they share one process and the same batches)."""
+    for run in runners.values():
+        for stream in (run["labeled"], run["unlabeled"]):
+            if stream is not None:
+                for index in range(len(stream.dataset)):
+                    stream.dataset._read(index)
+
+
 def next_batch(r: dict):
     t = time.perf_counter()
     batch = make_batch(next(r["labeled"]), next(r["unlabeled"]) if r["unlabeled"] else None)
@@ -59,6 +69,7 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     scratch = Path(args.scratch)
     runners = {v: build(v, args, scratch / f"v{i}") for i, v in enumerate(args.variants)}
+    warm_image_cache(runners)
     samples: dict[str, dict[str, list[float]]] = {v: {"step": [], "floor": [], "data": []} for v in runners}
     for r in range(args.warmup + args.rounds):
         for spec, run in runners.items():
