@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The grid cells the open issues still need (12: Table 1 and 2 with the recipe; 16: SUFD's cheaper
+# discriminator; 13: MPMC; 14: GuidedMix-Net), in the order we run them: the first priority first,
+# the longest cells of a group first. Start it twice on 2 cores — two one-thread lanes:
+#     nohup bash benchmarks/open_cells.sh > lane1.log 2>&1 &
+#     nohup bash benchmarks/open_cells.sh > lane2.log 2>&1 &
+# Lock files keep the lanes on different cells (a cell the other lane holds is skipped), finished
+# cells are skipped, and an interrupted cell resumes from its checkpoint. To run a frozen copy of
+# the code while editing this one, set PYTHONPATH=/path/to/copy/src (the built-in grids come with it).
+# Afterwards: bash benchmarks/open_cells.sh report   (tables, records and figures of every grid).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+SEMISEG=${SEMISEG:-.venv/bin/semiseg}
+GRIDS=(table1_cpu_small_recipe sufd_input_scale_cpu_small table2_cpu_small_recipe mpmc_cpu_small
+       mpmc_ablation_cpu_small guidedmix_cpu_small guidedmix_ablation_cpu_small)
+if [ "${1:-}" = report ]; then
+  for grid in "${GRIDS[@]}"; do "$SEMISEG" reproduce "grids/$grid" --report-only || exit 1; done
+  exit 0
+fi
+cells() {  # GRID [--only KEY=VALUE ...]
+  local grid=$1; shift
+  echo "== $grid $* ($(date -u +%H:%M))"
+  nice -n 5 "$SEMISEG" reproduce "grids/$grid" "$@" --workers 1 --set train.threads=1 --no-report
+}
+R=table1_cpu_small_recipe
+cells $R --only dataset=covid_infnet --only method=unimatch+supmix+sufd+freematch+da
+cells $R --only dataset=chase_db1 --only method=unimatch+supmix+sufd+freematch+da
+cells $R --only dataset=covid_infnet --only method=fixmatch+freematch+da
+cells $R --only dataset=chase_db1 --only method=fixmatch+freematch+da
+cells sufd_input_scale_cpu_small
+cells table2_cpu_small_recipe
+cells mpmc_cpu_small --only dataset=covid_infnet
+cells mpmc_cpu_small --only dataset=chase_db1
+cells mpmc_ablation_cpu_small
+cells guidedmix_cpu_small
+cells guidedmix_ablation_cpu_small
