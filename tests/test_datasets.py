@@ -260,3 +260,22 @@ def test_labeled_strong_view_keeps_the_weak_crop(splits):
     assert torch.equal(both["image_s"][:, pad], both["image"][:, pad])
     batch = make_batch({k: v[None] for k, v in both.items()})
     assert batch.x_ls is not None and torch.equal(batch.x_ls[0], both["image_s"])
+
+
+def test_windowed_crops_keep_the_stream_exact_for_any_worker_count():
+    """``data.resize_crop_only``: resuming at a batch and loading in a worker process give the same
+    batches as the plain stream, and labels / ignore maps equal the full-resize path's."""
+    cfg = small_cfg(resize_crop_only=True)
+    sp = make_splits(build_synthetic(cfg), cfg, seed=0)
+    windowed = LabeledDataset(sp.labeled, cfg, sp.num_classes, sp.in_channels)
+    full = LabeledDataset(sp.labeled, small_cfg(), sp.num_classes, sp.in_channels)
+    plain = list(itertools.islice(InfiniteBatches(windowed, 2, seed=3), 4))
+    resumed = next(InfiniteBatches(windowed, 2, seed=3, start_batch=3))
+    with InfiniteBatches(windowed, 2, seed=3, num_workers=1) as it:
+        loaded = list(itertools.islice(it, 4))
+    reference = list(itertools.islice(InfiniteBatches(full, 2, seed=3), 4))
+    assert all(torch.equal(resumed[k], plain[3][k]) for k in resumed)
+    for a, b, ref in zip(plain, loaded, reference):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert torch.equal(a["label"], ref["label"])
+        torch.testing.assert_close(a["image"], ref["image"], rtol=0, atol=1e-5)
