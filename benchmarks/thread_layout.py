@@ -32,7 +32,7 @@ from semiseg.methods import StepInfo
 def _worker(args: argparse.Namespace, threads: int, scratch: str, start, out) -> None:
     """Build one trainer, wait for the others, time ``args.steps`` steps (data included)."""
     torch.set_num_threads(threads)
-    ns = argparse.Namespace(**{**vars(args), "threads": threads, "set": list(args.set)})
+    ns = argparse.Namespace(**{**vars(args), "threads": threads})
     run = build(args.variant, ns, Path(scratch))
     trainer, iters = run["trainer"], run["cfg"].train.iters
     for i in range(args.warmup):
