@@ -426,15 +426,22 @@ def test_passes_total_and_ramp_by_hand() -> None:
     assert rec.calls == [(True, 4), (False, 3)]
 
 
-def test_usup_target_is_the_decoupled_mask_of_the_paired_labeled_image() -> None:
-    """Recompute L_usup from the method's own pairs and λ (eq. 2, 3, 8, 10)."""
+def recorded_step(method_cfg: dict) -> tuple[Recorder, Batch, dict[str, Tensor]]:
+    """One step (3 labeled, 2 unlabeled images) on a :class:`Recorder`, the RNG then reset to the
+    step's seed so a test can redraw the method's λ."""
     torch.manual_seed(0)
     rec = Recorder()
-    method = method_for({"pair_features": "map", "dec_weight": 0.0}, model=rec)
+    method = method_for(method_cfg, model=rec)
     batch = make_batch(n_l=3, n_u=2)
     torch.manual_seed(7)
     losses = method.training_step(batch, StepInfo(9, 10))
     torch.manual_seed(7)
+    return rec, batch, losses
+
+
+def test_usup_target_is_the_decoupled_mask_of_the_paired_labeled_image() -> None:
+    """Recompute L_usup from the method's own pairs and λ (eq. 2, 3, 8, 10)."""
+    rec, batch, losses = recorded_step({"pair_features": "map", "dec_weight": 0.0})
     lam = sample_lambda(1.0, 0.5, 1).expand(2)
     pair = nearest_pairs(batch.x_w.flatten(1), batch.x_l.flatten(1))  # Recorder's features = the image
     with torch.no_grad():
@@ -444,6 +451,30 @@ def test_usup_target_is_the_decoupled_mask_of_the_paired_labeled_image() -> None
     valid = batch.ignore != IGN
     want = ((p_u - target) ** 2).sum(1)[valid].mean()
     assert float(losses["loss_u"].detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_dec_loss_by_hand() -> None:
+    """L_dec (eq. 12) from the method's own labeled pairs and λ: the hard-decoupled mask of the mixed
+    labeled pair, M(λ·x_i + (1 − λ)·x_π(i)) − λ-free M(x_i), against the detached M(x_π(i))."""
+    rec, batch, losses = recorded_step({"pair_features": "map", "unsup_weight": 0.0})
+    sample_lambda(1.0, 0.5, 1)  # λ of the unlabeled mix comes first
+    lam = sample_lambda(1.0, 0.5, 1).expand(3)
+    flat = batch.x_l.flatten(1)
+    pair = nearest_pairs(flat, flat, exclude_self=True)
+    assert bool((pair != torch.arange(3)).all())
+    with torch.no_grad():
+        p_l = rec(batch.x_l).softmax(1)
+        p_mix = rec(lupi_mix(batch.x_l, batch.x_l[pair], lam)).softmax(1)
+    target = p_mix - p_l  # dec_decoupling: hard (eq. 12)
+    valid = (batch.y_l[pair] != IGN) & (batch.y_l != IGN)
+    want = ((p_l[pair] - target) ** 2).sum(1)[valid].mean()
+    assert float(losses["loss_dec"].detach()) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_one_unlabeled_image_per_step_is_rejected_before_training() -> None:
+    cfg = build_config({"method": {"name": "guidedmix"}, "data": {"unlabeled_batch_size": 1}})
+    with pytest.raises(ConfigError, match=r"data\.unlabeled_batch_size"):
+        build_method(cfg, tiny_net(), 3)
 
 
 def test_random_pairing_and_released_options_train() -> None:

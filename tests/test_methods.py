@@ -292,7 +292,7 @@ def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
     ctx = StepContext.from_joint_pass(
         batch, StepInfo(0, 10), method.model(torch.cat((batch.x_l, batch.x_w))), None, 2, batch.ignore
     )
-    target = method.strong_target(batch.x_s1, None, ctx, None, None)
+    target = method.strong_target(batch.x_s1, None, ctx, (None, None), None)
     pasted = target.confidence == 1.0
     assert bool(pasted.any())
     source = (batch.x_ls if source == "strong" else batch.x_l)[torch.arange(3) % 2]

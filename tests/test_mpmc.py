@@ -280,17 +280,32 @@ def test_lambda_s_follows_the_cutmix_partner_and_supmix_pastes_weight_one():
     torch.manual_seed(0)
     batch = make_batch(n_u=3)
     method = method_with({"name": "unimatch", "mix": "cutmix"})
+    mpmc = method.plugins["mpmc"]
     ctx = joint_context(method, batch)
-    weight = method.plugin_pixel_weights(ctx)
-    target = method.strong_target(batch.x_s1, batch.box1, ctx, weight, method.partner_prediction(batch.x_w))
+    partner = method.partner_prediction(batch.x_w)
+    weights = method.mix_weights(ctx, partner)
+    weight = weights[0]
+    target = method.strong_target(batch.x_s1, batch.box1, ctx, weights, partner)
     box = batch.box1.bool()
-    assert torch.equal(target.weight[box], weight.flip(0)[box])  # the partner's λ_s inside the box
+    # Inside the box: the partner's γ at the class the mix pastes (its eval-mode pseudo-label), by hand.
+    gamma, geom = mpmc.state(ctx).gamma.flip(0), mpmc.geometry
+    expected = torch.empty_like(weight)
+    for n in range(3):
+        for i in range(32):
+            for j in range(32):
+                r = min(max(math.floor((i - geom.center) / geom.stride + 0.5), 0), gamma.shape[2] - 1)
+                c = min(max(math.floor((j - geom.center) / geom.stride + 0.5), 0), gamma.shape[3] - 1)
+                expected[n, i, j] = gamma[n, partner[0][n, i, j], r, c]
+    assert torch.equal(target.weight[box], expected[box])
+    assert torch.equal(target.label[box], partner[0][box])
     assert torch.equal(target.weight[~box], weight[~box])
+    assert not torch.equal(expected[box], weight.flip(0)[box])  # not the partner's train-mode label
 
     method = method_with({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0})
     ctx = joint_context(method, batch)
-    weight = method.plugin_pixel_weights(ctx)
-    target = method.strong_target(batch.x_s1, batch.box1, ctx, weight, None)
+    weights = method.mix_weights(ctx, None)
+    weight = weights[0]
+    target = method.strong_target(batch.x_s1, batch.box1, ctx, weights, None)
     pasted = target.confidence == 1.0  # ground truth (eq. 11); predictions never reach exactly 1 here
     assert bool(pasted.any()) and bool((~pasted).any())
     assert bool((target.weight[pasted] == 1.0).all())
@@ -348,15 +363,9 @@ def test_the_head_gets_exactly_the_gradient_of_a_joint_pass():
         assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teacher():
-    torch.manual_seed(0)
-    batch = make_batch()
-    unimatch = method_with({"name": "unimatch"})
-    assert unimatch.plugins["mpmc"].state(joint_context(unimatch, batch)).dropout is not None
-
-    mt = method_with({"name": "mean_teacher"})
-    mpmc = mt.plugins["mpmc"]
-    seen = {}
+def spy_state(mpmc) -> dict:
+    """Record the plug-in's step state and context of the next step."""
+    seen: dict = {}
     original = mpmc.state
 
     def spy(ctx):
@@ -364,6 +373,54 @@ def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teache
         return seen["state"]
 
     mpmc.state = spy
+    return seen
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "supmix"])
+def test_student_sees_the_mixed_strong_views_with_targets_from_their_source(mix):
+    torch.manual_seed(0)
+    batch = make_batch(n_u=3)
+    unimatch = method_with({"name": "unimatch", "mix": mix, "supmix_p": 1.0})
+    mpmc = unimatch.plugins["mpmc"]
+    seen = spy_state(mpmc)
+    losses = unimatch.training_step(batch, StepInfo(0, 100))
+    st, ctx = seen["state"], seen["ctx"]
+    assert st.dropout is None and len(ctx.features_s) == 2 and len(ctx.sources_s) == 2
+    assert len(st.students) == 1 and st.students[0].shape[0] == 2 * 3  # both strong views, one batch
+    z_s = ctx.features_s[0][mpmc.tap]
+    assert z_s.requires_grad and z_s.data_ptr() != ctx.features_w[mpmc.tap].data_ptr()
+    t_logits, gamma, valid = st.student_targets
+    h, w = st.teacher_logits.shape[-2:]
+    geom = mpmc.geometry
+    for v, sources in enumerate(ctx.sources_s):
+        for n in range(3):
+            for i in range(h):
+                for j in range(w):
+                    y = min(max(round(geom.center + geom.stride * i), 0), 31)
+                    x = min(max(round(geom.center + geom.stride * j), 0), 31)
+                    src = int(sources[n, y, x])
+                    k = v * 3 + n
+                    if src == 2:  # SupMix ground truth: left out
+                        assert not bool(valid[k, i, j])
+                        continue
+                    m = n if src == 0 else 2 - n  # own, or the partner (flipped batch)
+                    assert torch.equal(t_logits[k, :, i, j], st.teacher_logits[m, :, i, j])
+                    assert torch.equal(gamma[k, :, i, j], st.gamma[m, :, i, j])
+                    assert bool(valid[k, i, j]) == bool(st.valid_u[m, i, j])
+    kinds = set(torch.cat(ctx.sources_s).unique().tolist())
+    assert kinds == ({0, 1} if mix == "cutmix" else {0, 2})
+    grads = torch.autograd.grad(losses["mpmc/loss_u"], z_s, allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0  # L_u^M trains the strong-view encoder
+
+
+def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teacher():
+    torch.manual_seed(0)
+    batch = make_batch()
+    unimatch = method_with({"name": "unimatch"})
+    assert unimatch.plugins["mpmc"].state(joint_context(unimatch, batch)).dropout is not None  # no strong
+
+    mt = method_with({"name": "mean_teacher"})
+    seen = spy_state(mt.plugins["mpmc"])
     mt.training_step(batch, StepInfo(0, 100))
     assert seen["state"].dropout is None  # the student already sees another (strong) view
     ctx = seen["ctx"]
@@ -400,6 +457,58 @@ def test_switches_and_warmup():
     b = plain.plugins["mpmc"].losses(joint_context(plain, batch))
     assert a["loss_l"].item() == pytest.approx(b["loss_l"].item(), rel=1e-5)  # 0.5 · 2
     assert a["loss_u"].item() == pytest.approx(0.1 * b["loss_u"].item(), rel=1e-5)  # 0.5 · 0.2
+
+    # scale: null follows the host's multipliers of the step.
+    torch.manual_seed(1)  # the U-Net's dropout draws too
+    ctx = joint_context(plain, batch)
+    ctx.labeled_scale, ctx.unlabeled_scale = 0.5, 0.125
+    c = plain.plugins["mpmc"].losses(ctx)
+    assert c["loss_l"].item() == pytest.approx(0.5 * b["loss_l"].item(), rel=1e-5)
+    assert c["loss_u"].item() == pytest.approx(0.125 * b["loss_u"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("host", ["unimatch", "fixmatch", "mean_teacher"])
+def test_labeled_patch_loss_trains_in_the_hosts_warmup(host):
+    torch.manual_seed(0)
+    batch = make_batch()
+    method = method_with({"name": host, "warmup_iters": 2, "rampup_iters": 4})
+    losses = method.training_step(batch, StepInfo(0, 100))
+    assert {"mpmc/loss_l", "total/mpmc"} <= set(losses) and "mpmc/loss_u" not in losses
+    expected = losses["loss_x"].item() + losses["mpmc/loss_l"].item()  # L_x + L_l^M: ratio 1, as after it
+    assert losses["total"].item() == pytest.approx(expected, rel=1e-6)
+    head = list(method.plugins["mpmc"].head.parameters())
+    assert all(g is not None for g in torch.autograd.grad(losses["total/mpmc"], head))
+    enc = torch.autograd.grad(
+        losses["mpmc/loss_l"], list(method.model.encoder.parameters()), allow_unused=True
+    )
+    assert any(g is not None and g.abs().sum() > 0 for g in enc)
+    # After the warm-up: both terms, at the host's multipliers (UniMatch / FixMatch: ½ and ½·ramp).
+    after = method.training_step(batch, StepInfo(3, 100))
+    assert {"mpmc/loss_l", "mpmc/loss_u"} <= set(after)
+    without = method_with({"name": host, "warmup_iters": 2}, {"unlabeled": False, "labeled": True})
+    assert "total/mpmc" in without.training_step(batch, StepInfo(0, 100))
+    sufd_only = method_with({"name": host, "warmup_iters": 2}, {"labeled": False})
+    assert "total/mpmc" not in sufd_only.training_step(batch, StepInfo(0, 100))
+
+
+def test_perturbed_student_input_stays_out_of_the_running_statistics():
+    torch.manual_seed(0)
+    batch = make_batch()
+    method = method_with({"name": "unimatch"}, {"labeled": False, "student_input": "perturbed"})
+    mpmc = method.plugins["mpmc"]
+    before = {k: v.clone() for k, v in mpmc.head.state_dict().items() if "running" in k}
+    ctx = joint_context(method, batch)
+    mpmc.losses(ctx)
+    mpmc.optimizer_losses(ctx)["mpmc"].backward()
+    after = mpmc.head.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_probe_starts_at_the_models_smallest_input():
+    model = build_model(ModelConfig(name="unet", widths=[2, 2, 2, 2, 2, 2, 2, 2]), 1, 2)
+    assert model.min_size > 64
+    probe = probe_tap(model, None)
+    assert probe.stride == 2 and probe.field is not None
 
 
 @pytest.mark.parametrize(
@@ -471,6 +580,8 @@ def test_config_validation_and_registration():
         ({"beta": -1}, "beta"),
         ({"labeled": False, "unlabeled": False}, "mpmc"),
         ({"student_input": "weak"}, "student_input"),
+        ({"patch_stride": 2}, "patch_stride"),  # the stride is the tap's: no override
+        ({"scale": -1}, "scale"),
         ({"fp_dropout": 1.0}, "fp_dropout"),
         ({"nope": 1}, "nope"),
     ]:
@@ -548,7 +659,7 @@ def test_method_files_and_runnables():
             assert (CONFIGS / "cpu_small" / dataset / f"{name}.yaml").is_file(), (dataset, name)
     full = load_config(CONFIGS / "cpu_small" / "chase_db1" / "unimatch_supmix_sufd_mpmc.yaml")
     assert full.method.name == "unimatch" and full.method.mix == "supmix"
-    assert set(full.plugins) == {"sufd", "mpmc"} and full.plugins["mpmc"].scale == full.method.scale
+    assert set(full.plugins) == {"sufd", "mpmc"} and full.plugins["mpmc"].scale is None
     assert full.name == "cpu_small-chase_db1-unimatch_supmix_sufd_mpmc"
     covid = load_config(CONFIGS / "cpu_small" / "covid_infnet" / "unimatch_mpmc.yaml")
     assert set(covid.plugins) == {"mpmc"} and covid.data.name == "covid_infnet"

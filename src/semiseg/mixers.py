@@ -45,13 +45,16 @@ Strategy = Literal["paper", "inverse_frequency", "difficulty"]
 class MixSample(NamedTuple):
     """One side of a mix. ``image`` N×C×H×W; ``label`` N×H×W class indices; ``confidence`` N×H×W in
     [0, 1]; ``ignore`` N×H×W (255 = ignored pixel, anything else = used); ``weight`` an optional N×H×W
-    per-pixel loss weight (``None`` = all ones)."""
+    per-pixel loss weight (``None`` = all ones); ``source`` an optional N×H×W uint8 provenance map
+    (:data:`~semiseg.types.SOURCE_OWN` / ``SOURCE_PARTNER`` / ``SOURCE_LABELED``) that the mix
+    carries like the label, so plug-ins can tell which image each pixel of a mixed view came from."""
 
     image: Tensor
     label: Tensor
     confidence: Tensor
     ignore: Tensor
     weight: Tensor | None = None
+    source: Tensor | None = None
 
     def flip(self) -> MixSample:
         """The mix partner of every sample: the same batch in reverse order (``flip(0)``, DESIGN §2)."""
@@ -67,7 +70,8 @@ def paste(target: MixSample, source: MixSample, mask: Tensor) -> MixSample:
     ``target`` (SupMix paper eq. 5–6 / 10–11, applied to image, label, confidence, ignore and weight).
 
     Dtypes follow ``target``. A missing ``weight`` counts as ones on the side where it is missing;
-    the result has a weight when either side has one.
+    the result has a weight when either side has one. ``source`` is mixed when both sides have one
+    (a provenance map on one side only is an error: the other side's origin would be unknown).
     """
     m = mask.bool()
     if m.shape != target.label.shape or m.shape != source.label.shape:
@@ -84,7 +88,10 @@ def paste(target: MixSample, source: MixSample, mask: Tensor) -> MixSample:
         t_w = target.weight if target.weight is not None else torch.ones_like(target.confidence)
         s_w = source.weight if source.weight is not None else torch.ones_like(t_w)
         weight = torch.where(m, s_w.to(t_w.dtype), t_w)
-    return MixSample(image, label, confidence, ignore, weight)
+    if (target.source is None) != (source.source is None):
+        raise ValueError("paste: a provenance map (source) on one side only")
+    origin = None if target.source is None else torch.where(m, source.source, target.source)
+    return MixSample(image, label, confidence, ignore, weight, origin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +184,10 @@ def match_size(sample: MixSample, size: tuple[int, int]) -> MixSample:
 
     image = F.interpolate(sample.image, size=size, mode="bilinear", align_corners=False)
     weight = None if sample.weight is None else nearest(sample.weight)
-    return MixSample(image, nearest(sample.label), nearest(sample.confidence), nearest(sample.ignore), weight)
+    source = None if sample.source is None else nearest(sample.source)
+    return MixSample(
+        image, nearest(sample.label), nearest(sample.confidence), nearest(sample.ignore), weight, source
+    )
 
 
 # ----------------------------------------------------------------------------------------------

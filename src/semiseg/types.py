@@ -18,6 +18,10 @@ from torch import Tensor
 #: Mask value of pixels that are not scored and not trained on (padding, unlabeled, "void").
 IGNORE_INDEX = 255
 
+#: Where a pixel of a mixed strong view came from (``StepContext.sources_s``, ``MixSample.source``):
+#: the sample's own strong view, its mix partner (the flipped batch), a labeled image (SupMix).
+SOURCE_OWN, SOURCE_PARTNER, SOURCE_LABELED = 0, 1, 2
+
 
 @dataclass
 class Batch:
@@ -70,7 +74,18 @@ class StepContext:
     confidence (from the weak forward, or the EMA teacher); ``ignore`` N_u×H×W (255 = padding);
     ``features_l`` / ``features_w`` encoder features (shallow to deep, with grad) of the labeled and
     unlabeled pass, and ``teacher_features_w`` those of the network that made the pseudo-labels
-    (detached) — all three only when a plug-in has ``needs_features``. ``extras``: method-specific.
+    (detached) — all three only when a plug-in has ``needs_features``.
+
+    When a plug-in has ``needs_strong_features``, FixMatch / UniMatch set ``features_s = []`` (to be
+    filled) and, after the strong forward, fill it (per mixed strong view, its encoder features with
+    grad) and ``sources_s`` (per
+    strong view, N_u×H×W: which image each pixel came from — :data:`SOURCE_OWN`,
+    :data:`SOURCE_PARTNER` (the flipped batch), :data:`SOURCE_LABELED` (SupMix's ground truth)).
+    ``labeled_scale`` / ``unlabeled_scale``: what the host multiplies its own labeled loss and its
+    (α-weighted) unlabeled losses by at this step (UniMatch: ``scale`` and ``scale``·ramp-up; 1 and
+    0 in a labeled-only warm-up step), so a plug-in can keep eq.-7-style ratios to the host's terms.
+    ``warmup``: a labeled-only step (only ``x_l``, ``logits_l`` and ``features_l`` are real; the
+    unlabeled fields are empty). ``extras``: method-specific.
     """
 
     batch: Batch
@@ -83,7 +98,24 @@ class StepContext:
     features_l: list[Tensor] | None = None
     features_w: list[Tensor] | None = None
     teacher_features_w: list[Tensor] | None = None
+    features_s: list[list[Tensor]] | None = None
+    sources_s: list[Tensor] | None = None
+    labeled_scale: float = 1.0
+    unlabeled_scale: float = 1.0
+    warmup: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def labeled_only(
+        cls, batch: Batch, info: StepInfo, logits_l: Tensor, features_l: list[Tensor] | None
+    ) -> StepContext:
+        """Context of a labeled-only warm-up step (``warmup=True``, ``unlabeled_scale=0``): the
+        unlabeled fields are empty tensors and their features ``None``."""
+        empty = logits_l.detach()[:0]
+        return cls(
+            batch, info, logits_l, empty, empty[:, 0].long(), empty[:, 0], empty[:, 0].to(torch.uint8),
+            features_l=features_l, unlabeled_scale=0.0, warmup=True,
+        )  # fmt: skip
 
     @classmethod
     def from_joint_pass(
@@ -113,4 +145,12 @@ class StepContext:
         )  # fmt: skip
 
 
-__all__ = ["IGNORE_INDEX", "Batch", "StepContext", "StepInfo"]
+__all__ = [
+    "IGNORE_INDEX",
+    "SOURCE_LABELED",
+    "SOURCE_OWN",
+    "SOURCE_PARTNER",
+    "Batch",
+    "StepContext",
+    "StepInfo",
+]

@@ -30,6 +30,7 @@ def build_method(cfg: RunConfig, model: Segmenter, num_classes: int) -> Method:
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    METHODS[name].check_run(cfg)
     method = METHODS[name](model, cfg.method, num_classes)
     plugins = {}
     for pname, pcfg in cfg.plugins.items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,9 @@ from torch import Tensor, nn
 from ..models.base import Segmenter
 from ..registry import METHODS
 from ..types import Batch, StepInfo
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 @dataclass
@@ -39,6 +43,12 @@ class Method(nn.Module):
     def needs_labeled_strong(self) -> bool:
         """Whether batches must carry ``x_ls`` (a strong view of the labeled crop)."""
         return False
+
+    @classmethod
+    def check_run(cls, cfg: RunConfig) -> None:
+        """Reject run settings (``cfg``: the whole :class:`~semiseg.config.RunConfig`) the method
+        cannot train with, by :class:`~semiseg.errors.ConfigError` naming the key; called by
+        :func:`semiseg.methods.build_method` before anything is built. Default: nothing to check."""
 
     def __init__(self, model: Segmenter, cfg: MethodConfig, num_classes: int) -> None:
         super().__init__()

@@ -57,11 +57,11 @@ class FixMatch(WeakStrongMethod):
         out = self.net(torch.cat((x_l, x_w)), return_features=self.plugins_need_features)
         logits, feats = (out.logits, out.features) if self.plugins_need_features else (out, None)
         ctx, pl = self.weak_context(batch, info, logits, feats, ignore)
-        weight = self.plugin_pixel_weights(ctx)
+        weights = self.mix_weights(ctx, partner)
 
         # Strong view, mixed; its target assembled under the same mask.
-        target = self.strong_target(x_s, batch.box1, ctx, weight, partner)
-        logits_s = self.net(target.image)
+        target = self.strong_target(x_s, batch.box1, ctx, weights, partner)
+        (logits_s,) = self.strong_forward(ctx, [target])
 
         loss_x = cfg.labeled_loss(ctx.logits_l, y_l)
         loss_s = self.unlabeled_loss(logits_s, target, pl.threshold)

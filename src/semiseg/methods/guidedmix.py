@@ -72,7 +72,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,9 @@ from ..types import IGNORE_INDEX
 from .base import Batch, Method, StepInfo, register_method
 from .mean_teacher import sigmoid_rampup
 from .supervised import SupervisedConfig
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +300,17 @@ class GuidedMix(PluginHost, Method):
                 type(model).__name__,
             )
 
+    @classmethod
+    def check_run(cls, cfg: RunConfig) -> None:
+        """The mixed-image pass runs on the ``n_u`` mixed images alone, in training mode: with one
+        image, BatchNorm of a globally pooled branch (the PSP module's 1×1 bin, ASPP's image pool)
+        has one value per channel and fails — so at least two unlabeled images per step."""
+        if cfg.data.unlabeled_batch_size < 2:
+            raise ConfigError(
+                "data.unlabeled_batch_size: guidedmix needs >= 2 (its mixed-image pass normalises "
+                f"the unlabeled batch alone), got {cfg.data.unlabeled_batch_size}"
+            )
+
     def pairs(self, emb_q: Tensor, emb_k: Tensor, exclude_self: bool) -> Tensor:
         """Partner index in ``emb_k`` of every row of ``emb_q`` (similar or random pairs)."""
         if self.cfg.pairing == "random":
@@ -323,6 +337,8 @@ class GuidedMix(PluginHost, Method):
         ctx = StepContext.from_joint_pass(
             batch, info, out.logits, feats if self.plugins_need_features else None, n_l, ignore
         )
+        ramp = sigmoid_rampup(info.step, cfg.rampup * info.total_steps)
+        ctx.unlabeled_scale = ramp  # plug-ins' unlabeled terms follow ω(t)'s ramp (labeled scale 1)
         weight = self.plugin_pixel_weights(ctx)
         logits_l, logits_u = ctx.logits_l, ctx.logits_w
         zero = logits_l.sum() * 0.0
@@ -371,7 +387,7 @@ class GuidedMix(PluginHost, Method):
             loss_dec = decoupled_consistency(logits_l[pair_l], dec_l, valid_l, cfg, cfg.dec_target)
 
         # L = L_ce + w_dec·L_dec + w_cla·L_cla + ω(t)·L_usup (eq. 9, 11).
-        omega = cfg.unsup_weight * sigmoid_rampup(info.step, cfg.rampup * info.total_steps)
+        omega = cfg.unsup_weight * ramp
         total = loss_x + cfg.dec_weight * loss_dec + cfg.cla_weight * loss_cla + omega * loss_u
         losses = {
             "loss_x": loss_x,

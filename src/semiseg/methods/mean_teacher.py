@@ -37,7 +37,7 @@ from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
 from .base import Batch, Method, StepInfo, register_method
 from .semi import SemiSupervisedConfig, UnlabeledRecipe, sigmoid_rampup
-from .weak_strong import eval_mode
+from .weak_strong import eval_mode, labeled_only_step
 
 __all__ = ["MeanTeacher", "MeanTeacherConfig", "ema_update", "sigmoid_rampup"]
 
@@ -104,8 +104,7 @@ class MeanTeacher(PluginHost, Method):
         assert x_w is not None, "mean_teacher needs unlabeled data"
         if self.recipe.in_warmup(info.step):  # labeled-only: the supervised step
             self.recipe.observe_labeled(y_l)
-            loss_x = cfg.labeled_loss(self.net(x_l), y_l)
-            return self.recipe.warmup_losses(loss_x, ["loss_u", "consistency_weight"])
+            return labeled_only_step(self, self.recipe, batch, info, ["loss_u", "consistency_weight"])
         x_u = batch.x_s1 if cfg.student_view == "strong" and batch.x_s1 is not None else x_w
         ignore = batch.ignore if batch.ignore is not None else torch.zeros_like(x_w[:, 0], dtype=torch.uint8)
         n_l, n_u = x_l.shape[0], x_w.shape[0]
@@ -124,11 +123,15 @@ class MeanTeacher(PluginHost, Method):
         out = self.net(torch.cat((x_l, x_u)), return_features=need_feats)
         logits, feats = (out.logits, out.features) if need_feats else (out, None)
         logits_l, logits_u = logits.split([n_l, n_u])
+        ramp_length = cfg.rampup_iters if cfg.rampup_iters > 0 else cfg.rampup * info.total_steps
+        ramp = sigmoid_rampup(info.step - cfg.warmup_iters, ramp_length)
         ctx = StepContext(
             batch, info, logits_l, logits_u, pseudo_w, conf_w, ignore,
             features_l=None if feats is None else [f[:n_l] for f in feats],
             features_w=None if feats is None else [f[n_l:] for f in feats],
             teacher_features_w=t_out.features if need_feats else None,
+            labeled_scale=1.0 if cfg.labeled_weight is None else cfg.labeled_weight,
+            unlabeled_scale=ramp,
             extras={"teacher_logits_w": t_logits, "threshold": pl.threshold},
         )  # fmt: skip
         weight = self.plugin_pixel_weights(ctx)
@@ -138,8 +141,7 @@ class MeanTeacher(PluginHost, Method):
             loss_u = masked_softmax_mse(logits_u, probs_t, conf_w, ignore, pl.threshold, weight)
         else:
             loss_u = self.recipe.loss(logits_u, pseudo_w, conf_w, ignore, pl.threshold, weight)
-        ramp_length = cfg.rampup_iters if cfg.rampup_iters > 0 else cfg.rampup * info.total_steps
-        ramp = cfg.consistency_weight * sigmoid_rampup(info.step - cfg.warmup_iters, ramp_length)
+        ramp = cfg.consistency_weight * ramp
         labeled = loss_x if cfg.labeled_weight is None else cfg.labeled_weight * loss_x
         total = labeled + ramp * loss_u
         losses = {

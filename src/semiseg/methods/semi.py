@@ -6,7 +6,8 @@ alike, and :class:`UnlabeledRecipe` turns them into a step's numbers:
 * ``pseudo`` — the pseudo-label policy (:mod:`semiseg.pseudo_labels`: fixed / FreeMatch /
   FlexMatch masks, distribution alignment toward the labeled prior);
 * ``warmup_iters`` — the first steps are labeled-only (exactly the supervised step: the unlabeled
-  passes are skipped, plug-ins too);
+  passes are skipped, and so are plug-ins, except the labeled terms of those that ``train_in_warmup``:
+  MPMC's patch loss);
 * ``rampup_iters`` — after the warm-up the unlabeled weight follows SSL4MIS's sigmoid ramp-up
   ``w(t) = exp(−5(1 − t/L)²)`` over ``L`` steps (0: no ramp);
 * ``labeled_weight`` — ``null`` keeps each method's own formula (UniMatch's
@@ -92,6 +93,12 @@ class UnlabeledRecipe(nn.Module):
     def ramp(self, step: int) -> float:
         """Unlabeled weight multiplier ``w(t)`` (1.0 exactly without a ramp)."""
         return sigmoid_rampup(step - self.cfg.warmup_iters, self.cfg.rampup_iters)
+
+    def scales(self, step: int, scale: float) -> tuple[float, float]:
+        """The ``(labeled, unlabeled)`` multipliers :meth:`total` applies at ``step`` outside a
+        warm-up: ``scale`` (or ``labeled_weight``) and ``scale·w(t)`` (plug-ins follow them)."""
+        labeled = scale if self.cfg.labeled_weight is None else self.cfg.labeled_weight
+        return labeled, scale * self.ramp(step)
 
     def total(self, loss_x: Tensor, terms: list[Tensor], scale: float, step: int) -> Tensor:
         """``scale·(loss_x + w·Σ terms)`` (the methods' own formula; summed left to right exactly as

@@ -65,12 +65,13 @@ class UniMatch(WeakStrongMethod):
         out = self.net(torch.cat((x_l, x_w)), fp_from=n_l, return_features=self.plugins_need_features)
         logits_fp = out.logits_fp
         ctx, pl = self.weak_context(batch, info, out.logits, out.features, ignore)
-        weight = self.plugin_pixel_weights(ctx)
+        weights = self.mix_weights(ctx, partner)
+        weight = weights[0]
 
         # Two strong views, each mixed with its own mask; targets assembled under the same masks.
-        t1 = self.strong_target(x_s1, batch.box1, ctx, weight, partner)
-        t2 = self.strong_target(x_s2, batch.box2, ctx, weight, partner)
-        logits_s1, logits_s2 = self.net(torch.cat((t1.image, t2.image))).chunk(2)
+        t1 = self.strong_target(x_s1, batch.box1, ctx, weights, partner)
+        t2 = self.strong_target(x_s2, batch.box2, ctx, weights, partner)
+        logits_s1, logits_s2 = self.strong_forward(ctx, [t1, t2])
 
         tau = pl.threshold
         loss_x = cfg.labeled_loss(ctx.logits_l, y_l)

@@ -20,7 +20,7 @@ from ..mixers import MixConfig, MixSample, StrongMixer, labeled_source
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
 from ..pseudo_labels import PseudoLabels
-from ..types import IGNORE_INDEX
+from ..types import IGNORE_INDEX, SOURCE_LABELED, SOURCE_OWN, SOURCE_PARTNER
 from .base import Batch, Method, StepInfo
 from .semi import SemiSupervisedConfig, UnlabeledRecipe
 
@@ -55,6 +55,23 @@ class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
         self.validate_mix(prefix)
 
 
+def labeled_only_step(
+    host: PluginHost, recipe: UnlabeledRecipe, batch: Batch, info: StepInfo, names: list[str]
+) -> dict[str, Tensor]:
+    """A labeled-only warm-up step of ``host`` (a :class:`Method` with plug-ins): ``total =
+    labeled_loss(f(x_l), y_l)`` with the unlabeled ``names`` logged as 0, plus the terms of the
+    plug-ins that train in the warm-up (MPMC's L_l^M) on a :meth:`StepContext.labeled_only`."""
+    assert isinstance(host, Method)
+    features = host.plugins_train_in_warmup and host.plugins_need_features
+    out = host.net(batch.x_l, return_features=features)
+    logits = out.logits if features else out
+    losses = recipe.warmup_losses(host.cfg.labeled_loss(logits, batch.y_l), names)
+    if not host.plugins_train_in_warmup:
+        return losses
+    ctx = StepContext.labeled_only(batch, info, logits, out.features if features else None)
+    return host.add_plugin_losses(ctx, losses)
+
+
 class WeakStrongMethod(PluginHost, Method):
     """Machinery shared by FixMatch and UniMatch: pseudo-labels, mix-source prediction,
     strong-view targets, the labeled-only warm-up."""
@@ -82,12 +99,12 @@ class WeakStrongMethod(PluginHost, Method):
         return torch.zeros(n, h, w, dtype=torch.uint8, device=batch.x_w.device)
 
     def warmup_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor] | None:
-        """During ``warmup_iters``: the supervised step (labeled pass only); else ``None``."""
+        """During ``warmup_iters``: the supervised step (labeled pass only), plus the labeled terms
+        of plug-ins that train in the warm-up (MPMC's L_l^M); else ``None``."""
         if not self.recipe.in_warmup(info.step):
             return None
         self.recipe.observe_labeled(batch.y_l)
-        loss_x = self.cfg.labeled_loss(self.net(batch.x_l), batch.y_l)
-        return self.recipe.warmup_losses(loss_x, [*self.unlabeled_terms, "mask_ratio"])
+        return labeled_only_step(self, self.recipe, batch, info, [*self.unlabeled_terms, "mask_ratio"])
 
     def weak_context(
         self, batch: Batch, info: StepInfo, logits: Tensor, features: list[Tensor] | None, ignore: Tensor
@@ -99,6 +116,9 @@ class WeakStrongMethod(PluginHost, Method):
         pl = self.recipe.labeler(logits[n_l:], ignore, update=True)
         ctx = StepContext.from_joint_pass(batch, info, logits, features, n_l, ignore, (pl.label, pl.score))
         ctx.extras["threshold"] = pl.threshold
+        ctx.labeled_scale, ctx.unlabeled_scale = self.recipe.scales(info.step, self.cfg.scale)
+        if self.plugins_need_strong_features:
+            ctx.features_s = []  # filled by strong_forward
         return ctx, pl
 
     def partner_prediction(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,17 +129,33 @@ class WeakStrongMethod(PluginHost, Method):
             pl = self.recipe.labeler(self.model(x_w.flip(0)))
         return pl.label, pl.score
 
+    def mix_weights(
+        self, ctx: StepContext, partner: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Plug-in pixel weights ``(own, partner)``: of the weak view's pixels, and of the partner's
+        pixels for the pseudo-labels the mix pastes with them (see :class:`PluginHost`)."""
+        return self.plugin_mix_weights(ctx, None if partner is None else partner[0])
+
     def strong_target(
         self,
         x_s: Tensor,
         box: Tensor | None,
         ctx: StepContext,
-        weight: Tensor | None,
+        weights: tuple[Tensor | None, Tensor | None],
         partner: tuple[Tensor, Tensor] | None,
     ) -> MixSample:
         """Mixed strong view with its target: own weak pseudo-label outside the mixed region; inside
-        it, the partner's (CutMix / ClassMix) or the labeled ground truth (SupMix, eq. 10–11)."""
-        own = MixSample(x_s, ctx.pseudo_w, ctx.conf_w, ctx.ignore, weight)
+        it, the partner's (CutMix / ClassMix) or the labeled ground truth (SupMix, eq. 10–11).
+        ``weights``: :meth:`mix_weights`. With a plug-in that reads strong-view features, the
+        result carries a provenance map (``source``)."""
+        track = self.plugins_need_strong_features
+
+        def origin(like: Tensor, value: int) -> Tensor | None:
+            return torch.full(like.shape, value, dtype=torch.uint8, device=like.device) if track else None
+
+        own_weight, partner_weight = weights
+        own_origin = origin(ctx.pseudo_w, SOURCE_OWN)
+        own = MixSample(x_s, ctx.pseudo_w, ctx.conf_w, ctx.ignore, own_weight, own_origin)
         partner_sample = None
         if partner is not None:
             partner_sample = MixSample(
@@ -127,14 +163,29 @@ class WeakStrongMethod(PluginHost, Method):
                 partner[0],
                 partner[1],
                 ctx.ignore.flip(0),
-                None if weight is None else weight.flip(0),
+                partner_weight,
+                origin(partner[0], SOURCE_PARTNER),
             )
         labeled = None
         if self.mixer.needs_labeled:
             x_src = ctx.batch.x_ls if self.mixer.labeled_strong else ctx.batch.x_l
             assert x_src is not None, "supmix_source=strong needs the labeled strong view (batch.x_ls)"
-            labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], weight is not None)
+            labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], own_weight is not None)
+            labeled = labeled._replace(source=origin(labeled.label, SOURCE_LABELED))
         return self.mixer(own, partner_sample, labeled, box)
+
+    def strong_forward(self, ctx: StepContext, targets: list[MixSample]) -> list[Tensor]:
+        """Logits of the mixed strong views, one forward of their concatenation; with a plug-in that
+        reads strong-view features, also fills ``ctx.features_s`` / ``ctx.sources_s``."""
+        images = targets[0].image if len(targets) == 1 else torch.cat([t.image for t in targets])
+        if not self.plugins_need_strong_features:
+            logits = self.net(images)
+            return [logits] if len(targets) == 1 else list(logits.chunk(len(targets)))
+        out = self.net(images, return_features=True)
+        per_view = [feat.chunk(len(targets)) for feat in out.features]
+        ctx.features_s = [[chunks[v] for chunks in per_view] for v in range(len(targets))]
+        ctx.sources_s = [t.source for t in targets]  # type: ignore[misc]
+        return list(out.logits.chunk(len(targets)))
 
     def unlabeled_loss(self, logits: Tensor, target: MixSample, threshold: float) -> Tensor:
         """One unlabeled term against a (mixed) target, with the recipe's loss."""

@@ -12,8 +12,11 @@ ignore map, encoder features when a plug-in asks for them, the batch) and calls,
 
 1. :meth:`Plugin.pixel_weights` ``(ctx) -> N_u×H×W tensor | None`` — a per-pixel multiplier of the
    unlabeled losses, in the weak view's geometry (MPMC's λ_s). Weights of several plug-ins multiply.
-   The method carries them through the strong-view mixing like the pseudo-label (pixels pasted from
-   the flipped partner carry the partner's weight; SupMix's ground-truth pixels weight 1).
+   The method carries them through the strong-view mixing like the pseudo-label: pixels pasted from
+   the flipped partner carry :meth:`Plugin.partner_pixel_weights` ``(ctx, labels, own)`` — the
+   partner's weight *for the label the mix pastes* (the partner's eval-mode pseudo-label; default:
+   ``own.flip(0)``, right for weights that do not depend on the label) — and SupMix's ground-truth
+   pixels weight 1.
 2. :meth:`Plugin.losses` ``(ctx) -> {name: loss}`` — extra terms for the segmenter, already weighted
    (e.g. ``λ_adv·BCE``); each is added to ``total`` (after the method's own normalisation, e.g.
    outside UniMatch's ``/2``) and logged as ``<plugin>/<name>``.
@@ -27,7 +30,12 @@ ignore map, encoder features when a plug-in asks for them, the batch) and calls,
 
 ``needs_unlabeled`` (default True) makes :func:`semiseg.methods.build_method` reject the plug-in on a
 method without unlabeled data (``supervised``); ``needs_features`` makes the host request encoder
-features (``forward(..., return_features=True)``) and fill ``features_l`` / ``features_w``.
+features (``forward(..., return_features=True)``) and fill ``features_l`` / ``features_w``;
+``needs_strong_features`` makes FixMatch / UniMatch also return the mixed strong views' features
+and provenance maps (``ctx.features_s`` / ``ctx.sources_s``) before :meth:`Plugin.losses` runs.
+``trains_in_warmup`` makes the host call :meth:`Plugin.losses` / :meth:`Plugin.optimizer_losses` in
+its labeled-only warm-up steps too, with a ``ctx.warmup`` context (labeled fields only; MPMC's
+labeled patch loss trains from step 0).
 """
 
 from __future__ import annotations
@@ -66,8 +74,22 @@ class Plugin(nn.Module):
         self.num_classes = num_classes
         self.total_steps = total_steps
 
+    @property
+    def needs_strong_features(self) -> bool:
+        return False
+
+    @property
+    def trains_in_warmup(self) -> bool:
+        return False
+
     def pixel_weights(self, ctx: StepContext) -> Tensor | None:
         return None
+
+    def partner_pixel_weights(self, ctx: StepContext, labels: Tensor, own: Tensor) -> Tensor:
+        """Weights of the flipped batch's pixels when they are pasted with ``labels`` (N_u×H×W, the
+        partner's pseudo-labels, already in flipped order); ``own``: this plug-in's
+        :meth:`pixel_weights`. Default ``own.flip(0)``: weights that do not depend on the label."""
+        return own.flip(0)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return {}
@@ -154,19 +176,42 @@ class PluginHost:
     def plugins_need_features(self) -> bool:
         return any(p.needs_features for p in self.plugins.values())
 
+    @property
+    def plugins_need_strong_features(self) -> bool:
+        return any(p.needs_strong_features for p in self.plugins.values())
+
+    @property
+    def plugins_train_in_warmup(self) -> bool:
+        return any(p.trains_in_warmup for p in self.plugins.values())
+
     def plugin_pixel_weights(self, ctx: StepContext) -> Tensor | None:
         """Product of every plug-in's per-pixel weights (``None`` when no plug-in gives any)."""
-        weight = None
+        return self.plugin_mix_weights(ctx, None)[0]
+
+    def plugin_mix_weights(
+        self, ctx: StepContext, partner_labels: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(own, partner)`` products of every plug-in's per-pixel weights: of the weak view's
+        pixels with their own pseudo-labels, and of the flipped batch's pixels with
+        ``partner_labels`` (``None`` when no partner is pasted); ``None`` when no plug-in gives any."""
+        own = partner = None
         for plugin in self.plugins.values():
             w = plugin.pixel_weights(ctx)
-            if w is not None:
-                weight = w if weight is None else weight * w
-        return weight
+            if w is None:
+                continue
+            own = w if own is None else own * w
+            if partner_labels is not None:
+                pw = plugin.partner_pixel_weights(ctx, partner_labels, w)
+                partner = pw if partner is None else partner * pw
+        return own, partner
 
     def add_plugin_losses(self, ctx: StepContext, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Add plug-in terms to ``losses["total"]`` and their optimizer losses as ``total/<name>``."""
+        """Add plug-in terms to ``losses["total"]`` and their optimizer losses as ``total/<name>``
+        (in a labeled-only warm-up step, ``ctx.warmup``, only those of plug-ins that train in it)."""
         total = losses["total"]
         for name, plugin in self.plugins.items():
+            if ctx.warmup and not plugin.trains_in_warmup:
+                continue
             for key, value in plugin.losses(ctx).items():
                 losses[f"{name}/{key}"] = value
                 total = total + value

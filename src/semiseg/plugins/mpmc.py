@@ -24,31 +24,48 @@ segmenter, so inference and exported networks never contain it.
 **Patches** (eq. 3 targets): location ``i`` of the tap sees pixels ``[s·i + o, s·i + o + k)`` per axis,
 with stride ``s``, size ``k`` (the tap's receptive field) and offset ``o`` measured once at
 construction by back-propagating from one tap location to a random input (eval mode, a private RNG,
-nothing trained); ``patch_size`` / ``patch_stride`` override them (the window stays centred on the
-location). Class ``c`` is positive at ``r`` when some pixel of the patch has ground truth ``c``:
-a max-pool of the one-hot mask; ignore pixels (255) belong to no class and patches made only of
+nothing trained); ``patch_size`` overrides the size (the window stays centred on the location; the
+stride is always the tap's, since location ``i`` of the feature map *is* at ``s·i``). Class ``c``
+is positive at ``r`` when some pixel of the patch has ground truth ``c``: a max-pool of the one-hot
+mask; ignore pixels (255) belong to no class and patches made only of
 ignore pixels (padding) are left out of every mean. ``tap: null`` picks the first encoder feature
 with stride > 1: U-Net level index 1 (stride 2), DeepLabV3+ index 0 (ResNet layer1, stride 4).
 
 **Teacher and student** (§3.3, "teacher g and student ĝ share the same parameters"): the teacher
 MPMC is this head in eval mode, without gradient, on ``ctx.teacher_features_w`` — the weak forward
-for UniMatch / FixMatch, the EMA network for Mean Teacher. The student MPMC reads
-``ctx.features_w``: Mean Teacher's student view (the strong view). For UniMatch / FixMatch those
-*are* the teacher's features (one weak pass), and a student equal to its teacher has a zero BCE
-gradient; ``student_input: auto`` then perturbs them like UniMatch's feature perturbation
-(Dropout2d ``fp_dropout``, as the released code's ``c1s_u_w_fp`` does) — ``features`` /
-``perturbed`` force either. Eq. 6's target is the teacher's probability ``q`` (``soft``) or
-``[q ≥ ½]`` (``hard``). γ is the softmax of the teacher head's *logits*: the paper writes
-``softmax(q)`` of the sigmoid outputs, which would bound every weight to ``[1/(1+(C−1)e), e/(e+C−1)]``
+for UniMatch / FixMatch, the EMA network for Mean Teacher. The student MPMC sees the strong view,
+``q̂ = ĝ(f̂_τ(A^s(x)))``: with ``student_input: auto`` (or ``strong``) on UniMatch / FixMatch it reads
+the encoder features of the mixed strong views (``ctx.features_s``; UniMatch's two views are pooled
+into one mean), and each location's target, γ and validity come from the teacher at the image the
+location's centre pixel was taken from (``ctx.sources_s``): its own weak view, or the mix partner's
+(the flipped batch); locations whose centre is a pasted SupMix ground-truth pixel are left out (the
+labeled loss already sees those images' patches). A patch straddling a mix boundary keeps its
+centre's target — an approximation the released code shares (it max-pools the mixed pseudo-label).
+On Mean Teacher ``auto`` reads ``ctx.features_w`` (its student view is the strong view).
+``perturbed`` instead feeds Dropout2d (``fp_dropout``) of the weak features, as the released code's
+``c1s_u_w_fp`` term does (that input is kept out of the head's BatchNorm running statistics, which
+the eval-mode teacher uses); ``features`` feeds the weak features unperturbed (on UniMatch /
+FixMatch a student equal to its teacher, up to BatchNorm's train/eval difference: almost no
+gradient). Eq. 6's target is the teacher's probability ``q`` (``soft``) or ``[q ≥ ½]`` (``hard``).
+γ is the softmax of the teacher head's *logits*: the paper writes ``softmax(q)`` of the sigmoid
+outputs, which would bound every weight to ``[1/(1+(C−1)e), e/(e+C−1)]``
 (0.27–0.73 for two classes) and never reach 1; ``confidence_from: probs`` is that literal reading.
 
-**Weights** (eq. 7): the plug-in adds ``scale·(weight_labeled·L_l^M + β·L_u^M)`` to the host's
-``total`` and hands ``λ_s`` to the host through :meth:`MPMC.pixel_weights` (the mixers carry it:
-pasted partner pixels keep the partner's λ_s, SupMix's ground-truth pixels weight 1). α is the
-host's own unlabeled weight, relative to its labeled loss: UniMatch ``weight_s1 + weight_s2 +
-weight_fp`` (1 by default), FixMatch ``weight_s``, Mean Teacher ``consistency_weight``·ramp. Hosts
-multiply their own terms by ``scale`` (UniMatch / FixMatch: ½) but not the plug-in's, so setting the
-plug-in's ``scale`` to the host's keeps eq. 7's ratios (the method files do).
+**Weights** (eq. 7): the plug-in adds ``s_l·weight_labeled·L_l^M + s_u·β·L_u^M`` to the host's
+``total``, where ``(s_l, s_u)`` are what the host multiplies its own labeled and unlabeled losses by
+at that step (``ctx.labeled_scale`` / ``ctx.unlabeled_scale``: UniMatch / FixMatch ``½`` and
+``½·w(t)`` with the recipe's ramp-up ``w``, ``1`` and ``0`` in a labeled-only warm-up step; Mean
+Teacher ``1`` and its ramp), so eq. 7's ratios ``L_l : L_l^M : α·L_u : β·L_u^M`` hold at every step;
+``scale: <number>`` fixes ``s_l = s_u`` instead. α is the host's own unlabeled weight relative to its
+labeled loss: UniMatch ``weight_s1 + weight_s2 + weight_fp`` (1 by default, the released code's α;
+the paper's main text says α = 0.1 and its supplement 0.25), FixMatch ``weight_s``, Mean Teacher
+``consistency_weight``. β = 0.25 is the main text's value (the supplement's best is 0.15), so α and β
+come from different sources. ``λ_s`` reaches the host through :meth:`MPMC.pixel_weights` and the
+mixers carry it: pasted partner pixels get the partner's γ *at the label the mix pastes* (the
+partner's eval-mode pseudo-label, :meth:`MPMC.partner_pixel_weights`), SupMix's ground-truth pixels
+weight 1. L_l^M also trains in the host's labeled-only warm-up (as the released code's first,
+labeled-only epoch trains ``(L_x + L_l^M)/2``); λ_s and L_u^M start after it (and after
+``warmup_iters`` of the plug-in's own).
 
 **Training the head**: the trainer's SGD holds only the segmenter's parameters, so the head has its
 own SGD (``lr``, momentum, weight decay, poly decay — set them to the run's ``optim`` values; the
@@ -70,7 +87,7 @@ each parameter gets exactly the gradient of eq. 7.
 * unlabeled MPMC targets are max-pooled thresholded pseudo-labels on the CutMix-ed weak view, the
   student sees the two strong views and the feature-perturbed weak view (three BCE terms × 0.1);
   total ``(L_x + L_l^M + 0.25·s1 + 0.25·s2 + 0.5·fp + 0.1·Σ L_u^M)/3.3`` (α = 1) and the first epoch is
-  labeled-only (``warmup_iters`` here);
+  labeled-only with ``(L_x + L_l^M)/2`` (the host's ``warmup_iters`` here: L_l^M trains in it);
 * head: ten convolutions 768→256→128→64 plus a two-layer MLP with dropout, fed both clean and
   Dropout2d-perturbed features; AvgPool counts padding;
 * 19 classes, 801-pixel crops / 201×201 maps and layer1's 39-pixel receptive field are hard-coded,
@@ -92,7 +109,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..models.base import Segmenter
-from ..types import IGNORE_INDEX, StepInfo
+from ..types import IGNORE_INDEX, SOURCE_LABELED, SOURCE_PARTNER, StepInfo
 from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
 
 #: Probe sizes (pixels) tried in turn until the tap's receptive field fits inside the probe.
@@ -107,20 +124,20 @@ class MPMCConfig(PluginConfig):
     pool_sizes: list[int] = field(default_factory=lambda: [7, 19])  # s_0, s_1 (odd, stride 1)
     pool_count_include_pad: bool = False  # True: the released code's nn.AvgPool2d default
     channels: list[int] | None = None  # width of each conv block; null: 3 blocks as wide as the tap
-    patch_size: int | None = None  # null: the tap's receptive field (measured)
-    patch_stride: int | None = None  # null: the tap's stride (measured)
+    patch_size: int | None = None  # null: the tap's receptive field (measured); the stride is the tap's
     labeled: bool = True  # MPMC-L: the labeled patch loss L_l^M (eq. 3–4)
     unlabeled: bool = True  # MPMC-UL: λ_s (eq. 5) and the unlabeled patch loss L_u^M (eq. 6)
     weight_labeled: float = 1.0  # weight of L_l^M in eq. 7
     beta: float = 0.25  # β of eq. 7 (main text; the supplement's best is 0.15)
-    scale: float = 1.0  # multiplies both MPMC terms: set to the host's scale (UniMatch/FixMatch ½)
+    scale: float | None = None  # null: the host's labeled / unlabeled multipliers of the step (eq. 7)
     gamma_pos: float = 0.0  # γ+ of eq. 3
     gamma_neg: float = 1.0  # γ− of eq. 3
     confidence_from: Literal["logits", "probs"] = "logits"  # γ = softmax(logits) or softmax(σ(logits))
     unlabeled_target: Literal["soft", "hard"] = "soft"  # eq. 6 target: teacher q, or [q ≥ ½]
-    student_input: Literal["auto", "features", "perturbed"] = "auto"  # unlabeled student MPMC input
+    student_input: Literal["auto", "strong", "features", "perturbed"] = "auto"  # student MPMC input
     fp_dropout: float = 0.5  # Dropout2d of the perturbed student input
-    warmup_iters: int = 0  # before this step: λ_s = 1 and no L_u^M (L_l^M trains from step 0)
+    warmup_iters: int = 0  # before this step: λ_s = 1 and no L_u^M (L_l^M trains from step 0,
+    # the host's labeled-only warm-up included)
     lr: float = 0.01  # the head's SGD (set to the run's optim.lr × optim.lr_multi)
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -134,13 +151,13 @@ class MPMCConfig(PluginConfig):
             )
         if self.channels is not None and (not self.channels or any(c < 1 for c in self.channels)):
             raise ConfigError(f"{prefix}.channels: need positive widths, got {self.channels}")
-        for name in ("patch_size", "patch_stride"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{prefix}.{name}: must be >= 1, got {value}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise ConfigError(f"{prefix}.patch_size: must be >= 1, got {self.patch_size}")
+        if self.scale is not None and self.scale < 0:
+            raise ConfigError(f"{prefix}.scale: must be >= 0 or null, got {self.scale}")
         if not (self.labeled or self.unlabeled):
             raise ConfigError(f"{prefix}: labeled and unlabeled are both false (remove plugins.mpmc)")
-        for name in ("weight_labeled", "beta", "scale", "gamma_pos", "gamma_neg", "weight_decay", "momentum"):
+        for name in ("weight_labeled", "beta", "gamma_pos", "gamma_neg", "weight_decay", "momentum"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.fp_dropout < 1.0:
@@ -187,11 +204,12 @@ def patch_targets(
     ``y[n, c, i, j] = 1`` when class ``c`` occurs in location ``(i, j)``'s patch of ``labels[n]``
     (N×H×W, 255 = ignore: no class); ``valid`` is False where the patch holds only ignore pixels."""
     ignored = labels == IGNORE_INDEX
-    one_hot = F.one_hot(labels.long().masked_fill(ignored, num_classes), num_classes + 1)
-    one_hot = one_hot[..., :num_classes].permute(0, 3, 1, 2).float()
-    present = (~ignored).unsqueeze(1).float()
-    pooled = pool_patches(torch.cat((one_hot, present), dim=1), geom, out_size)
-    return pooled[:, :num_classes], pooled[:, num_classes] > 0
+    index = labels.long().masked_fill(ignored, num_classes).clamp(0, num_classes).unsqueeze(1)
+    n, h, w = labels.shape
+    one_hot = torch.zeros(n, num_classes + 2, h, w, device=labels.device).scatter_(1, index, 1.0)
+    one_hot[:, num_classes + 1] = (~ignored).float()  # channel C: ignore (dropped); C + 1: "present"
+    pooled = pool_patches(one_hot, geom, out_size)
+    return pooled[:, :num_classes], pooled[:, num_classes + 1] > 0
 
 
 def nearest_location(length: int, geom: PatchGeometry, n_locations: int, device: torch.device) -> Tensor:
@@ -206,9 +224,17 @@ def pixel_confidence(gamma: Tensor, pseudo: Tensor, geom: PatchGeometry) -> Tens
     (h, w), (H, W) = gamma.shape[-2:], pseudo.shape[-2:]
     rows = nearest_location(H, geom, h, gamma.device)
     cols = nearest_location(W, geom, w, gamma.device)
-    per_pixel = gamma[:, :, rows][:, :, :, cols]  # N×C×H×W
-    index = pseudo.long().clamp(0, gamma.shape[1] - 1).unsqueeze(1)
-    return per_pixel.gather(1, index).squeeze(1)
+    images = torch.arange(gamma.shape[0], device=gamma.device)[:, None, None]
+    classes = pseudo.long().clamp(0, gamma.shape[1] - 1)
+    return gamma[images, classes, rows[None, :, None], cols[None, None, :]]  # N×H×W, no N×C×H×W copy
+
+
+def location_sources(sources: Tensor, geom: PatchGeometry, out_size: tuple[int, int]) -> Tensor:
+    """Provenance (``SOURCE_*``) of each location's centre pixel: ``sources`` N×H×W → N×h×w."""
+    (h, w), (H, W) = out_size, sources.shape[-2:]
+    rows = (geom.center + geom.stride * torch.arange(h, device=sources.device)).round().long().clamp(0, H - 1)
+    cols = (geom.center + geom.stride * torch.arange(w, device=sources.device)).round().long().clamp(0, W - 1)
+    return sources[:, rows][:, :, cols]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +384,10 @@ def probe_tap(model: Segmenter, tap: int | None, sizes: tuple[int, ...] = PROBE_
     param = next(model.parameters())
     gen = torch.Generator().manual_seed(0)
     probe: TapProbe | None = None
+    smallest = int(getattr(model, "min_size", 1))  # e.g. a deep U-Net's 2^levels
+    usable = tuple(size for size in sizes if size >= smallest) or (smallest, 2 * smallest)
     with _eval_mode(model), torch.enable_grad():
-        for size in sizes:
+        for size in usable:
             x = torch.randn(2, model.in_channels, size, size, generator=gen).to(param).requires_grad_(True)
             feats = model.encode(x)
             index = _resolve_tap(tap, feats, size)
@@ -390,10 +418,11 @@ def _resolve_tap(tap: int | None, feats: list[Tensor], size: int) -> int:
     return tap % len(feats)
 
 
-def patch_geometry(probe: TapProbe, patch_size: int | None, patch_stride: int | None) -> PatchGeometry:
+def patch_geometry(probe: TapProbe, patch_size: int | None) -> PatchGeometry:
     """Patch of each tap location: the measured receptive field, or ``patch_size`` centred on the
-    field's centre (the stride cell's centre when the field is larger than every probe)."""
-    stride = patch_stride or probe.stride
+    field's centre (the stride cell's centre when the field is larger than every probe); the stride
+    is the tap's (location ``i`` of the feature map is at ``stride·i``)."""
+    stride = probe.stride
     if probe.field is None:
         if patch_size is None:
             raise ConfigError(
@@ -420,10 +449,18 @@ class _StepState:
     unlabeled: bool
     targets_l: Tensor | None = None  # N_l×C×h×w patch targets
     valid_l: Tensor | None = None  # N_l×h×w
-    teacher_logits: Tensor | None = None  # N_u×C×h×w, detached
-    gamma: Tensor | None = None  # N_u×C×h×w: γ = λ_m
-    valid_u: Tensor | None = None  # N_u×h×w
-    dropout: Tensor | None = None  # N_u×C×1×1 multiplier of the perturbed student input
+    teacher_logits: Tensor | None = None  # N_u×C×h×w, detached (weak view)
+    gamma: Tensor | None = None  # N_u×C×h×w: γ = λ_m (weak view)
+    valid_u: Tensor | None = None  # N_u×h×w (weak view)
+    students: list[Tensor] | None = None  # student inputs (one per strong view, or one)
+    student_targets: tuple[Tensor, Tensor, Tensor] | None = None  # (teacher logits, γ, valid) per location
+    dropout: Tensor | None = None  # N_u×C×1×1 multiplier of a perturbed student input
+
+
+def _by_source(own: Tensor, where_partner: Tensor) -> Tensor:
+    """``own`` (N×…×h×w) with the flipped batch's values where ``where_partner`` (N×h×w) is set."""
+    mask = where_partner if own.dim() == where_partner.dim() else where_partner.unsqueeze(1)
+    return torch.where(mask, own.flip(0), own)
 
 
 @register_plugin("mpmc")
@@ -439,45 +476,101 @@ class MPMC(OwnOptimizerPlugin):
         super().__init__(cfg, num_classes, model, total_steps)
         probe = probe_tap(model, cfg.tap)
         self.tap = probe.index
-        self.geometry = patch_geometry(probe, cfg.patch_size, cfg.patch_stride)
+        self.geometry = patch_geometry(probe, cfg.patch_size)
         widths = list(cfg.channels) if cfg.channels is not None else [probe.channels] * 3
         self.head = MPMCHead(
             probe.channels, num_classes, widths, list(cfg.pool_sizes), cfg.pool_count_include_pad
         )
 
+    @property
+    def needs_strong_features(self) -> bool:
+        return self.cfg.unlabeled and self.cfg.student_input in ("auto", "strong")
+
+    @property
+    def trains_in_warmup(self) -> bool:
+        return self.cfg.labeled
+
     # -- shared per-step state ----------------------------------------------------------------
 
     def state(self, ctx: StepContext) -> _StepState:
-        """Targets, teacher output and dropout mask of this step, computed once (``ctx.extras``)."""
+        """Targets, teacher output and student inputs of this step, computed once (``ctx.extras``;
+        the student part once the host has filled the strong views' features)."""
         cached = ctx.extras.get(self.name)
-        if isinstance(cached, _StepState):
-            return cached
-        if ctx.features_l is None or ctx.features_w is None or ctx.teacher_features_w is None:
+        st = cached if isinstance(cached, _StepState) else self._weak_state(ctx)
+        ctx.extras[self.name] = st
+        if st.unlabeled and st.students is None and not self._awaits_strong(ctx):
+            self._student_state(ctx, st)
+        return st
+
+    def _weak_state(self, ctx: StepContext) -> _StepState:
+        """Labeled patch targets and the teacher's output on the weak view."""
+        if ctx.features_l is None or (not ctx.warmup and ctx.teacher_features_w is None):
             raise RuntimeError("mpmc: the host method must pass encoder features (needs_features)")
         cfg = self.cfg
-        st = _StepState(labeled=cfg.labeled, unlabeled=cfg.unlabeled and ctx.info.step >= cfg.warmup_iters)
+        unlabeled = cfg.unlabeled and not ctx.warmup and ctx.info.step >= cfg.warmup_iters
+        st = _StepState(labeled=cfg.labeled, unlabeled=unlabeled)
         if st.labeled:
             size = tuple(ctx.features_l[self.tap].shape[-2:])
             st.targets_l, st.valid_l = patch_targets(ctx.batch.y_l, self.num_classes, self.geometry, size)
         if st.unlabeled:
+            assert ctx.teacher_features_w is not None
             z_t = ctx.teacher_features_w[self.tap]
             st.teacher_logits = self.teacher(z_t)
             st.gamma = self.confidence(st.teacher_logits)
             used = (ctx.ignore != IGNORE_INDEX).unsqueeze(1).float()
             st.valid_u = pool_patches(used, self.geometry, tuple(z_t.shape[-2:]))[:, 0] > 0
-            z_s = ctx.features_w[self.tap]
-            if self._perturb_student(z_s, z_t):
-                keep = 1.0 - cfg.fp_dropout
-                mask = torch.rand(z_s.shape[0], z_s.shape[1], 1, 1, device=z_s.device) < keep
-                st.dropout = mask.to(z_s.dtype) / keep
-        ctx.extras[self.name] = st
         return st
 
-    def _perturb_student(self, student: Tensor, teacher: Tensor) -> bool:
+    def _awaits_strong(self, ctx: StepContext) -> bool:
+        """Whether the student input is the strong views' features, not yet in ``ctx`` (λ_s is asked
+        for before the strong forward)."""
+        return self._student_mode(ctx) == "strong" and not ctx.features_s
+
+    def _student_mode(self, ctx: StepContext) -> str:
         mode = self.cfg.student_input
-        if mode == "auto":  # UniMatch / FixMatch: the student's features are the teacher's own
-            return student.data_ptr() == teacher.data_ptr() and student.shape == teacher.shape
-        return mode == "perturbed"
+        if mode != "auto":
+            return mode
+        if ctx.features_s is not None:  # the host passes them (an empty list until its strong forward)
+            return "strong"
+        assert ctx.features_w is not None and ctx.teacher_features_w is not None
+        same = ctx.features_w[self.tap].data_ptr() == ctx.teacher_features_w[self.tap].data_ptr()
+        return "perturbed" if same else "features"  # Mean Teacher: its student view is the strong one
+
+    def _student_state(self, ctx: StepContext, st: _StepState) -> None:
+        """The student MPMC's inputs and, per location, the teacher's target, γ and validity."""
+        assert st.teacher_logits is not None and st.gamma is not None and st.valid_u is not None
+        mode = self._student_mode(ctx)
+        if mode == "strong":
+            if not ctx.features_s:
+                raise RuntimeError("mpmc.student_input: strong needs a host that passes strong-view "
+                                   "features (FixMatch, UniMatch)")  # fmt: skip
+            size = tuple(st.teacher_logits.shape[-2:])
+            views, targets = [], []
+            for feats, sources in zip(ctx.features_s, ctx.sources_s or [None] * len(ctx.features_s)):
+                z = feats[self.tap]
+                if tuple(z.shape[-2:]) != size:
+                    got = tuple(z.shape[-2:])
+                    raise RuntimeError(f"mpmc: strong-view features {got} != the weak view's {size}")
+                views.append(z)
+                if sources is None:
+                    targets.append((st.teacher_logits, st.gamma, st.valid_u))
+                    continue
+                origin = location_sources(sources, self.geometry, size)
+                partner = origin == SOURCE_PARTNER
+                valid = _by_source(st.valid_u, partner) & (origin != SOURCE_LABELED)
+                targets.append((_by_source(st.teacher_logits, partner), _by_source(st.gamma, partner), valid))
+            st.students = [torch.cat(views)] if len(views) > 1 else views
+            t_logits, gamma, valid = (torch.cat(parts) for parts in zip(*targets))
+            st.student_targets = (t_logits, gamma, valid)
+            return
+        assert ctx.features_w is not None
+        z_s = ctx.features_w[self.tap]
+        st.students = [z_s]
+        st.student_targets = (st.teacher_logits, st.gamma, st.valid_u)
+        if mode == "perturbed":
+            keep = 1.0 - self.cfg.fp_dropout
+            mask = torch.rand(z_s.shape[0], z_s.shape[1], 1, 1, device=z_s.device) < keep
+            st.dropout = mask.to(z_s.dtype) / keep
 
     @torch.no_grad()
     def teacher(self, z: Tensor) -> Tensor:
@@ -500,8 +593,15 @@ class MPMC(OwnOptimizerPlugin):
         assert st.gamma is not None
         return pixel_confidence(st.gamma, ctx.pseudo_w, self.geometry)
 
+    def partner_pixel_weights(self, ctx: StepContext, labels: Tensor, own: Tensor) -> Tensor:
+        """λ_s of the flipped batch's pixels for the labels the mix pastes (the partner's eval-mode
+        pseudo-labels): the partner's γ at those classes (eq. 5)."""
+        st = self.state(ctx)
+        assert st.gamma is not None
+        return pixel_confidence(st.gamma.flip(0), labels, self.geometry)
+
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        """``scale·weight_labeled·L_l^M`` and ``scale·β·L_u^M`` for the segmenter (head frozen:
+        """``s_l·weight_labeled·L_l^M`` and ``s_u·β·L_u^M`` for the segmenter (head frozen:
         gradient into the encoder only)."""
         with self._frozen_head():
             return self._terms(ctx, detach_features=False)
@@ -511,61 +611,79 @@ class MPMC(OwnOptimizerPlugin):
         terms = self._terms(ctx, detach_features=True)
         return {self.name: sum(terms.values())} if terms else {}  # type: ignore[dict-item]
 
+    def scales(self, ctx: StepContext) -> tuple[float, float]:
+        """``(s_l, s_u)`` of eq. 7's MPMC terms: the host's multipliers, or ``scale`` for both."""
+        if self.cfg.scale is not None:
+            return self.cfg.scale, self.cfg.scale
+        return ctx.labeled_scale, ctx.unlabeled_scale
+
     def _terms(self, ctx: StepContext, detach_features: bool) -> dict[str, Tensor]:
         st, cfg = self.state(ctx), self.cfg
+        s_l, s_u = self.scales(ctx)
         inputs: list[Tensor] = []
         if st.labeled:
             assert ctx.features_l is not None
             inputs.append(ctx.features_l[self.tap])
         if st.unlabeled:
-            assert ctx.features_w is not None
-            inputs.append(ctx.features_w[self.tap])
+            assert st.students is not None
+            inputs += st.students
         if detach_features:
             inputs = [z.detach() for z in inputs]
-        if st.dropout is not None:
-            inputs[-1] = inputs[-1] * st.dropout
-        outputs = self._student(inputs)
+        outputs = self._student(inputs, st.dropout)
         terms: dict[str, Tensor] = {}
         if st.labeled:
             assert st.targets_l is not None and st.valid_l is not None
             loss = labeled_patch_loss(outputs[0], st.targets_l, st.valid_l, cfg.gamma_pos, cfg.gamma_neg)
-            terms["loss_l"] = cfg.scale * cfg.weight_labeled * loss
+            terms["loss_l"] = s_l * cfg.weight_labeled * loss
         if st.unlabeled:
-            assert st.teacher_logits is not None and st.gamma is not None and st.valid_u is not None
+            assert st.student_targets is not None
+            t_logits, gamma, valid = st.student_targets
             hard = cfg.unlabeled_target == "hard"
-            loss = unlabeled_patch_loss(outputs[-1], st.teacher_logits, st.gamma, st.valid_u, hard)
-            terms["loss_u"] = cfg.scale * cfg.beta * loss
+            terms["loss_u"] = s_u * cfg.beta * unlabeled_patch_loss(outputs[-1], t_logits, gamma, valid, hard)
         return terms
 
-    def _student(self, inputs: list[Tensor]) -> list[Tensor]:
-        """Head logits of each input; one batch (shared BatchNorm statistics) when sizes agree."""
+    def _student(self, inputs: list[Tensor], dropout: Tensor | None) -> list[Tensor]:
+        """Head logits of each input: one batch (shared BatchNorm statistics) when sizes agree; a
+        Dropout2d-perturbed last input (``dropout``) runs on its own, out of the running statistics."""
+        if dropout is not None:
+            with self._frozen_statistics():
+                perturbed = self.head(inputs[-1] * dropout)
+            return [*self._student(inputs[:-1], None), perturbed]
         if len(inputs) > 1 and all(z.shape[1:] == inputs[0].shape[1:] for z in inputs):
             return list(self.head(torch.cat(inputs)).split([z.shape[0] for z in inputs]))
         return [self.head(z) for z in inputs]
+
+    @contextmanager
+    def _frozen_statistics(self) -> Iterator[None]:
+        """BatchNorm running statistics (and batch counts) of the head left untouched inside."""
+        norms = [m for m in self.head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [
+            (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+            for m in norms
+        ]
+        for m in norms:
+            m.momentum = 0.0
+        try:
+            yield
+        finally:
+            for m, (momentum, tracked) in zip(norms, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
 
     @contextmanager
     def _frozen_head(self) -> Iterator[None]:
         """Head parameters out of the graph and BatchNorm running statistics left untouched (the
         optimizer pass updates them), restored afterwards."""
         params = [p for p in self.head.parameters() if p.requires_grad]
-        norms = [m for m in self.head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [
-            (m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
-            for m in norms
-        ]
         for p in params:
             p.requires_grad_(False)
-        for m in norms:
-            m.momentum = 0.0
         try:
-            yield
+            with self._frozen_statistics():
+                yield
         finally:
             for p in params:
                 p.requires_grad_(True)
-            for m, (momentum, tracked) in zip(norms, saved):
-                m.momentum = momentum
-                if tracked is not None:
-                    m.num_batches_tracked.copy_(tracked)
 
     # -- the head's optimizer -------------------------------------------------------------------
 
