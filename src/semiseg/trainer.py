@@ -468,14 +468,18 @@ class Trainer:
                 f"non-finite loss at step {info.step} ({shown}); stopped. "
                 f"Last good checkpoint: {self.run_dir / LATEST} (try a lower optim.lr)"
             )
+        on_total = self.method.extra_optimizers_on_total()
         self.optimizer.zero_grad(set_to_none=True)
+        for name in on_total:  # their gradient comes from total's backward
+            self.extra_optimizers[name].zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
         for name, opt in self.extra_optimizers.items():
             if f"total/{name}" not in losses:  # e.g. a labeled-only warm-up step: nothing to train
                 continue
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(losses[f"total/{name}"]).backward()
+            if name not in on_total:
+                opt.zero_grad(set_to_none=True)
+                self.scaler.scale(losses[f"total/{name}"]).backward()
             self._sync_extra_grads(opt)
             self.scaler.step(opt)
         for fn in self.method.extra_schedulers().values():

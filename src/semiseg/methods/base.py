@@ -75,6 +75,12 @@ class Method(nn.Module):
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
 
+    def extra_optimizers_on_total(self) -> set[str]:
+        """Extra optimizers whose parameters get their whole gradient from ``total`` (the trainer
+        zeroes them with the segmenter's and steps them after ``total``'s backward, without a
+        backward of their own ``total/<name>``, which is then only logged)."""
+        return set()
+
     def extra_schedulers(self) -> dict[str, Callable[[int], None]]:
         """Per-step lr updates of extra optimizers: name -> fn(step)."""
         return {}

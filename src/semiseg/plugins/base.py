@@ -25,7 +25,10 @@ ignore map, encoder features when a plug-in asks for them, the batch) and calls,
    ``total/<optimizer name>``; :meth:`Plugin.optimizers` / :meth:`Plugin.schedulers` expose the
    optimizer and its per-step lr update through the method's ``extra_optimizers()`` /
    ``extra_schedulers()``. The trainer zeroes that optimizer's gradients before back-propagating the
-   loss, so gradients a module picked up from ``total`` never reach its step.
+   loss, so gradients a module picked up from ``total`` never reach its step — unless the plug-in
+   sets ``optimizer_on_total``: its module appears in ``total`` only through the plug-in's own
+   terms, whose gradient is exactly the module's (MPMC's head), so the trainer zeroes it with the
+   segmenter's, steps it after ``total``'s backward, and ``total/<name>`` is only logged.
 4. :meth:`Plugin.after_step` ``(info)`` — after all optimizer steps (EMA statistics, ...).
 
 ``needs_unlabeled`` (default True) makes :func:`semiseg.methods.build_method` reject the plug-in on a
@@ -67,6 +70,7 @@ class Plugin(nn.Module):
     name: str = ""
     needs_unlabeled: bool = True
     needs_features: bool = False
+    optimizer_on_total: bool = False  # its module's gradient is exactly what ``total`` gives it
 
     def __init__(self, cfg: PluginConfig, num_classes: int, model: Segmenter, total_steps: int) -> None:
         super().__init__()
@@ -228,6 +232,9 @@ class PluginHost:
                     raise ValueError(f"two plug-ins define an optimizer named {name!r}")
                 out[name] = opt
         return out
+
+    def extra_optimizers_on_total(self) -> set[str]:
+        return {name for p in self.plugins.values() if p.optimizer_on_total for name in p.optimizers()}
 
     def extra_schedulers(self) -> dict[str, Callable[[int], None]]:
         out: dict[str, Callable[[int], None]] = {}

@@ -69,12 +69,10 @@ labeled-only epoch trains ``(L_x + L_l^M)/2``); λ_s and L_u^M start after it (a
 
 **Training the head**: the trainer's SGD holds only the segmenter's parameters, so the head has its
 own SGD (``lr``, momentum, weight decay, poly decay — set them to the run's ``optim`` values; the
-defaults are the cpu-small protocol's). The MPMC terms are computed twice per step on the same
-values: in :meth:`MPMC.losses` with the head frozen (its gradient reaches only the encoder, and its
-BatchNorm statistics are not updated), and in :meth:`MPMC.optimizer_losses` on detached features with
-the head trainable (its gradient reaches only the head), returned as ``total/mpmc`` and stepped by
-the trainer after the segmenter. Both passes share the dropout mask and the teacher's output, so
-each parameter gets exactly the gradient of eq. 7.
+defaults are the cpu-small protocol's). The MPMC terms are computed once per step, in
+:meth:`MPMC.losses`, and added to ``total``; the head appears in ``total`` only through them, so
+``total``'s backward gives every parameter — encoder and head — exactly eq. 7's gradient, and the
+trainer steps the head's SGD on it (``optimizer_on_total``; ``total/mpmc`` is only logged).
 
 **Differences from the released code** (github.com/cvlab-stonybrook/Beyond-Pixels, ``unimatch.py``,
 ``model/semseg/deeplabv3plus.py``, ``util/new_multilabel.py``), where we follow the paper:
@@ -455,6 +453,7 @@ class _StepState:
     students: list[Tensor] | None = None  # student inputs (one per strong view, or one)
     student_targets: tuple[Tensor, Tensor, Tensor] | None = None  # (teacher logits, γ, valid) per location
     dropout: Tensor | None = None  # N_u×C×1×1 multiplier of a perturbed student input
+    logged: Tensor | None = None  # detached sum of the terms :meth:`MPMC.losses` returned
 
 
 def _by_source(own: Tensor, where_partner: Tensor) -> Tensor:
@@ -471,6 +470,7 @@ class MPMC(OwnOptimizerPlugin):
     cfg: MPMCConfig
     needs_unlabeled = True
     needs_features = True
+    optimizer_on_total = True  # the head appears in total only through L_l^M and L_u^M
 
     def __init__(self, cfg: MPMCConfig, num_classes: int, model: Segmenter, total_steps: int) -> None:
         super().__init__(cfg, num_classes, model, total_steps)
@@ -601,15 +601,18 @@ class MPMC(OwnOptimizerPlugin):
         return pixel_confidence(st.gamma.flip(0), labels, self.geometry)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        """``s_l·weight_labeled·L_l^M`` and ``s_u·β·L_u^M`` for the segmenter (head frozen:
-        gradient into the encoder only)."""
-        with self._frozen_head():
-            return self._terms(ctx, detach_features=False)
+        """``s_l·weight_labeled·L_l^M`` and ``s_u·β·L_u^M``, added to ``total``: their gradient
+        reaches the encoder and the head (``optimizer_on_total``: the head's SGD steps on it)."""
+        terms = self._terms(ctx)
+        st = self.state(ctx)
+        st.logged = sum(t.detach() for t in terms.values()) if terms else None  # type: ignore[assignment]
+        return terms
 
     def optimizer_losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        """The same terms on detached features with the head trainable: ``total/mpmc`` trains the head."""
-        terms = self._terms(ctx, detach_features=True)
-        return {self.name: sum(terms.values())} if terms else {}  # type: ignore[dict-item]
+        """``total/mpmc``: the MPMC terms of this step, logged (and telling the trainer to step the
+        head, whose gradient came from ``total``); nothing when no term trains it."""
+        st = self.state(ctx)
+        return {} if st.logged is None else {self.name: st.logged}
 
     def scales(self, ctx: StepContext) -> tuple[float, float]:
         """``(s_l, s_u)`` of eq. 7's MPMC terms: the host's multipliers, or ``scale`` for both."""
@@ -617,7 +620,7 @@ class MPMC(OwnOptimizerPlugin):
             return self.cfg.scale, self.cfg.scale
         return ctx.labeled_scale, ctx.unlabeled_scale
 
-    def _terms(self, ctx: StepContext, detach_features: bool) -> dict[str, Tensor]:
+    def _terms(self, ctx: StepContext) -> dict[str, Tensor]:
         st, cfg = self.state(ctx), self.cfg
         s_l, s_u = self.scales(ctx)
         inputs: list[Tensor] = []
@@ -627,8 +630,6 @@ class MPMC(OwnOptimizerPlugin):
         if st.unlabeled:
             assert st.students is not None
             inputs += st.students
-        if detach_features:
-            inputs = [z.detach() for z in inputs]
         outputs = self._student(inputs, st.dropout)
         terms: dict[str, Tensor] = {}
         if st.labeled:
@@ -670,20 +671,6 @@ class MPMC(OwnOptimizerPlugin):
                 m.momentum = momentum
                 if tracked is not None:
                     m.num_batches_tracked.copy_(tracked)
-
-    @contextmanager
-    def _frozen_head(self) -> Iterator[None]:
-        """Head parameters out of the graph and BatchNorm running statistics left untouched (the
-        optimizer pass updates them), restored afterwards."""
-        params = [p for p in self.head.parameters() if p.requires_grad]
-        for p in params:
-            p.requires_grad_(False)
-        try:
-            with self._frozen_statistics():
-                yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
 
     # -- the head's optimizer -------------------------------------------------------------------
 
