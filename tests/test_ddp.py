@@ -42,8 +42,9 @@ def test_torchrun_two_gloo_processes(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_torchrun_adaptive_pseudo_labels(tmp_path):
-    """The recipe's running statistics are all-reduced: two gloo ranks of UniMatch + SupMix + SUFD
-    with FreeMatch masks on aligned predictions train to the same weights (the trainer checks)."""
+    """The recipe's running statistics are all-reduced: two gloo ranks of UniMatch + SupMix + SUFD +
+    MPMC (its head outside DDP, stepped on total's gradient averaged by hand) with FreeMatch masks on
+    aligned predictions train to the same weights (the trainer checks)."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip("torchrun not installed")
@@ -55,6 +56,7 @@ def test_torchrun_adaptive_pseudo_labels(tmp_path):
             "method.name": "unimatch",
             "method.mix": "supmix",
             "plugins.sufd": "{}",
+            "plugins.mpmc": "{}",
             "method.warmup_iters": 1,
             "method.pseudo.mask": "freematch",
             "method.pseudo.align": "labeled_prior",
@@ -69,3 +71,4 @@ def test_torchrun_adaptive_pseudo_labels(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("pl_used/1" in r for r in logged)
+    assert any("mpmc/loss_u" in r for r in logged) and any("mpmc/loss_l" in r for r in logged)
