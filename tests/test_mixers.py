@@ -103,6 +103,13 @@ def test_paste_carries_the_provenance_map_and_rejects_it_on_one_side():
         paste(own, t, mask)
 
 
+def test_match_size_resizes_the_provenance_map_with_the_labels():
+    t = sample_strategy(False, 2, 4, 4, 3, 0)._replace(source=torch.full((2, 4, 4), 2, dtype=torch.uint8))
+    resized = match_size(t, (8, 6))
+    assert resized.source.shape == (2, 8, 6) and resized.source.dtype == torch.uint8
+    assert bool((resized.source == 2).all()) and resized.label.shape == (2, 8, 6)
+
+
 def test_flip_is_the_reversed_batch_and_select_indexes():
     s = sample_strategy(True, 3, 2, 2, 3, 0)
     f = s.flip()

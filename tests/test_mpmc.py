@@ -339,22 +339,55 @@ def test_one_pass_trains_the_encoder_and_the_head():
 
 
 def test_trainer_steps_the_head_on_the_gradient_of_total(tmp_path, monkeypatch):
-    """The head's SGD steps once per step on what total's backward left in the head (zeroed before)."""
-    cfg = load_config(None, tiny_overrides(iters=2, **{"method.name": "unimatch", "plugins.mpmc": "{}"}))
+    """The head's SGD steps once per step on exactly the gradient of that step's MPMC terms (what
+    total's backward leaves in the head, zeroed before it: not accumulated over steps)."""
+    cfg = load_config(None, tiny_overrides(iters=3, **{"method.name": "unimatch", "plugins.mpmc": "{}"}))
     trainer = Trainer(cfg, tmp_path / "run")
     opt = trainer.extra_optimizers["mpmc"]
+    head = list(trainer.method.plugins["mpmc"].head.parameters())
+    expected: list[list[torch.Tensor]] = []
     seen: list[list[torch.Tensor]] = []
-    original = opt.step
+    training_step, step = trainer.method.training_step, opt.step
+
+    def recording_training_step(batch, info):
+        losses = training_step(batch, info)
+        terms = losses["mpmc/loss_l"] + losses["mpmc/loss_u"]
+        expected.append([g.clone() for g in torch.autograd.grad(terms, head, retain_graph=True)])
+        return losses
 
     def recording_step(*args, **kwargs):
         seen.append([p.grad.clone() for p in opt.param_groups[0]["params"]])
-        return original(*args, **kwargs)
+        return step(*args, **kwargs)
 
+    monkeypatch.setattr(trainer.method, "training_step", recording_training_step)
     monkeypatch.setattr(opt, "step", recording_step)
     trainer.fit()
-    assert len(seen) == 2
-    assert all(nonzero(g) for grads in seen for g in grads)
-    assert any(not torch.equal(a, b) for a, b in zip(*seen))  # fresh gradients each step, not accumulated
+    assert len(seen) == len(expected) == 3
+    for got, want in zip(seen, expected):
+        assert all(nonzero(g) for g in got)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
+
+
+def test_hosts_pass_their_step_multipliers():
+    torch.manual_seed(0)
+    batch = make_batch()
+    for host, (labeled, unlabeled) in {
+        "unimatch": (0.5, lambda w: 0.5 * w),
+        "fixmatch": (0.5, lambda w: 0.5 * w),
+        "mean_teacher": (1.0, lambda w: w),
+    }.items():
+        method = method_with({"name": host, "warmup_iters": 2, "rampup_iters": 10})
+        seen = spy_state(method.plugins["mpmc"])
+        method.training_step(batch, StepInfo(6, 100))
+        w = math.exp(-5.0 * (1.0 - 4 / 10) ** 2)  # sigmoid ramp-up, 4 steps after the warm-up
+        assert seen["ctx"].labeled_scale == pytest.approx(labeled), host
+        assert seen["ctx"].unlabeled_scale == pytest.approx(unlabeled(w)), host
+
+
+def test_strong_student_needs_a_host_with_strong_views():
+    method = method_with({"name": "mean_teacher"}, {"student_input": "strong"})
+    with pytest.raises(RuntimeError, match="student_input: strong"):
+        method.training_step(make_batch(), StepInfo(0, 100))
 
 
 def spy_state(mpmc) -> dict:
@@ -390,8 +423,8 @@ def test_student_sees_the_mixed_strong_views_with_targets_from_their_source(mix)
         for n in range(3):
             for i in range(h):
                 for j in range(w):
-                    y = min(max(round(geom.center + geom.stride * i), 0), 31)
-                    x = min(max(round(geom.center + geom.stride * j), 0), 31)
+                    y = min(max(math.floor(geom.center + geom.stride * i + 0.5), 0), 31)  # half up
+                    x = min(max(math.floor(geom.center + geom.stride * j + 0.5), 0), 31)
                     src = int(sources[n, y, x])
                     k = v * 3 + n
                     if src == 2:  # SupMix ground truth: left out

@@ -230,8 +230,12 @@ def pixel_confidence(gamma: Tensor, pseudo: Tensor, geom: PatchGeometry) -> Tens
 def location_sources(sources: Tensor, geom: PatchGeometry, out_size: tuple[int, int]) -> Tensor:
     """Provenance (``SOURCE_*``) of each location's centre pixel: ``sources`` N×H×W → N×h×w."""
     (h, w), (H, W) = out_size, sources.shape[-2:]
-    rows = (geom.center + geom.stride * torch.arange(h, device=sources.device)).round().long().clamp(0, H - 1)
-    cols = (geom.center + geom.stride * torch.arange(w, device=sources.device)).round().long().clamp(0, W - 1)
+
+    def centres(n: int, size: int) -> Tensor:  # rounded half up, as nearest_location
+        positions = geom.center + geom.stride * torch.arange(n, device=sources.device, dtype=torch.float32)
+        return torch.floor(positions + 0.5).long().clamp(0, size - 1)
+
+    rows, cols = centres(h, H), centres(w, W)
     return sources[:, rows][:, :, cols]
 
 
@@ -524,7 +528,7 @@ class MPMC(OwnOptimizerPlugin):
     def _awaits_strong(self, ctx: StepContext) -> bool:
         """Whether the student input is the strong views' features, not yet in ``ctx`` (λ_s is asked
         for before the strong forward)."""
-        return self._student_mode(ctx) == "strong" and not ctx.features_s
+        return self._student_mode(ctx) == "strong" and ctx.features_s is not None and not ctx.features_s
 
     def _student_mode(self, ctx: StepContext) -> str:
         mode = self.cfg.student_input
