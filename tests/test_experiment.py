@@ -139,7 +139,7 @@ def test_committed_records_stand_in_for_deleted_runs(tmp_path, count_trains):
     messages = []
     run_grid(load_grid(write_grid(tmp_path)), log=messages.append)
     assert len(count_trains) == 4  # nothing re-run
-    assert "4 done (1 from" in messages[0]
+    assert "4 done (1 recorded in" in messages[0]
     run_grid(load_grid(write_grid(tmp_path)), dry_run=True, log=messages.append)
     assert sum("[recorded]" in m for m in messages) == 1
 
@@ -158,6 +158,34 @@ def test_committed_records_stand_in_for_deleted_runs(tmp_path, count_trains):
     run_grid(grid, dry_run=True, log=messages.append)
     listing = messages[-4:]
     assert sum("[new     ]" in m for m in listing) == 1 and sum("[stale   ]" in m for m in listing) == 3
+
+
+def test_records_of_a_grid_sharing_the_output_folder_count(tmp_path, count_trains):
+    """Two grid files beside each other writing to one output folder share cells: a cell one of them
+    committed is recorded for the other too (same config hash), so a fresh clone runs it once; a
+    grid with another output folder does not borrow it."""
+    import shutil
+
+    first = load_grid(write_grid(tmp_path))
+    run_grid(first, log=lambda *_: None)
+    write_reports(first, collect_records(first))
+    shutil.rmtree(tmp_path / "runs")
+    second_file = tmp_path / "second.yaml"
+    text = write_grid(tmp_path).read_text().replace("name: tiny", "name: second")
+    second_file.write_text(text.replace(f"reports: {tmp_path / 'reports'}", f"reports: {tmp_path / 'second'}"))
+    messages = []
+    run_grid(load_grid(second_file), dry_run=True, log=messages.append)
+    assert "4 done (4 recorded in" in messages[0] and str(tmp_path / "reports" / "records.json") in messages[0]
+    records = collect_records(load_grid(second_file))
+    assert sorted((r["method"], r["seed"]) for r in records) == sorted(
+        (c.method, c.seed) for c in first.cells
+    )
+    # Another output folder: nothing is shared (and nothing was trained by the dry runs).
+    elsewhere = text.replace(f"output: {tmp_path / 'runs'}", f"output: {tmp_path / 'other_runs'}")
+    second_file.write_text(elsewhere.replace(f"reports: {tmp_path / 'reports'}", f"reports: {tmp_path / 'o'}"))
+    run_grid(load_grid(second_file), dry_run=True, log=messages.append)
+    assert sum("[new     ]" in m for m in messages[-4:]) == 4
+    assert len(count_trains) == 4
 
 
 def test_processes_sharing_a_grid_skip_cells_another_live_process_holds(tmp_path, count_trains):

@@ -22,7 +22,9 @@ is. A cell whose run directory is gone (a fresh clone, another machine) but whos
 ``<reports>/records.json`` carries the cell's current config hash is **recorded**: it counts as done,
 is not re-run, and its committed numbers go into the tables. Figures that need the run itself
 (training curves, the qualitative grid) are then kept as they are rather than redrawn from fewer
-runs. To re-run a recorded cell, delete its record (or the whole ``records.json``).
+runs. Grid files in one folder that write to the same ``output`` share cells, so the records of each
+count for the others (matched by config hash). To re-run a recorded cell, delete its record (from
+every grid that has it).
 
 Several processes may work on one grid at once (``semiseg reproduce`` started N times, on one
 machine or on machines sharing the output folder): each claims a cell with a lock file beside its

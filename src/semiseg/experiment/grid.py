@@ -183,8 +183,35 @@ def _merge_all(*trees: dict) -> dict:
 
 
 def load_recorded(grid: Grid) -> dict[tuple, dict]:
-    """The grid's committed records (``<reports>/records.json``) keyed like :func:`record_key`."""
-    path = grid.reports / "records.json"
+    """The committed records keyed like :func:`record_key`: the grid's own ``<reports>/records.json``
+    and those of the grid files beside it that write to the same output folder (a cell two grids
+    share is one run directory, so a record either of them committed counts for both; the key holds
+    the config hash, so a record only ever stands for the exact same config). The grid's own records
+    win where both have one."""
+    recorded: dict[tuple, dict] = {}
+    for reports in [*sibling_reports(grid), grid.reports]:
+        recorded.update(_read_records(reports / "records.json"))
+    return recorded
+
+
+def sibling_reports(grid: Grid) -> list[Path]:
+    """Reports folders of the other grid files in ``grid``'s folder with the same ``output``."""
+    folders = []
+    for other in sorted(grid.path.parent.glob("*.yaml")):
+        if other.resolve() == grid.path.resolve():
+            continue
+        try:
+            raw = yaml.safe_load(other.read_text()) or {}
+        except yaml.YAMLError:
+            continue  # not ours to validate: it fails with its own message when it is run
+        if not isinstance(raw, dict) or not raw.get("output") or not raw.get("reports"):
+            continue
+        if Path(str(raw["output"])) == grid.output and Path(str(raw["reports"])) != grid.reports:
+            folders.append(Path(str(raw["reports"])))
+    return folders
+
+
+def _read_records(path: Path) -> dict[tuple, dict]:
     if not path.is_file():
         return {}
     try:
@@ -266,7 +293,9 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     todo = seed_major([c for c in grid.cells if states[id(c)] not in FINISHED], grid.cells)
     done = len(grid.cells) - len(todo)
     from_records = sum(s == "recorded" for s in states.values())
-    note = f" ({from_records} from {grid.reports / 'records.json'})" if from_records else ""
+    files = [r / "records.json" for r in [grid.reports, *sibling_reports(grid)]]
+    sources = ", ".join(str(f) for f in files if f.is_file())
+    note = f" ({from_records} recorded in {sources})" if from_records else ""
     elsewhere = sum(s == "running" for s in states.values())
     busy = f" ({elsewhere} running in other processes)" if elsewhere else ""
     log(
