@@ -172,17 +172,19 @@ def test_records_of_a_grid_sharing_the_output_folder_count(tmp_path, count_train
     shutil.rmtree(tmp_path / "runs")
     second_file = tmp_path / "second.yaml"
     text = write_grid(tmp_path).read_text().replace("name: tiny", "name: second")
-    second_file.write_text(text.replace(f"reports: {tmp_path / 'reports'}", f"reports: {tmp_path / 'second'}"))
+    reports = f"reports: {tmp_path / 'reports'}"
+    second_file.write_text(text.replace(reports, f"reports: {tmp_path / 'second'}"))
     messages = []
     run_grid(load_grid(second_file), dry_run=True, log=messages.append)
-    assert "4 done (4 recorded in" in messages[0] and str(tmp_path / "reports" / "records.json") in messages[0]
+    assert "4 done (4 recorded in" in messages[0]
+    assert str(tmp_path / "reports" / "records.json") in messages[0]
     records = collect_records(load_grid(second_file))
     assert sorted((r["method"], r["seed"]) for r in records) == sorted(
         (c.method, c.seed) for c in first.cells
     )
     # Another output folder: nothing is shared (and nothing was trained by the dry runs).
     elsewhere = text.replace(f"output: {tmp_path / 'runs'}", f"output: {tmp_path / 'other_runs'}")
-    second_file.write_text(elsewhere.replace(f"reports: {tmp_path / 'reports'}", f"reports: {tmp_path / 'o'}"))
+    second_file.write_text(elsewhere.replace(reports, f"reports: {tmp_path / 'o'}"))
     run_grid(load_grid(second_file), dry_run=True, log=messages.append)
     assert sum("[new     ]" in m for m in messages[-4:]) == 4
     assert len(count_trains) == 4
