@@ -4,25 +4,45 @@ unlabeled pixels teach, and how often the policy would be right / wrong on the l
     python benchmarks/pseudo_label_curves.py runs/selection/chase/unimatch_warmup_fixed \\
         runs/selection/chase/unimatch_warmup_freematch_da --classes background vessel \\
         --out benchmarks/results/pseudo_label_curves_chase_val.png
+
+With ``--window FIRST LAST`` it also prints, per run, the mean of every ``pl_used/<c>`` and
+``pl_wrong/<c>`` over the logged steps FIRST..LAST (the numbers the benchmark tables quote).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
-from semiseg.plots import plot_pseudo_label_curves
+from semiseg.plots import plot_pseudo_label_curves, read_metrics
+
+
+def window_means(metrics: Path, first: int, last: int) -> dict[str, float]:
+    """Mean of each pseudo-label diagnostic over the train records with ``first <= step <= last``."""
+    rows = [r for r in read_metrics(metrics) if r.get("kind") == "train" and first <= r["step"] <= last]
+    keys = sorted({k for r in rows for k in r if k.startswith(("pl_used/", "pl_wrong/"))})
+    return {k: statistics.mean(r[k] for r in rows if k in r) for k in keys}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories with metrics.jsonl")
     p.add_argument("--classes", nargs="*", default=None, help="class names, in index order")
-    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--out", type=Path, help="PNG to write")
+    p.add_argument("--window", nargs=2, type=int, metavar=("FIRST", "LAST"), help="print window means")
     args = p.parse_args()
-    runs = {run.name: run / "metrics.jsonl" for run in args.runs}
-    out = plot_pseudo_label_curves(runs, args.out, args.classes)
-    print(out if out else "no run logged pseudo-label diagnostics")
+    if args.out is None and args.window is None:
+        p.error("nothing to do: give --out, --window or both")
+    runs = {f"{run.parent.name}/{run.name}": run / "metrics.jsonl" for run in args.runs}
+    if args.window:
+        for label, metrics in runs.items():
+            means = window_means(metrics, *args.window)
+            text = "  ".join(f"{k}={100 * v:.1f}%" for k, v in means.items()) or "no diagnostics logged"
+            print(f"{label} steps {args.window[0]}-{args.window[1]}: {text}")
+    if args.out:
+        out = plot_pseudo_label_curves(runs, args.out, args.classes)
+        print(out if out else "no run logged pseudo-label diagnostics")
 
 
 if __name__ == "__main__":

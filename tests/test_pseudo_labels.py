@@ -287,3 +287,26 @@ def test_pseudo_label_curves_figure(tmp_path):
     assert plot_pseudo_label_curves({"old": without}, tmp_path / "none.png") is None
     out = plot_pseudo_label_curves({"new": with_keys, "old": without}, tmp_path / "pl.png", ["bg", "vessel"])
     assert out is not None and out.stat().st_size > 1000
+
+
+def test_benchmark_window_means_average_the_logged_diagnostics(tmp_path):
+    """benchmarks/pseudo_label_curves.py --window: the numbers the benchmark tables quote are the
+    plain mean of the logged pl_used / pl_wrong values inside the step window."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pseudo_label_curves.py"
+    spec = importlib.util.spec_from_file_location("pseudo_label_curves", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {"step": 10, "kind": "train", "pl_used/1": 0.9, "pl_wrong/1": 0.9},
+        {"step": 20, "kind": "train", "pl_used/1": 0.1, "pl_wrong/1": 0.2, "loss_x": 1.0},
+        {"step": 20, "kind": "val", "pl_used/1": 0.7},
+        {"step": 30, "kind": "train", "pl_used/1": 0.3},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    means = module.window_means(metrics, 20, 30)
+    assert means == pytest.approx({"pl_used/1": 0.2, "pl_wrong/1": 0.2})
