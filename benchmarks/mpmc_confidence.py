@@ -1,0 +1,120 @@
+"""What λ_s (Beyond Pixels eq. 5) does to each class: per class, the mean λ_s a finished MPMC run's
+teacher gives the pixels pseudo-labelled with it on the run's unlabeled images, next to the λ_s an
+ideal teacher would give (the patch's true classes equally likely: 1 / number of classes present).
+
+λ_s(pixel) = γ of the pixel's pseudo-label class at the patch covering it, γ = softmax over classes
+of the patch head's logits. In a patch holding k classes an ideal multi-label head is sure of all k,
+so γ ≈ 1/k for each: a thin class (vessels) that never fills a patch alone gets λ_s ≈ ½ at best,
+while background pixels in background-only patches get ≈ 1. This script measures that bias.
+
+    python benchmarks/mpmc_confidence.py \\
+        runs/grids/cpu_small_recipe/chase_db1/1-8/unimatch+mpmc+freematch+da/seed0 \\
+        --out benchmarks/results/mpmc_confidence_chase_db1_1-8_seed0
+
+Whole images, eval mode, the run's final weights (``latest.pt``) and its ``splits/unlabeled.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from semiseg.data import formats  # noqa: F401  (registers the dataset builders)
+from semiseg.data.base import DATASETS
+from semiseg.data.io import image_to_tensor, read_record
+from semiseg.inference import load_trained_model
+from semiseg.methods import build_method
+from semiseg.plugins.mpmc import patch_targets, pixel_confidence
+
+
+def run_confidence(run_dir: Path) -> dict:
+    cfg, model, ckpt = load_trained_model(run_dir / "latest.pt")
+    num_classes, in_channels = ckpt["num_classes"], ckpt["in_channels"]
+    method = build_method(cfg, model, num_classes)
+    method.load_state_dict(ckpt["model"])
+    method.eval()
+    plugin = method.plugins["mpmc"]
+    source = DATASETS[cfg.data.name](cfg.data)
+    by_name = {r.name: r for r in source.train_pool}
+    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
+    records = [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
+    teacher_sum, ideal_sum, count, gt_count = (np.zeros(num_classes) for _ in range(4))
+    with torch.inference_mode():
+        for record in records:
+            image, mask = read_record(record, cfg.data, num_classes, in_channels)
+            x = image_to_tensor(image, cfg.data)[None]
+            feats = model.encode(x)
+            pseudo = model.decode(feats, x.shape[-2:]).argmax(1)  # N×H×W
+            gamma = plugin.confidence(plugin.teacher(feats[plugin.tap]))
+            lam = pixel_confidence(gamma, pseudo, plugin.geometry)[0]
+            target = torch.from_numpy(np.asarray(mask, dtype=np.int64))[None]
+            present, _ = patch_targets(target, num_classes, plugin.geometry, gamma.shape[-2:])
+            ideal_gamma = present / present.sum(1, keepdim=True).clamp_min(1)
+            ideal = pixel_confidence(ideal_gamma, target.clamp(0, num_classes - 1), plugin.geometry)[0]
+            valid = target[0] != 255
+            for c in range(num_classes):
+                sel_pl = (pseudo[0] == c) & valid
+                teacher_sum[c] += float(lam[sel_pl].sum())
+                count[c] += int(sel_pl.sum())
+                sel_gt = (target[0] == c) & valid
+                ideal_sum[c] += float(ideal[sel_gt].sum())
+                gt_count[c] += int(sel_gt.sum())
+    names_c = ckpt["class_names"]
+    return {
+        "run": str(run_dir),
+        "step": ckpt["step"],
+        "images": len(records),
+        "patch": {"size": plugin.geometry.size, "stride": plugin.geometry.stride},
+        "classes": {
+            names_c[c]: {
+                "teacher_lambda_s": float(teacher_sum[c] / count[c]) if count[c] else None,
+                "ideal_lambda_s": float(ideal_sum[c] / gt_count[c]) if gt_count[c] else None,
+                "pseudo_share": float(count[c] / max(count.sum(), 1)),
+            }
+            for c in range(num_classes)
+        },
+    }
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        f"MPMC's λ_s per class on each run's unlabeled images (whole image, eval mode). Command: `{command}`",
+        "",
+        "| run | patch (size/stride px) | class | share of pseudo-labels | mean λ_s of the teacher "
+        "| ideal-teacher λ_s (1 / classes in the patch) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        label = "/".join(Path(row["run"]).parts[-2:])
+        patch = f"{row['patch']['size']}/{row['patch']['stride']}"
+        for name, s in row["classes"].items():
+            t = "–" if s["teacher_lambda_s"] is None else f"{s['teacher_lambda_s']:.3f}"
+            i = "–" if s["ideal_lambda_s"] is None else f"{s['ideal_lambda_s']:.3f}"
+            lines.append(f"| {label} | {patch} | {name} | {100 * s['pseudo_share']:.1f} % | {t} | {i} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="MPMC run directories with latest.pt and splits/")
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = [run_confidence(r) for r in args.runs]
+    command = "python benchmarks/mpmc_confidence.py " + " ".join(str(r) for r in args.runs)
+    if args.out:
+        command += f" --out {args.out}"
+    text = markdown(rows, command)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
