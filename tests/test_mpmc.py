@@ -729,3 +729,26 @@ def test_grids_load_without_running():
     assert len(shared) == 2 * 2 * 3
     for c in shared:
         assert ours[(c.dataset, c.method, c.seed)] == (c.run_dir, config_hash(c.cfg))
+
+
+def test_benchmark_lambda_s_per_class_of_a_finished_run(tmp_path):
+    """benchmarks/mpmc_confidence.py reads a finished run back (method state with the head) and gives
+    per-class λ_s in [0, 1]: the teacher's where a class is pseudo-labelled, the ideal teacher's
+    (1 / classes in the patch) wherever the class is in the ground truth."""
+    import importlib.util
+
+    overrides = tiny_overrides(iters=2, **{"method.name": "unimatch", "plugins.mpmc": "{}"})
+    train(load_config(None, overrides), tmp_path / "run")
+    script = REPO / "benchmarks" / "mpmc_confidence.py"
+    spec = importlib.util.spec_from_file_location("mpmc_confidence", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.run_confidence(tmp_path / "run")
+    assert row["images"] > 0 and row["patch"]["size"] >= row["patch"]["stride"] >= 1
+    shares = [s["pseudo_share"] for s in row["classes"].values()]
+    assert sum(shares) == pytest.approx(1.0)
+    for stats in row["classes"].values():
+        for key in ("teacher_lambda_s", "ideal_lambda_s"):
+            assert stats[key] is None or 0.0 <= stats[key] <= 1.0
+    assert any(s["ideal_lambda_s"] is not None and s["ideal_lambda_s"] < 1.0 for s in row["classes"].values())
+    assert "| class |" in module.markdown([row], "cmd")
