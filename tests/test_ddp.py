@@ -72,3 +72,29 @@ def test_torchrun_adaptive_pseudo_labels(tmp_path):
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("pl_used/1" in r for r in logged)
     assert any("mpmc/loss_u" in r for r in logged) and any("mpmc/loss_l" in r for r in logged)
+
+
+def _log_different_keys(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from semiseg.distributed import all_reduce_mean
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    per_class = {"pl_right/1": 0.5} if rank == 0 else {"pl_right/2": 0.25}
+    values = {"loss": 1.0 + rank, **per_class}
+    reduced = all_reduce_mean(values, torch.device("cpu"))
+    if rank == 0:
+        with open(out, "w") as fh:
+            json.dump(reduced, fh)
+    dist.destroy_process_group()
+
+
+def test_ranks_logging_different_keys_average_each_key_over_the_ranks_that_logged_it(tmp_path):
+    """A per-class diagnostic logged on one rank only (its class absent from the other rank's
+    batches) must neither hang nor mis-align the all-reduce of the logs."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "reduced.json"
+    mp.spawn(_log_different_keys, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) == {"loss": 1.5, "pl_right/1": 0.5, "pl_right/2": 0.25}

@@ -89,14 +89,24 @@ def cleanup() -> None:
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalar logs over ranks (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or not values:
+    """Average scalar logs over ranks (identity when not distributed).
+
+    Ranks may log different keys (a per-class diagnostic is logged only when its class occurred in
+    the rank's batches): the keys are first gathered, and each key is averaged over the ranks that
+    logged it, so no collective ever sees tensors of different lengths."""
+    if not (dist.is_available() and dist.is_initialized()):
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(values))
+    keys = sorted(set().union(*(k or [] for k in gathered)))
+    if not keys:
+        return values
+    t = torch.zeros(2, len(keys), dtype=torch.float64, device=device)
+    for i, key in enumerate(keys):
+        if key in values:
+            t[0, i], t[1, i] = values[key], 1.0
     dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return {k: float(t[0, i] / t[1, i]) for i, k in enumerate(keys)}
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
