@@ -237,6 +237,14 @@ def test_weight_shapes_and_ranges():
     assert torch.allclose(st.gamma.sum(1), torch.ones(3, 16, 16))
     assert st.valid_u.shape == (3, 16, 16) and bool(st.valid_u.all())  # 2 padded rows < a patch
     assert st.targets_l.shape == (2, NUM_CLASSES, 16, 16)
+    # Logged per pseudo-label class: the mean λ_s of its pixels, by hand.
+    logged = mpmc.diagnostics(ctx)
+    for c in range(NUM_CLASSES):
+        pixels = ctx.pseudo_w == c
+        if pixels.any():
+            assert float(logged[f"lambda_s/{c}"]) == pytest.approx(float(lam_s[pixels].mean()), rel=1e-5)
+        else:
+            assert f"lambda_s/{c}" not in logged
 
 
 def set_teacher_bias(mpmc: MPMC, bias: list[float]) -> None:
@@ -646,6 +654,8 @@ def test_tiny_training_run(tmp_path, config, extra):
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in logged if r["kind"] == "train"][-1]
     assert {"mpmc/loss_l", "mpmc/loss_u", "total/mpmc"} <= set(last)
+    lambdas = [v for k, v in last.items() if k.startswith("mpmc/lambda_s/")]
+    assert lambdas and all(0.0 < v <= 1.0 for v in lambdas)
     if config is not None:
         assert {"sufd/loss_adv", "total/sufd"} <= set(last) and cfg.method.mix == "supmix"
     after = trainer.method.plugins["mpmc"].head.state_dict()

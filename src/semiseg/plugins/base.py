@@ -101,6 +101,11 @@ class Plugin(nn.Module):
     def optimizer_losses(self, ctx: StepContext) -> dict[str, Tensor]:
         return {}
 
+    def diagnostics(self, ctx: StepContext) -> dict[str, Tensor]:
+        """Scalars logged as ``<name>/<key>`` (metrics.jsonl, TensorBoard), never added to ``total``;
+        called after :meth:`losses`. Keys may differ between steps and ranks."""
+        return {}
+
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
 
@@ -221,6 +226,8 @@ class PluginHost:
                 total = total + value
             for opt_name, value in plugin.optimizer_losses(ctx).items():
                 losses[f"total/{opt_name}"] = value
+            for key, value in plugin.diagnostics(ctx).items():
+                losses[f"{name}/{key}"] = value.detach()
         losses["total"] = total
         return losses
 

@@ -458,6 +458,7 @@ class _StepState:
     student_targets: tuple[Tensor, Tensor, Tensor] | None = None  # (teacher logits, γ, valid) per location
     dropout: Tensor | None = None  # N_u×C×1×1 multiplier of a perturbed student input
     logged: Tensor | None = None  # detached sum of the terms :meth:`MPMC.losses` returned
+    lambda_s: Tensor | None = None  # detached λ_s of the weak view's pixels (N_u×H×W)
 
 
 def _by_source(own: Tensor, where_partner: Tensor) -> Tensor:
@@ -595,7 +596,22 @@ class MPMC(OwnOptimizerPlugin):
         if not st.unlabeled:
             return None
         assert st.gamma is not None
-        return pixel_confidence(st.gamma, ctx.pseudo_w, self.geometry)
+        weights = pixel_confidence(st.gamma, ctx.pseudo_w, self.geometry)
+        st.lambda_s = weights.detach()
+        return weights
+
+    def diagnostics(self, ctx: StepContext) -> dict[str, Tensor]:
+        """``lambda_s/<c>``: mean λ_s of this step's weak-view pixels pseudo-labelled ``c`` (classes
+        that occur), so a class whose unlabeled loss eq. 5 down-weights shows while training."""
+        st = ctx.extras.get(self.name)
+        if not isinstance(st, _StepState) or st.lambda_s is None or ctx.pseudo_w is None:
+            return {}
+        classes = ctx.pseudo_w.long().flatten()
+        keep = (classes >= 0) & (classes < self.num_classes)
+        classes, lam = classes[keep], st.lambda_s.flatten()[keep].float()
+        counts = torch.bincount(classes, minlength=self.num_classes)
+        sums = torch.bincount(classes, weights=lam, minlength=self.num_classes)
+        return {f"lambda_s/{c}": sums[c] / counts[c] for c in range(self.num_classes) if counts[c] > 0}
 
     def partner_pixel_weights(self, ctx: StepContext, labels: Tensor, own: Tensor) -> Tensor:
         """λ_s of the flipped batch's pixels for the labels the mix pastes (the partner's eval-mode
