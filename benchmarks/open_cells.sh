@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The grid cells the open issues still need (12: Table 1 and 2 with the recipe — Table 2 says what
-# each part of ours costs, now that ours is not ≥ 1.5 over UniMatch on CHASE_DB1; 16: SUFD's cheaper
-# discriminator; 13: MPMC; 14: GuidedMix-Net), in the order we run them: the first priority first,
-# the longest cells of a group first. Start it twice on 2 cores — two one-thread lanes:
+# The grid cells the open issues still need (13: MPMC; 14: GuidedMix-Net; Tables 1 and 2 with the
+# recipe for issue 12 are complete), in the order we run them: the first priority first, the
+# cheaper dataset first. Start it twice on 2 cores — two one-thread lanes:
 #     nohup bash benchmarks/open_cells.sh > lane1.log 2>&1 &
 #     nohup bash benchmarks/open_cells.sh > lane2.log 2>&1 &
 # Lock files keep the lanes on different cells (a cell the other lane holds is skipped), finished
