@@ -323,7 +323,8 @@ class Trainer:
             for note in self.data_check.warnings:
                 print(f"warning: {note}", file=sys.stderr, flush=True)
         self.method.to(self.device)
-        if cfg.train.channels_last:  # convolutions follow their weights' memory format
+        if cfg.train.channels_last and self.method.model.channels_last_safe:  # convolutions follow
+            # their weights' memory format
             self.method.to(memory_format=torch.channels_last)
         if self.dist.enabled:
             ddp = nn.parallel.DistributedDataParallel(

@@ -52,6 +52,8 @@ class Segmenter(nn.Module):
     in_channels: int
     num_classes: int
     fp_dropout: float = 0.5
+    # False: ``train.channels_last`` leaves this model contiguous (see GuidedMixNet for why).
+    channels_last_safe: bool = True
 
     def encode(self, x: Tensor) -> list[Tensor]:
         raise NotImplementedError

@@ -194,7 +194,14 @@ class GuidedMixNet(Segmenter):
         mitrans_levels: decoder blocks (0 = deepest) that are :class:`MITrans` blocks.
         mitrans_zero_init: zero-initialise MITrans's ``V`` (identity at start).
         pretrained: ImageNet weights through timm (downloads; never the default).
+
+    ``channels_last_safe = False``: with torch 2.14.1+cu130 on CPU a GuidedMix training step in
+    channels-last memory aborts the process in backward ("corrupted double-linked list", heap
+    corruption inside torch; the forward and backward of the network alone do not, the full method
+    step does), so ``train.channels_last`` keeps this network contiguous (rounding-level only).
     """
+
+    channels_last_safe = False
 
     def __init__(
         self,
