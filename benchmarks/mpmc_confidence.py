@@ -17,18 +17,19 @@ Whole images, eval mode, the run's final weights (``latest.pt``) and its ``split
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from semiseg.data import formats  # noqa: F401  (registers the dataset builders)
-from semiseg.data.base import DATASETS
 from semiseg.data.io import image_to_tensor, read_record
 from semiseg.inference import load_trained_model
 from semiseg.methods import build_method
 from semiseg.plugins.mpmc import patch_targets, pixel_confidence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pseudo_label_stats import unlabeled_records, write_outputs  # noqa: E402  (a sibling script)
 
 
 def run_confidence(run_dir: Path) -> dict:
@@ -38,10 +39,7 @@ def run_confidence(run_dir: Path) -> dict:
     method.load_state_dict(ckpt["model"])
     method.eval()
     plugin = method.plugins["mpmc"]
-    source = DATASETS[cfg.data.name](cfg.data)
-    by_name = {r.name: r for r in source.train_pool}
-    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
-    records = [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
+    records = unlabeled_records(cfg, run_dir)
     teacher_sum, ideal_sum, count, gt_count = (np.zeros(num_classes) for _ in range(4))
     with torch.inference_mode():
         for record in records:
@@ -108,12 +106,7 @@ def main() -> None:
     command = "python benchmarks/mpmc_confidence.py " + " ".join(str(r) for r in args.runs)
     if args.out:
         command += f" --out {args.out}"
-    text = markdown(rows, command)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-        args.out.with_suffix(".md").write_text(text)
+    write_outputs(args.out, command, rows, markdown(rows, command))
 
 
 if __name__ == "__main__":

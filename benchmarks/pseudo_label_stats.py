@@ -38,6 +38,23 @@ from semiseg.evaluate import pad_value_for, predict_logits
 from semiseg.trainer import load_trained_model
 
 
+def unlabeled_records(cfg, run_dir: Path) -> list:
+    """The run's unlabeled training images (``splits/unlabeled.txt``) that have a mask."""
+    source = DATASETS[cfg.data.name](cfg.data)
+    by_name = {r.name: r for r in source.train_pool}
+    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
+    return [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
+
+
+def write_outputs(out: Path | None, command: str, rows: list[dict], text: str) -> None:
+    """Print the Markdown table; with ``out``, write OUT.json (command and rows) and OUT.md."""
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": rows}, indent=2))
+        out.with_suffix(".md").write_text(text)
+
+
 def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
     """One row per τ in ``thresholds`` (default: the run's ``method.threshold``, else 0.95)."""
     cfg, model, ckpt = load_trained_model(run_dir / "latest.pt")
@@ -47,10 +64,7 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
     def per_class(labels: torch.Tensor) -> np.ndarray:
         return np.bincount(labels.numpy(), minlength=num_classes)[:num_classes]
 
-    source = DATASETS[cfg.data.name](cfg.data)
-    by_name = {r.name: r for r in source.train_pool}
-    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
-    records = [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
+    records = unlabeled_records(cfg, run_dir)
     gt = np.zeros(num_classes)
     confident = np.zeros((len(taus), num_classes))
     correct = np.zeros((len(taus), num_classes))
@@ -134,12 +148,7 @@ def main() -> None:
         command += " --threshold " + " ".join(str(t) for t in args.threshold)
     if args.out:
         command += f" --out {args.out}"
-    text = markdown(rows, command)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": rows}, indent=2))
-        args.out.with_suffix(".md").write_text(text)
+    write_outputs(args.out, command, rows, markdown(rows, command))
 
 
 if __name__ == "__main__":
