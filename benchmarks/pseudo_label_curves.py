@@ -6,13 +6,16 @@ unlabeled pixels teach, and how often the policy would be right / wrong on the l
         --out benchmarks/results/pseudo_label_curves_chase_val.png
 
 With ``--window FIRST LAST`` it also prints, per run, the mean of every ``pl_used/<c>`` and
-``pl_wrong/<c>`` over the logged steps FIRST..LAST (the numbers the benchmark tables quote).
+``pl_wrong/<c>`` over the logged steps FIRST..LAST (the numbers the benchmark tables quote);
+``--json OUT.json`` also writes them, with the command, beside the tables that quote them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 from pathlib import Path
 
 from semiseg.plots import plot_pseudo_label_curves, read_metrics
@@ -31,15 +34,23 @@ def main() -> None:
     p.add_argument("--classes", nargs="*", default=None, help="class names, in index order")
     p.add_argument("--out", type=Path, help="PNG to write")
     p.add_argument("--window", nargs=2, type=int, metavar=("FIRST", "LAST"), help="print window means")
+    p.add_argument("--json", type=Path, help="with --window: write the window means to this JSON file")
     args = p.parse_args()
     if args.out is None and args.window is None:
         p.error("nothing to do: give --out, --window or both")
     runs = {f"{run.parent.name}/{run.name}": run / "metrics.jsonl" for run in args.runs}
+    if args.json and not args.window:
+        p.error("--json needs --window")
     if args.window:
+        table = {}
         for label, metrics in runs.items():
-            means = window_means(metrics, *args.window)
+            means = table[label] = window_means(metrics, *args.window)
             text = "  ".join(f"{k}={100 * v:.1f}%" for k, v in means.items()) or "no diagnostics logged"
             print(f"{label} steps {args.window[0]}-{args.window[1]}: {text}")
+        if args.json:
+            command = "python benchmarks/pseudo_label_curves.py " + " ".join(sys.argv[1:])
+            payload = {"command": command, "steps": args.window, "runs": table}
+            args.json.write_text(json.dumps(payload, indent=1))
     if args.out:
         out = plot_pseudo_label_curves(runs, args.out, args.classes)
         print(out if out else "no run logged pseudo-label diagnostics")
