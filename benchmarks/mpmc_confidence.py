@@ -31,6 +31,9 @@ from semiseg.plugins.mpmc import patch_targets, pixel_confidence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pseudo_label_stats import unlabeled_records, write_outputs  # noqa: E402  (a sibling script)
 
+#: λ_s read as eq. 5's γ or as σ(q) (``lambda_s: presence``), over all / correct / wrong pseudo-labels.
+WEIGHT_KEYS = tuple(f"{w}_{part}" for w in ("gamma", "presence") for part in ("all", "correct", "wrong"))
+
 
 def run_confidence(run_dir: Path) -> dict:
     cfg, model, ckpt = load_trained_model(run_dir / "latest.pt")
@@ -40,28 +43,44 @@ def run_confidence(run_dir: Path) -> dict:
     method.eval()
     plugin = method.plugins["mpmc"]
     records = unlabeled_records(cfg, run_dir)
-    teacher_sum, ideal_sum, count, gt_count = (np.zeros(num_classes) for _ in range(4))
+    sums = {key: np.zeros(num_classes) for key in WEIGHT_KEYS}
+    counts = {key: np.zeros(num_classes) for key in ("all", "correct", "wrong")}
+    ideal_sum, gt_count = np.zeros(num_classes), np.zeros(num_classes)
     with torch.inference_mode():
         for record in records:
             image, mask = read_record(record, cfg.data, num_classes, in_channels)
             x = image_to_tensor(image, cfg.data)[None]
             feats = model.encode(x)
             pseudo = model.decode(feats, x.shape[-2:]).argmax(1)  # N×H×W
-            gamma = plugin.confidence(plugin.teacher(feats[plugin.tap]))
-            lam = pixel_confidence(gamma, pseudo, plugin.geometry)[0]
+            logits = plugin.teacher(feats[plugin.tap])
+            weights = {
+                "gamma": pixel_confidence(plugin.confidence(logits), pseudo, plugin.geometry)[0],
+                "presence": pixel_confidence(torch.sigmoid(logits), pseudo, plugin.geometry)[0],
+            }
             target = torch.from_numpy(np.asarray(mask, dtype=np.int64))[None]
-            present, _ = patch_targets(target, num_classes, plugin.geometry, gamma.shape[-2:])
+            present, _ = patch_targets(target, num_classes, plugin.geometry, logits.shape[-2:])
             ideal_gamma = present / present.sum(1, keepdim=True).clamp_min(1)
             ideal = pixel_confidence(ideal_gamma, target.clamp(0, num_classes - 1), plugin.geometry)[0]
             valid = target[0] != 255
+            right = pseudo[0] == target[0]
             for c in range(num_classes):
-                sel_pl = (pseudo[0] == c) & valid
-                teacher_sum[c] += float(lam[sel_pl].sum())
-                count[c] += int(sel_pl.sum())
+                labelled = (pseudo[0] == c) & valid
+                for part, sel in (
+                    ("all", labelled),
+                    ("correct", labelled & right),
+                    ("wrong", labelled & ~right),
+                ):
+                    counts[part][c] += int(sel.sum())
+                    for name, lam in weights.items():
+                        sums[f"{name}_{part}"][c] += float(lam[sel].sum())
                 sel_gt = (target[0] == c) & valid
                 ideal_sum[c] += float(ideal[sel_gt].sum())
                 gt_count[c] += int(sel_gt.sum())
     names_c = ckpt["class_names"]
+
+    def mean(total: float, n: float) -> float | None:
+        return float(total / n) if n else None
+
     return {
         "run": str(run_dir),
         "step": ckpt["step"],
@@ -69,9 +88,15 @@ def run_confidence(run_dir: Path) -> dict:
         "patch": {"size": plugin.geometry.size, "stride": plugin.geometry.stride},
         "classes": {
             names_c[c]: {
-                "teacher_lambda_s": float(teacher_sum[c] / count[c]) if count[c] else None,
-                "ideal_lambda_s": float(ideal_sum[c] / gt_count[c]) if gt_count[c] else None,
-                "pseudo_share": float(count[c] / max(count.sum(), 1)),
+                "teacher_lambda_s": mean(sums["gamma_all"][c], counts["all"][c]),
+                "ideal_lambda_s": mean(ideal_sum[c], gt_count[c]),
+                "pseudo_share": float(counts["all"][c] / max(counts["all"].sum(), 1)),
+                "pseudo_precision": mean(counts["correct"][c], counts["all"][c]),
+                **{
+                    f"{key}_lambda_s": mean(sums[key][c], counts[key.rsplit("_", 1)[1]][c])
+                    for key in WEIGHT_KEYS
+                    if key != "gamma_all"
+                },
             }
             for c in range(num_classes)
         },
@@ -82,17 +107,31 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [
         f"MPMC's λ_s per class on each run's unlabeled images (whole image, eval mode). Command: `{command}`",
         "",
-        "| run | patch (size/stride px) | class | share of pseudo-labels | mean λ_s of the teacher "
-        "| ideal-teacher λ_s (1 / classes in the patch) |",
-        "|---|---|---|---:|---:|---:|",
+        "γ: eq. 5 (softmax over classes); presence: σ(q) (`plugins.mpmc.lambda_s: presence`). "
+        "correct / wrong: pixels whose pseudo-label matches / misses the ground truth.",
+        "",
+        "| run | patch (size/stride px) | class | share of pseudo-labels | pseudo-label precision "
+        "| λ_s γ (all / correct / wrong) | λ_s presence (all / correct / wrong) "
+        "| ideal-teacher γ (1 / classes in the patch) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
+
+    def fmt(value: float | None, digits: int = 3) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
     for row in rows:
         label = "/".join(Path(row["run"]).parts[-2:])
         patch = f"{row['patch']['size']}/{row['patch']['stride']}"
         for name, s in row["classes"].items():
-            t = "–" if s["teacher_lambda_s"] is None else f"{s['teacher_lambda_s']:.3f}"
-            i = "–" if s["ideal_lambda_s"] is None else f"{s['ideal_lambda_s']:.3f}"
-            lines.append(f"| {label} | {patch} | {name} | {100 * s['pseudo_share']:.1f} % | {t} | {i} |")
+            gamma = " / ".join(
+                fmt(s[k]) for k in ("teacher_lambda_s", "gamma_correct_lambda_s", "gamma_wrong_lambda_s")
+            )
+            presence = " / ".join(fmt(s[f"presence_{p}_lambda_s"]) for p in ("all", "correct", "wrong"))
+            precision = "–" if s["pseudo_precision"] is None else f"{100 * s['pseudo_precision']:.1f} %"
+            lines.append(
+                f"| {label} | {patch} | {name} | {100 * s['pseudo_share']:.1f} % | {precision} | {gamma} "
+                f"| {presence} | {fmt(s['ideal_lambda_s'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -284,6 +284,33 @@ def test_literal_softmax_of_probabilities_is_bounded():
     assert torch.allclose(mpmc.pixel_weights(ctx), torch.full((2, 32, 32), e / (e + 2)), atol=1e-5)
 
 
+def test_presence_lambda_s_gives_every_class_the_teacher_finds_in_the_patch_weight_one():
+    """``lambda_s: presence``: σ(q) of the pixel's class, so two classes sharing every patch both get
+    ≈ 1 (eq. 5's γ gives each ½), a ruled-out class ≈ 0; λ_m (γ) is unchanged; the CutMix partner's
+    pasted pixels read the partner's σ(q) at the pasted label."""
+    torch.manual_seed(0)
+    batch = make_batch()
+    weights = {}
+    for mode in ("gamma", "presence"):
+        method = method_with({"name": "unimatch"}, {"lambda_s": mode})
+        mpmc = method.plugins["mpmc"]
+        set_teacher_bias(mpmc, [12.0, 12.0, -12.0])
+        ctx = joint_context(method, batch)
+        ctx.pseudo_w = torch.arange(32).remainder(2).expand(2, 32, 32).clone()  # classes 0 and 1
+        weights[mode] = mpmc.pixel_weights(ctx)
+        assert torch.allclose(mpmc.state(ctx).gamma[:, :2], torch.full((2, 2, 16, 16), 0.5), atol=1e-5)
+        ctx.pseudo_w = torch.full_like(ctx.pseudo_w, 2)
+        assert bool((mpmc.pixel_weights(ctx) < 1e-5).all())
+        partner = torch.zeros(2, 32, 32, dtype=torch.long)
+        pasted = mpmc.partner_pixel_weights(ctx, partner, weights[mode])
+        assert torch.allclose(pasted, weights[mode].new_full((2, 32, 32), 0.5 if mode == "gamma" else 1.0),
+                              atol=1e-5)  # fmt: skip
+    assert torch.allclose(weights["gamma"], torch.full((2, 32, 32), 0.5), atol=1e-5)
+    assert torch.allclose(weights["presence"], torch.ones(2, 32, 32), atol=1e-5)
+    with pytest.raises(ConfigError, match="lambda_s"):
+        method_with({"name": "unimatch"}, {"lambda_s": "softmax"})
+
+
 def test_lambda_s_follows_the_cutmix_partner_and_supmix_pastes_weight_one():
     torch.manual_seed(0)
     batch = make_batch(n_u=3)
@@ -690,6 +717,7 @@ def test_method_files_and_runnables():
         "unimatch_supmix_sufd_mpmc": ("chase_db1", "covid_infnet", "synthetic"),
         "unimatch_mpmc_l": ("chase_db1", "synthetic"),  # Table 6 ablation: CHASE_DB1 only
         "unimatch_mpmc_ul": ("chase_db1", "synthetic"),
+        "unimatch_mpmc_presence": ("chase_db1", "synthetic"),  # ours: λ_s = σ(q), beside the ablation
     }
     for name, datasets in runnables.items():
         assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
@@ -719,16 +747,21 @@ def test_grids_load_without_running():
     assert all(c.cfg.method.pseudo.mask == "freematch" for c in grid.cells)  # the chosen recipe
 
     ablation = load_grid(CONFIGS / "grids" / "mpmc_ablation_cpu_small.yaml")
-    assert len(ablation.cells) == 4 * 3 and {c.dataset for c in ablation.cells} == {"chase_db1"}
+    assert len(ablation.cells) == 5 * 3 and {c.dataset for c in ablation.cells} == {"chase_db1"}
     parts = {
-        c.method: (c.cfg.plugins["mpmc"].labeled, c.cfg.plugins["mpmc"].unlabeled)
+        c.method: (
+            c.cfg.plugins["mpmc"].labeled,
+            c.cfg.plugins["mpmc"].unlabeled,
+            c.cfg.plugins["mpmc"].lambda_s,
+        )
         for c in ablation.cells
         if "mpmc" in c.cfg.plugins
     }
     assert parts == {
-        "unimatch+mpmc_l+freematch+da": (True, False),
-        "unimatch+mpmc_ul+freematch+da": (False, True),
-        "unimatch+mpmc+freematch+da": (True, True),
+        "unimatch+mpmc_l+freematch+da": (True, False, "gamma"),
+        "unimatch+mpmc_ul+freematch+da": (False, True, "gamma"),
+        "unimatch+mpmc+freematch+da": (True, True, "gamma"),
+        "unimatch+mpmc_presence+freematch+da": (True, True, "presence"),
     }
     # Cells shared with the recipe Table 1 are the same runs (same folder, same config hash): run once.
     table1 = load_grid(CONFIGS / "grids" / "table1_cpu_small_recipe.yaml")
@@ -758,7 +791,10 @@ def test_benchmark_lambda_s_per_class_of_a_finished_run(tmp_path):
     shares = [s["pseudo_share"] for s in row["classes"].values()]
     assert sum(shares) == pytest.approx(1.0)
     for stats in row["classes"].values():
-        for key in ("teacher_lambda_s", "ideal_lambda_s"):
+        keys = ["teacher_lambda_s", "ideal_lambda_s", "pseudo_precision"]
+        keys += [f"{w}_{part}_lambda_s" for w in ("gamma", "presence") for part in ("correct", "wrong")]
+        keys.append("presence_all_lambda_s")
+        for key in keys:
             assert stats[key] is None or 0.0 <= stats[key] <= 1.0
     assert any(s["ideal_lambda_s"] is not None and s["ideal_lambda_s"] < 1.0 for s in row["classes"].values())
     assert "| class |" in module.markdown([row], "cmd")

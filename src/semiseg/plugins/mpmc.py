@@ -50,6 +50,12 @@ gradient). Eq. 6's target is the teacher's probability ``q`` (``soft``) or ``[q 
 γ is the softmax of the teacher head's *logits*: the paper writes ``softmax(q)`` of the sigmoid
 outputs, which would bound every weight to ``[1/(1+(C−1)e), e/(e+C−1)]``
 (0.27–0.73 for two classes) and never reach 1; ``confidence_from: probs`` is that literal reading.
+λ_s of eq. 5 is biased against thin classes: a class that never fills a patch shares γ with the
+patch's other classes, so even an ideal teacher gives a vessel pixel ≤ ½ while background in
+background-only patches gets 1 (measured: benchmarks/mpmc_confidence.py). ``lambda_s: presence``
+(ours, not the paper; eq. 6's λ_m stays γ) reads σ(q) of the pixel's class instead — the teacher's
+belief that the class occurs in the patch at all, which an ideal teacher gives 1 for every class
+present.
 
 **Weights** (eq. 7): the plug-in adds ``s_l·weight_labeled·L_l^M + s_u·β·L_u^M`` to the host's
 ``total``, where ``(s_l, s_u)`` are what the host multiplies its own labeled and unlabeled losses by
@@ -131,6 +137,7 @@ class MPMCConfig(PluginConfig):
     gamma_pos: float = 0.0  # γ+ of eq. 3
     gamma_neg: float = 1.0  # γ− of eq. 3
     confidence_from: Literal["logits", "probs"] = "logits"  # γ = softmax(logits) or softmax(σ(logits))
+    lambda_s: Literal["gamma", "presence"] = "gamma"  # eq. 5's γ, or σ(q): the class occurs in the patch
     unlabeled_target: Literal["soft", "hard"] = "soft"  # eq. 6 target: teacher q, or [q ≥ ½]
     student_input: Literal["auto", "strong", "features", "perturbed"] = "auto"  # student MPMC input
     fp_dropout: float = 0.5  # Dropout2d of the perturbed student input
@@ -596,9 +603,16 @@ class MPMC(OwnOptimizerPlugin):
         if not st.unlabeled:
             return None
         assert st.gamma is not None
-        weights = pixel_confidence(st.gamma, ctx.pseudo_w, self.geometry)
+        weights = pixel_confidence(self.pixel_scores(st), ctx.pseudo_w, self.geometry)
         st.lambda_s = weights.detach()
         return weights
+
+    def pixel_scores(self, st: _StepState) -> Tensor:
+        """Per class and location, what λ_s reads at a pixel's pseudo-label class: eq. 5's γ, or
+        (``lambda_s: presence``, not the paper) σ(q), the teacher's probability that the class occurs
+        in the patch — an ideal teacher gives every pixel's true class 1 there, thin classes included."""
+        assert st.gamma is not None and st.teacher_logits is not None
+        return st.gamma if self.cfg.lambda_s == "gamma" else torch.sigmoid(st.teacher_logits)
 
     def diagnostics(self, ctx: StepContext) -> dict[str, Tensor]:
         """``lambda_s/<c>``: mean λ_s of this step's weak-view pixels pseudo-labelled ``c`` (classes
@@ -615,10 +629,8 @@ class MPMC(OwnOptimizerPlugin):
 
     def partner_pixel_weights(self, ctx: StepContext, labels: Tensor, own: Tensor) -> Tensor:
         """λ_s of the flipped batch's pixels for the labels the mix pastes (the partner's eval-mode
-        pseudo-labels): the partner's γ at those classes (eq. 5)."""
-        st = self.state(ctx)
-        assert st.gamma is not None
-        return pixel_confidence(st.gamma.flip(0), labels, self.geometry)
+        pseudo-labels): the partner's γ (or presence) at those classes (eq. 5)."""
+        return pixel_confidence(self.pixel_scores(self.state(ctx)).flip(0), labels, self.geometry)
 
     def losses(self, ctx: StepContext) -> dict[str, Tensor]:
         """``s_l·weight_labeled·L_l^M`` and ``s_u·β·L_u^M``, added to ``total``: their gradient
