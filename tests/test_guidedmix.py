@@ -168,6 +168,15 @@ def test_lupi_mix_and_decoupling_by_hand() -> None:
     hard = decouple(m_mix, m_l, torch.tensor([0.25]), "hard")
     assert torch.allclose(soft.flatten(), torch.tensor([0.9 - 0.15, 0.1 - 0.1]))  # eq. 8
     assert torch.allclose(hard.flatten(), torch.tensor([0.3, -0.3]))  # eq. 7
+    # unmix: soft / (1 − λ), the exact inverse of a convex mix of probabilities (sums to 1 again).
+    m_u = torch.tensor([[[[0.2]], [[0.8]]]])
+    convex = 0.25 * m_l + 0.75 * m_u
+    unmixed = decouple(convex, m_l, torch.tensor([0.25]), "soft", unmix=True)
+    assert torch.allclose(unmixed, m_u) and torch.allclose(unmixed.sum(1), torch.ones(1, 1, 1))
+    assert torch.allclose(
+        decouple(convex, m_l, torch.tensor([0.25]), "soft").sum(1), torch.full((1, 1, 1), 0.75)
+    )
+    assert torch.equal(decouple(m_mix, m_l, torch.tensor([0.25]), "hard", unmix=True), hard)
 
 
 def test_mse_consistency_by_hand_and_which_side_learns() -> None:
@@ -550,6 +559,9 @@ def test_shipped_configs_and_grids() -> None:
     assert by["guidedmix_random_pairs+cedice"].method.pairing == "random"
     assert by["guidedmix_no_mitrans+cedice"].model.mitrans is False
     assert by["guidedmix_hard+cedice"].method.decoupling == "hard"
+    unmix = by["guidedmix_unmix+cedice"].method
+    assert unmix.unmix and unmix.dec_decoupling == "soft" and unmix.decoupling == "soft"
+    assert not by["guidedmix+cedice"].method.unmix  # the paper's equations by default
     assert all(cfg.method.dice_weight == 1.0 for cfg in by.values())  # the recipe's labeled loss
     sweep = load_grid(CONFIGS / "grids" / "guidedmix_lambda_sweep_cpu_small.yaml")
     assert sorted({c.cfg.method.lambda_max for c in sweep.cells}) == [0.1, 0.2, 0.3, 0.4, 0.5]

@@ -49,6 +49,19 @@ pairs are chosen from the first step on (the paper trains the classifier "first"
 without saying for how long) and in §3.1.1's direction, a labeled partner for every unlabeled image
 (§4.3.1 words it the other way round).
 
+What those choices do (analysis, not a measured result). With probabilities, eq. 6's sum
+``M_l + M_u`` cannot hold (each sums to 1), and a mix of images is closer to the *convex*
+``λ·M_l + (1 − λ)·M_u``. Then eq. 8's target sums to ``1 − λ`` per pixel, and the direct prediction
+that minimises eq. 10 against it moves by ``λ/C`` towards uniform on top of the partner's class
+being removed (two classes, λ = 0.25, ``M_mix = (0.9, 0.1)``, background partner: ``M_u`` settles at
+``(0.775, 0.225)``): on a background-dominated dataset a push towards the minority class.
+``unmix: true`` divides eq. 8 by ``1 − λ`` (the convex mix's exact inverse; hard decoupling has no
+such inverse and is left as written). Eq. 12 as written (hard, probabilities) gives ``M_dec`` that
+sums to 0 against a ``M̂_l`` that sums to 1, and since the decoupled side learns, its gradient also
+reaches the seed's direct prediction ``M_l`` (pulling it away from its own confident class, at
+weight 1 from step 0); ``dec_decoupling: soft`` with ``unmix: true`` makes that side a convex-mix
+inverse as well. Both defaults stay the paper's equations; the variants are options to measure.
+
 Differences from the released code (``yh-pengtu/GuidedMix-Net``, an mmsegmentation fork whose
 ``guidedmix_deeplabv3plus_*`` configs build mmseg's DeepLabV3 ``ASPPHead`` on a dilated ResNet-V1c,
 output stride 8), with the options that reproduce each where it is cheap:
@@ -111,6 +124,7 @@ class GuidedMixConfig(SupervisedConfig):
     lambda_per_sample: bool = False  # one λ per pair instead of one per batch
     decoupling: Literal["soft", "hard"] = "soft"  # M_u,dec = M_mix − λ·M_l (eq. 8) or M_mix − M_l (eq. 7)
     dec_decoupling: Literal["soft", "hard"] = "hard"  # L_dec's decoupling (eq. 12 writes M_mix − M_l)
+    unmix: bool = False  # soft decoupling divided by 1 − λ (ours: the convex mix's inverse; docstring)
     mask_space: Literal["probs", "logits"] = "probs"  # M = softmax(Γ(x)) or the logits (released code)
     unsup_loss: Literal["mse", "focal"] = "mse"  # eq. 10, or the released sigmoid focal loss on argmax
     unsup_target: Target = "decoupled"  # L_usup's detached side: decoupled (eq. 10), direct, none
@@ -207,12 +221,16 @@ def lupi_mix(x_l: Tensor, x_u: Tensor, lam: Tensor) -> Tensor:
     return lam * x_l + (1.0 - lam) * x_u
 
 
-def decouple(m_mix: Tensor, m_l: Tensor, lam: Tensor, mode: str = "soft") -> Tensor:
-    """Pseudo-mask generation: ``M_mix − λ·M_l`` (soft, eq. 8) or ``M_mix − M_l`` (hard, eq. 7)."""
+def decouple(m_mix: Tensor, m_l: Tensor, lam: Tensor, mode: str = "soft", unmix: bool = False) -> Tensor:
+    """Pseudo-mask generation: ``M_mix − λ·M_l`` (soft, eq. 8) or ``M_mix − M_l`` (hard, eq. 7).
+
+    ``unmix`` (soft only; ours, not the paper) divides by ``1 − λ``: the inverse of a convex mix
+    ``M_mix = λ·M_l + (1 − λ)·M_u``, so a probability target sums to 1 again instead of ``1 − λ``."""
     if mode == "hard":
         return m_mix - m_l
     lam = lam.to(m_mix.device, m_mix.dtype).reshape(-1, *([1] * (m_mix.dim() - 1)))
-    return m_mix - lam * m_l
+    soft = m_mix - lam * m_l
+    return soft / (1.0 - lam) if unmix else soft
 
 
 def to_mask(logits: Tensor, space: str) -> Tensor:
@@ -375,14 +393,14 @@ class GuidedMix(PluginHost, Method):
 
         # PMG (eq. 7/8) and L_usup (eq. 10).
         m_l = to_mask(logits_l, cfg.mask_space)
-        dec_u = decouple(to_mask(mix_u, cfg.mask_space), m_l[pair_u], lam_u, cfg.decoupling)
+        dec_u = decouple(to_mask(mix_u, cfg.mask_space), m_l[pair_u], lam_u, cfg.decoupling, cfg.unmix)
         valid_u = ignore != IGNORE_INDEX
         loss_u = decoupled_consistency(logits_u, dec_u, valid_u, cfg, cfg.unsup_target, weight)
 
         # L_dec on labeled–labeled pairs (eq. 12): M_mix^l − M_l^i against M̂_l = M(x̂_l).
         loss_dec = zero
         if use_dec and mix_l is not None:
-            dec_l = decouple(to_mask(mix_l, cfg.mask_space), m_l, lam_l, cfg.dec_decoupling)
+            dec_l = decouple(to_mask(mix_l, cfg.mask_space), m_l, lam_l, cfg.dec_decoupling, cfg.unmix)
             valid_l = (y_l[pair_l] != IGNORE_INDEX) & (y_l != IGNORE_INDEX)
             loss_dec = decoupled_consistency(logits_l[pair_l], dec_l, valid_l, cfg, cfg.dec_target)
 
