@@ -111,6 +111,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..types import IGNORE_INDEX, SOURCE_LABELED, SOURCE_PARTNER, StepInfo
@@ -137,7 +138,8 @@ class MPMCConfig(PluginConfig):
     gamma_pos: float = 0.0  # γ+ of eq. 3
     gamma_neg: float = 1.0  # γ− of eq. 3
     confidence_from: Literal["logits", "probs"] = "logits"  # γ = softmax(logits) or softmax(σ(logits))
-    lambda_s: Literal["gamma", "presence"] = "gamma"  # eq. 5's γ, or σ(q): the class occurs in the patch
+    # eq. 5's γ, or σ(q): the class occurs in the patch (added after cells were recorded: hash-neutral)
+    lambda_s: Literal["gamma", "presence"] = field(default="gamma", metadata={HASH_NEUTRAL: True})
     unlabeled_target: Literal["soft", "hard"] = "soft"  # eq. 6 target: teacher q, or [q ≥ ½]
     student_input: Literal["auto", "strong", "features", "perturbed"] = "auto"  # student MPMC input
     fp_dropout: float = 0.5  # Dropout2d of the perturbed student input
