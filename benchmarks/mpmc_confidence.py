@@ -29,7 +29,7 @@ from semiseg.methods import build_method
 from semiseg.plugins.mpmc import patch_targets, pixel_confidence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pseudo_label_stats import unlabeled_records, write_outputs  # noqa: E402  (a sibling script)
+from pseudo_label_stats import split_records, write_outputs  # noqa: E402  (a sibling script)
 
 #: λ_s read as eq. 5's γ or as σ(q) (``lambda_s: presence``), over all / correct / wrong pseudo-labels.
 WEIGHT_KEYS = tuple(f"{w}_{part}" for w in ("gamma", "presence") for part in ("all", "correct", "wrong"))
@@ -42,7 +42,7 @@ def run_confidence(run_dir: Path) -> dict:
     method.load_state_dict(ckpt["model"])
     method.eval()
     plugin = method.plugins["mpmc"]
-    records = unlabeled_records(cfg, run_dir)
+    records = split_records(cfg, run_dir)
     sums = {key: np.zeros(num_classes) for key in WEIGHT_KEYS}
     counts = {key: np.zeros(num_classes) for key in ("all", "correct", "wrong")}
     ideal_sum, gt_count = np.zeros(num_classes), np.zeros(num_classes)

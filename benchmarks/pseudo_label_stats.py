@@ -38,11 +38,11 @@ from semiseg.evaluate import pad_value_for, predict_logits
 from semiseg.trainer import load_trained_model
 
 
-def unlabeled_records(cfg, run_dir: Path) -> list:
-    """The run's unlabeled training images (``splits/unlabeled.txt``) that have a mask."""
+def split_records(cfg, run_dir: Path, split: str = "unlabeled") -> list:
+    """The run's training images of ``split`` (``splits/<split>.txt``: unlabeled, labeled) with a mask."""
     source = DATASETS[cfg.data.name](cfg.data)
     by_name = {r.name: r for r in source.train_pool}
-    names = (run_dir / "splits" / "unlabeled.txt").read_text().split()
+    names = (run_dir / "splits" / f"{split}.txt").read_text().split()
     return [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
 
 
@@ -64,7 +64,7 @@ def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:
     def per_class(labels: torch.Tensor) -> np.ndarray:
         return np.bincount(labels.numpy(), minlength=num_classes)[:num_classes]
 
-    records = unlabeled_records(cfg, run_dir)
+    records = split_records(cfg, run_dir)
     gt = np.zeros(num_classes)
     confident = np.zeros((len(taus), num_classes))
     correct = np.zeros((len(taus), num_classes))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fit_interrupted, tiny_overrides, trainer_step
+from helpers import REPO, fit_interrupted, tiny_overrides, trainer_step
 from torch import Tensor, nn
 
 from semiseg.config import HASH_NEUTRAL, ModelConfig, build_config, config_hash, load_config
@@ -587,6 +587,21 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
     assert train and all(math.isfinite(r["loss_u"]) and math.isfinite(r["loss_cla"]) for r in train)
+
+    # benchmarks/guidedmix_targets.py reads the finished run back: per-class IoU and shares of the
+    # direct prediction and of each decoupled mask's arg-max.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gm_targets", REPO / "benchmarks" / "guidedmix_targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    row = module.run_targets(run, [0.25])
+    assert row["images"] > 0 and row["labeled_images"] > 0
+    assert set(row["masks"]) == {"direct", "soft@0.25", "hard@0.25"}
+    for mask in row["masks"].values():
+        assert sum(c["share"] for c in mask.values()) == pytest.approx(1.0)
+        assert all(c["iou"] is None or 0.0 <= c["iou"] <= 1.0 for c in mask.values())
+    assert "| run | mask |" in module.markdown([row], "cmd")
 
 
 def test_resume_is_exact_with_random_pairs_and_per_sample_lambda(
