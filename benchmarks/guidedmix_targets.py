@@ -38,9 +38,10 @@ from semiseg.inference import load_trained_model
 from semiseg.methods.guidedmix import decouple, lupi_mix, nearest_pairs, pair_embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pseudo_label_stats import split_records, write_outputs  # noqa: E402  (a sibling script)
+from pseudo_label_stats import command_line, split_records, write_outputs  # noqa: E402  (a sibling script)
 
 MODES = ("soft", "hard")
+DEFAULT_LAMBDAS = [0.1, 0.25, 0.4]
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -136,16 +137,13 @@ def markdown(rows: list[dict], command: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="finished run directories with latest.pt and splits/")
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.25, 0.4], help="λ values to mix with")
+    p.add_argument("--lambdas", type=float, nargs="+", default=DEFAULT_LAMBDAS, help="λ values to mix with")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = [run_targets(r, args.lambdas) for r in args.runs]
-    command = "python benchmarks/guidedmix_targets.py " + " ".join(str(r) for r in args.runs)
-    if args.lambdas != [0.1, 0.25, 0.4]:
-        command += " --lambdas " + " ".join(str(v) for v in args.lambdas)
-    if args.out:
-        command += f" --out {args.out}"
+    lambdas = None if args.lambdas == DEFAULT_LAMBDAS else args.lambdas
+    command = command_line("guidedmix_targets.py", args.runs, args.out, lambdas=lambdas)
     write_outputs(args.out, command, rows, markdown(rows, command))
 
 

@@ -29,7 +29,7 @@ from semiseg.methods import build_method
 from semiseg.plugins.mpmc import patch_targets, pixel_confidence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pseudo_label_stats import split_records, write_outputs  # noqa: E402  (a sibling script)
+from pseudo_label_stats import command_line, split_records, write_outputs  # noqa: E402  (a sibling script)
 
 #: λ_s read as eq. 5's γ or as σ(q) (``lambda_s: presence``), over all / correct / wrong pseudo-labels.
 WEIGHT_KEYS = tuple(f"{w}_{part}" for w in ("gamma", "presence") for part in ("all", "correct", "wrong"))
@@ -142,9 +142,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = [run_confidence(r) for r in args.runs]
-    command = "python benchmarks/mpmc_confidence.py " + " ".join(str(r) for r in args.runs)
-    if args.out:
-        command += f" --out {args.out}"
+    command = command_line("mpmc_confidence.py", args.runs, args.out)
     write_outputs(args.out, command, rows, markdown(rows, command))
 
 

@@ -46,6 +46,17 @@ def split_records(cfg, run_dir: Path, split: str = "unlabeled") -> list:
     return [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
 
 
+def command_line(script: str, runs: list[Path], out: Path | None, **options: list | None) -> str:
+    """The command that made a result file: ``python benchmarks/SCRIPT RUNS [--OPTION ...] [--out OUT]``."""
+    parts = [f"python benchmarks/{script}", *map(str, runs)]
+    for name, values in options.items():
+        if values:
+            parts += [f"--{name}", *map(str, values)]
+    if out:
+        parts += ["--out", str(out)]
+    return " ".join(parts)
+
+
 def write_outputs(out: Path | None, command: str, rows: list[dict], text: str) -> None:
     """Print the Markdown table; with ``out``, write OUT.json (command and rows) and OUT.md."""
     print(text)
@@ -143,11 +154,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = [row for r in args.runs if (r / "latest.pt").is_file() for row in run_stats(r, args.threshold)]
-    command = "python benchmarks/pseudo_label_stats.py " + " ".join(str(r) for r in args.runs)
-    if args.threshold:
-        command += " --threshold " + " ".join(str(t) for t in args.threshold)
-    if args.out:
-        command += f" --out {args.out}"
+    command = command_line("pseudo_label_stats.py", args.runs, args.out, threshold=args.threshold)
     write_outputs(args.out, command, rows, markdown(rows, command))
 
 
