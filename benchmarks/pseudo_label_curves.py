@@ -20,11 +20,16 @@ from pathlib import Path
 
 from semiseg.plots import plot_pseudo_label_curves, read_metrics
 
+WINDOW_KEYS = ("pl_used/", "pl_wrong/")
 
-def window_means(metrics: Path, first: int, last: int) -> dict[str, float]:
-    """Mean of each pseudo-label diagnostic over the train records with ``first <= step <= last``."""
+
+def window_means(
+    metrics: Path, first: int, last: int, prefixes: tuple[str, ...] = WINDOW_KEYS
+) -> dict[str, float]:
+    """Mean of each logged value whose name starts with one of ``prefixes`` (default: the
+    pseudo-label diagnostics) over the train records with ``first <= step <= last``."""
     rows = [r for r in read_metrics(metrics) if r.get("kind") == "train" and first <= r["step"] <= last]
-    keys = sorted({k for r in rows for k in r if k.startswith(("pl_used/", "pl_wrong/"))})
+    keys = sorted({k for r in rows for k in r if k.startswith(prefixes)})
     return {k: statistics.mean(r[k] for r in rows if k in r) for k in keys}
 
 
@@ -35,6 +40,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="PNG to write")
     p.add_argument("--window", nargs=2, type=int, metavar=("FIRST", "LAST"), help="print window means")
     p.add_argument("--json", type=Path, help="with --window: write the window means to this JSON file")
+    p.add_argument("--keys", nargs="+", default=list(WINDOW_KEYS), help="with --window: logged-name prefixes")
     args = p.parse_args()
     if args.out is None and args.window is None:
         p.error("nothing to do: give --out, --window or both")
@@ -44,7 +50,7 @@ def main() -> None:
     if args.window:
         table = {}
         for label, metrics in runs.items():
-            means = table[label] = window_means(metrics, *args.window)
+            means = table[label] = window_means(metrics, *args.window, tuple(args.keys))
             text = "  ".join(f"{k}={100 * v:.1f}%" for k, v in means.items()) or "no diagnostics logged"
             print(f"{label} steps {args.window[0]}-{args.window[1]}: {text}")
         if args.json:
