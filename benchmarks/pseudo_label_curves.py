@@ -33,6 +33,11 @@ def window_means(
     return {k: statistics.mean(r[k] for r in rows if k in r) for k in keys}
 
 
+def format_mean(key: str, value: float) -> str:
+    """A pixel share (the pseudo-label diagnostics) as a percentage, any other value as logged."""
+    return f"{key}={100 * value:.1f}%" if key.startswith(WINDOW_KEYS) else f"{key}={value:.4g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories with metrics.jsonl")
@@ -51,7 +56,7 @@ def main() -> None:
         table = {}
         for label, metrics in runs.items():
             means = table[label] = window_means(metrics, *args.window, tuple(args.keys))
-            text = "  ".join(f"{k}={100 * v:.1f}%" for k, v in means.items()) or "no diagnostics logged"
+            text = "  ".join(format_mean(k, v) for k, v in means.items()) or "no diagnostics logged"
             print(f"{label} steps {args.window[0]}-{args.window[1]}: {text}")
         if args.json:
             command = "python benchmarks/pseudo_label_curves.py " + " ".join(sys.argv[1:])

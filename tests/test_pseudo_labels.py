@@ -310,3 +310,7 @@ def test_benchmark_window_means_average_the_logged_diagnostics(tmp_path):
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     means = module.window_means(metrics, 20, 30)
     assert means == pytest.approx({"pl_used/1": 0.2, "pl_wrong/1": 0.2})
+    losses = module.window_means(metrics, 20, 30, ("loss_",))
+    assert losses == pytest.approx({"loss_x": 1.0})
+    assert module.format_mean("pl_used/1", 0.2) == "pl_used/1=20.0%"
+    assert module.format_mean("loss_x", 0.4201) == "loss_x=0.4201"
