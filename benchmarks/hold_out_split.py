@@ -19,16 +19,17 @@ import random
 import sys
 from pathlib import Path
 
+from semiseg.checkpoint import atomic_write_text
+from semiseg.data.base import read_split_names
+from semiseg.errors import DataError
+
 
 def read_names(path: Path) -> list[str]:
-    """The non-empty lines of a split file (an absent file is an empty list)."""
-    if not path.is_file():
-        return []
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_names(path: Path, names: list[str]) -> None:
-    path.write_text("".join(f"{name}\n" for name in names))
+    """The names a split file lists, parsed as training reads it (an absent file is an empty list)."""
+    try:
+        return list(read_split_names(path)) if path.is_file() else []
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def hold_out(source: Path, val_count: int, seed: int) -> dict[str, list[str]]:
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder, split in targets:
         folder.mkdir(parents=True)
         for part, names in split.items():
-            write_names(folder / f"{part}.txt", names)
+            atomic_write_text("".join(f"{name}\n" for name in names), folder / f"{part}.txt")
         print(f"{folder}: " + ", ".join(f"{len(names)} {part}" for part, names in split.items()))
     return 0
 

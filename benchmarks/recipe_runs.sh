@@ -33,16 +33,16 @@ ADAPT=(--set method.pseudo.mask=freematch --set method.pseudo.align=labeled_prio
 WARM=(--set method.warmup_iters=500 --set method.rampup_iters=500)
 # Budget probes for the seed-2 bar: the U-Net 16-...-256 at 96-pixel crops (≈ 1.6× the UniMatch step).
 WIDE=(--set "model.widths=[16,32,64,128,256]" --set data.crop_size=96)
+FULL=(--set data.split_dir="${SPLIT}_full")  # the split's twin with every training image labeled
 
 args_for() {  # METHOD_CONFIG then overrides, per run name
   case $1 in
     supervised_cedice) echo supervised ;;
-    supervised_full) echo supervised --set data.split_dir="${SPLIT}_full" ;;  # every training image labeled
+    supervised_full) echo supervised "${FULL[@]}" ;;
     supervised_cedice_3000) echo supervised --set train.iters=3000 ;;
-    supervised_full_3000) echo supervised --set data.split_dir="${SPLIT}_full" --set train.iters=3000 ;;
+    supervised_full_3000) echo supervised "${FULL[@]}" --set train.iters=3000 ;;
     supervised_cedice_w16c96) echo supervised "${WIDE[@]}" ;;
-    supervised_full_w16c96) echo supervised --set data.split_dir="${SPLIT}_full" "${WIDE[@]}" ;;
-    unimatch_warmup_freematch_da_3000) echo unimatch "${WARM[@]}" "${ADAPT[@]}" --set train.iters=3000 ;;
+    supervised_full_w16c96) echo supervised "${FULL[@]}" "${WIDE[@]}" ;;
     supervised_init_continued) echo supervised "${FROM_SUP[@]}" ;;
     unimatch_fixed) echo unimatch ;;
     unimatch_warmup_fixed) echo unimatch "${WARM[@]}" ;;

@@ -149,17 +149,16 @@ def labeled_count(
     return count
 
 
-def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Record]:
-    """Records named by a split file: one name per line (``#`` comments, blank lines and a leading
-    ``./`` ignored). A line that is not UTF-8, a name listed twice or a name that is not in the
-    dataset is a one-line DataError naming the file and line."""
+def read_split_names(path: Path) -> dict[str, int]:
+    """The names a split file lists, each with its line number, in file order: one name per line
+    (``#`` comments, blank lines and a leading ``./`` ignored). A line that is not UTF-8 or a name
+    listed twice is a one-line DataError naming the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read split file ({exc.strerror or exc})") from None
-    names: list[str] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(raw.splitlines(), 1):
         try:
@@ -175,13 +174,19 @@ def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Re
         if text in seen:
             raise DataError(f"{path}:{number}: {text!r} is listed twice (also on line {seen[text]})")
         seen[text] = number
-        names.append(text)
-    missing = [n for n in names if n not in by_name]
+    return seen
+
+
+def read_split_file(path: Path, by_name: dict[str, Record], key: str) -> list[Record]:
+    """Records named by a split file (read as :func:`read_split_names` does); a name that is not in
+    the dataset is a one-line DataError naming the file and line."""
+    lines = read_split_names(path)
+    missing = [n for n in lines if n not in by_name]
     if missing:
         raise DataError(
-            f"{path}:{seen[missing[0]]}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}"
+            f"{path}:{lines[missing[0]]}: {len(missing)} name(s) not in the dataset, first: {missing[0]!r}"
         )
-    return [by_name[n] for n in names]
+    return [by_name[n] for n in lines]
 
 
 def _split_overlaps(parts: dict[str, list[Record]], split_dir: Path) -> list[str]:
