@@ -1,6 +1,6 @@
 """Collect finished single runs (outside a grid) into one JSON + Markdown result file.
 
-For the calibration and investigation runs quoted in ``benchmarks/README.md``: each run directory's
+For the calibration and investigation runs quoted in ``docs/studies/``: each run directory's
 ``results.json`` becomes one record with the keys of the grid records (``dataset``, ``fraction``,
 ``method``, ``seed``, ``protocol``, ``miou``, ``iou``, ``steps``, ``seconds``) plus the settings
 that distinguish these runs (U-Net widths, iterations, τ) and the validation curve from
@@ -28,7 +28,7 @@ def run_record(run_dir: Path) -> dict:
     method_cfg = cfg["method"]
     pseudo = method_cfg.get("pseudo") or {}
     curve = [
-        {k: v for k, v in r.items() if k == "step" or k == "miou" or k.startswith("iou/")}
+        {k: v for k, v in r.items() if k in ("step", "miou", "mdice") or k.startswith("iou/")}
         for r in read_metrics(run_dir / "metrics.jsonl")
         if r.get("kind") == "val"
     ]
@@ -38,6 +38,8 @@ def run_record(run_dir: Path) -> dict:
         "split": split,
         "miou": final["miou"],
         "iou": final["iou"],
+        # runs evaluated by volume (ACDC): the foreground mean Dice per volume, the field's number
+        **({"evaluation": "volume", "mdice": final["mdice"]} if final.get("evaluation") == "volume" else {}),
         "model_widths": cfg["model"].get("widths"),
         "iters": cfg["train"]["iters"],
         "threshold": method_cfg.get("threshold"),
@@ -55,6 +57,8 @@ def run_record(run_dir: Path) -> dict:
 
 
 def markdown(records: list[dict], command: str) -> str:
+    if any(r.get("evaluation") == "volume" for r in records):
+        return volume_markdown(records, command)
     lines = [
         f"IoU % of the final weights on each run's `split` (test, or val for selection runs that never "
         f"evaluate test). Command: `{command}`",
@@ -72,6 +76,25 @@ def markdown(records: list[dict], command: str) -> str:
             f"| {Path(r['run']).name} | {r['method']} | {r.get('split', 'test')} | {widths} | {r['iters']} "
             f"| {tau} | {classes} "
             f"| {100 * r['miou']:.2f} | {curve} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def volume_markdown(records: list[dict], command: str) -> str:
+    """Runs evaluated by volume: mean foreground Dice (3-D, per volume) and its validation curve."""
+    lines = [
+        f"Mean foreground Dice % per volume (3-D) of the final weights on each run's `split`, and the "
+        f"validation mean Dice by step. Command: `{command}`",
+        "",
+        "| run | method | split | iterations | mIoU | mean Dice | validation mean Dice by step |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for r in records:
+        curve = " ".join(f"{p['step']}:{100 * p['mdice']:.2f}" for p in r["val_curve"] if "mdice" in p)
+        mdice = f"{100 * r['mdice']:.2f}" if r.get("mdice") is not None else "–"
+        lines.append(
+            f"| {Path(r['run']).name} | {r['method']} | {r.get('split', 'test')} | {r['iters']} "
+            f"| {100 * r['miou']:.2f} | {mdice} | {curve or '–'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""How long the pre-training data check takes (issue 17), on generated folder datasets.
+"""How long the pre-training data check takes, on generated folder datasets.
 
 Writes a folder dataset of N small images (default 1,000 RGB PNGs of 64×64 with index masks) with
 split files (12.5 % labeled, 10 % val, 10 % test, the rest unlabeled with hidden masks), then times

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for issue 16 (paper-protocol step time and memory, AMP, channels-last, the CUDA DDP
+# GPU checks (paper-protocol step time and memory, AMP, channels-last, the CUDA DDP
 # path). Written to run on a lent GPU machine with the device tool, from the repository root:
 #     run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 # The machine has no internet and no ../shared/data, so the network is timed on the synthetic

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The grid cells of issues 12–14 (Tables 1 and 2 with the recipe, MPMC, GuidedMix-Net), in the order
-# we ran them: the first priority first, the cheaper dataset first. All are finished and committed
-# (2026-12-03); kept as the record of how the lanes ran, and for `report`.
+# The grid cells of Tables 1 and 2 with the recipe, MPMC and GuidedMix-Net, in priority order, the
+# cheaper dataset first. All are finished and committed; kept as the record of how the lanes ran,
+# and for `report`.
 # Start it twice on 2 cores — two one-thread lanes:
 #     nohup bash benchmarks/open_cells.sh > lane1.log 2>&1 &
 #     nohup bash benchmarks/open_cells.sh > lane2.log 2>&1 &

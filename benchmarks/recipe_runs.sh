@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipe selection runs for the issue "make unlabeled data pay", on VALIDATION images only
+# Recipe selection runs (docs/studies/recipe-selection.md), on VALIDATION images only
 # (eval.splits=[val]: the test split is never evaluated). Held-out splits:
 #   chase: benchmarks/calibration_split_chase_s0 (seed-0 pair Image_11L/11R, 15 unlabeled, 6 val)
 #   covid: benchmarks/calibration_split_covid_s0 (6 labeled, 34 unlabeled, 10 val)

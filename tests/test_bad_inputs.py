@@ -1,4 +1,4 @@
-"""The README's bad-input catalogue (issue 17): one test per row.
+"""The bad-input catalogue of docs/reliability.md: one test per row.
 
 Every user error ends with exactly one ``error: ...`` line naming the file or config key, exit
 status 2, and nothing created or overwritten: in particular no run directory is left behind by a
@@ -7,6 +7,7 @@ start that fails on its data or config.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -107,23 +108,36 @@ def test_mask_size_mismatch_of_an_unlabeled_image(capsys, tmp_path, data):
     expect_train_error(capsys, tmp_path, folder_args(data, **{"data.split_dir": "splits"}), "size")
 
 
-def test_masks_0_255_warn_and_convert(capsys, tmp_path):
-    """0/255 masks where 255 was meant as foreground: a warning naming the conversion, which works."""
+def test_masks_0_255_refused_then_converted_or_mapped(capsys, tmp_path):
+    """0/255 masks of a two-class dataset (255 meant as foreground): refused before anything is
+    created, naming a mask and the conversion; remap-masks or data.mask_values then train."""
     root = write_folder_dataset(tmp_path / "data", num_classes=2)
     for path in (root / "masks").iterdir():
         arr = np.asarray(Image.open(path))
         Image.fromarray((arr > 0).astype(np.uint8) * 255).save(path)
-    run, out, err = train_ok(capsys, tmp_path, folder_args(root))
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "'square' (1) never occurs" in warnings[0]
-    assert f"remap-masks {root} --map 255=1" in warnings[0]
+    line = expect_train_error(capsys, tmp_path, folder_args(root), "masks/img0", "hold only 0 and 255")
+    assert f"semiseg data remap-masks {root} --map 255=1" in line and "data.mask_values" in line
 
+    # accepted as they are with an explicit value map, applied whenever a mask is read
+    mapped = folder_args(root, **{"data.mask_values": "{0: 0, 255: 1}"})
+    run, _, err = train_ok(capsys, tmp_path, mapped, name="mapped")
+    assert "warning" not in err
+    code, _, err = run_cli(["eval", run, "--split", "labeled", "--out", tmp_path / "e.json"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["iou"]["square"] is not None  # 255 read as 1
+    bad_map = folder_args(root, **{"data.mask_values": "{300: 1}"})
+    expect_train_error(capsys, tmp_path, bad_map, "data.mask_values", "300")
+
+    # or converted once, into a new folder (never in place)
     code, out, err = run_cli(["data", "remap-masks", root, "--map", "255=1"], capsys)
     assert code == 0, err
     fixed = np.asarray(Image.open(root / "masks_remapped" / "img00.png"))
     assert set(np.unique(fixed)) == {0, 1}
     expect_error(capsys, ["data", "remap-masks", root, "--map", "255=1"], "masks_remapped", "exists")
     expect_error(capsys, ["data", "remap-masks", root, "--map", "255"], "--map")
+    (root / "masks").rename(root / "masks_0_255")
+    (root / "masks_remapped").rename(root / "masks")
+    train_ok(capsys, tmp_path, folder_args(root), name="remapped")
 
 
 def test_all_background_masks_warn(capsys, tmp_path, data):
@@ -444,6 +458,89 @@ def test_failed_start_leaves_a_replaceable_run_dir(capsys, tmp_path, data):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_train_without_a_run_dir_picks_a_new_folder(capsys, tmp_path, monkeypatch):
+    """A bare ``semiseg train`` never collides with an earlier run: runs/run, then runs/run-2 (said
+    on stdout); resuming needs the run named."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *sets(tiny_overrides(iters=1))]
+    for expected in ("runs/run", "runs/run-2"):
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        assert f"run directory: {expected}\n" in out and (tmp_path / expected / "results.json").is_file()
+    expect_error(capsys, [*args, "--resume"], "--resume", "name the run directory")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["run", "run-2"]
+
+
+def test_resume_with_another_config_names_the_keys(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(["train", *sets(tiny_overrides(iters=2)), "--run-dir", run], capsys)[0] == 0
+    other = tiny_overrides(iters=3, **{"optim.lr": 0.5})
+    line = expect_error(capsys, ["train", *sets(other), "--run-dir", run, "--resume"], "config differs")
+    assert "optim.lr (run: 0.01, now: 0.5)" in line and "train.iters (run: 2, now: 3)" in line
+    assert "data.crop_size" not in line and f"semiseg train --resume {run}" in line
+    # the run's own config, by naming the run only (a volatile setting may still change)
+    code, out, err = run_cli(["train", "--resume", run, "--set", "train.threads=1"], capsys)
+    assert code == 0, err
+    assert f"resumed from {run / 'latest.pt'} at step 2" in out
+
+
+def test_empty_labeled_split_file_is_named(capsys, tmp_path, data):
+    (data / "splits").mkdir()
+    (data / "splits" / "labeled.txt").write_text("# nothing yet\n")
+    line = expect_train_error(
+        capsys, tmp_path, folder_args(data, **{"data.split_dir": "splits"}), "no images"
+    )
+    assert str(data / "splits" / "labeled.txt") in line
+
+
+def test_empty_test_split_file_is_refused_before_training(capsys, tmp_path, data):
+    assert run_cli(["data", "split", data, "--labeled", "3", "--test", "2", "--seed", "0"], capsys)[0] == 0
+    (data / "splits" / "test.txt").write_text("")
+    args = folder_args(data, **{"data.split_dir": "splits"})
+    line = expect_train_error(capsys, tmp_path, args, "test.txt", "lists no images", "eval.splits")
+    assert str(data / "splits" / "test.txt") in line
+    train_ok(capsys, tmp_path, [*args, "--set", "eval.splits=[]"])  # nothing evaluated on it: fine
+    # `data split --test 0` writes no test.txt at all (the final evaluation is then skipped, as without
+    # split files), so the split command never sets this trap
+    code, _, err = run_cli(["data", "split", data, "--labeled", "3", "--overwrite"], capsys)
+    assert code == 0, err
+    assert not (data / "splits" / "test.txt").exists() and not (data / "splits" / "val.txt").exists()
+
+
+def test_ctrl_c_says_how_to_resume(capsys, tmp_path, monkeypatch):
+    import shlex
+
+    import semiseg.trainer as trainer_module
+
+    run = tmp_path / "my run"
+    original = trainer_module.Trainer.train_step
+
+    def interrupted(self, batch, info):
+        if info.step == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, info)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", interrupted)
+    args = ["train", *sets(tiny_overrides(iters=4)), "--run-dir", run]
+    code, _, err = run_cli(args, capsys)
+    assert code == 130
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert line.startswith("interrupted: stopped at step 3 of 4;") and "holds step 2" in line
+    command = line.split("Continue with: ", 1)[1]
+    assert command == f"semiseg train --resume {shlex.quote(str(run))}"
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", original)
+    code, out, err = run_cli(shlex.split(command)[1:], capsys)  # exactly the command it printed
+    assert code == 0, err
+    assert json.loads((run / "results.json").read_text())["steps"] == 4
+
+    def at_once(self, batch, info):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", at_once)
+    code, _, err = run_cli(["train", *sets(tiny_overrides(iters=4)), "--run-dir", tmp_path / "r2"], capsys)
+    assert code == 130 and "before the first checkpoint: nothing to resume" in err
+
+
 def test_startup_line(capsys, tmp_path, data):
     _, out, _ = train_ok(capsys, tmp_path, folder_args(data))
     line = next(line for line in out.splitlines() if line.startswith("semiseg: run "))
@@ -528,3 +625,41 @@ def test_device_option(capsys, tmp_path, trained):
     expect_error(capsys, ["eval", run, "--device", "tpu"], "--device tpu")
     if not torch.cuda.is_available():
         expect_error(capsys, ["eval", run, "--device", "cuda"], "CUDA is not available")
+
+
+def test_second_eval_does_not_overwrite_the_first(capsys, tmp_path, trained):
+    root, run = trained
+    out = tmp_path / "eval.json"
+    args = ["eval", run, "--split", "labeled", "--out", out]
+    assert run_cli(args, capsys)[0] == 0
+    first = out.read_text()
+    expect_error(capsys, args, str(out), "exists", "--overwrite", "--out")
+    assert out.read_text() == first
+    code, stdout, err = run_cli([*args, "--overwrite"], capsys)
+    assert code == 0 and f"wrote {out}" in stdout, err
+
+
+def test_refusals_to_replace_outputs_use_each_interface_s_wording(capsys, tmp_path, trained):
+    """The CLI says --overwrite, Python says overwrite=True; never both."""
+    from semiseg.data.folder import write_split
+    from semiseg.errors import OutputExistsError
+    from semiseg.export import export_model
+
+    root, run = trained
+    export = tmp_path / "export"
+    assert run_cli(["export", run, export], capsys)[0] == 0
+    line = expect_error(capsys, ["export", run, export], "model.safetensors", "pass --overwrite")
+    assert "overwrite=True" not in line
+    with pytest.raises(OutputExistsError, match="pass overwrite=True") as exc:
+        export_model(run, export)
+    assert "--overwrite" not in str(exc.value)
+    data = write_folder_dataset(tmp_path / "data")
+    write_split(data, labeled=2, seed=0)
+    line = expect_error(capsys, ["data", "split", data, "--labeled", "2"], "labeled.txt", "pass --overwrite")
+    assert "overwrite=True" not in line
+    with pytest.raises(OutputExistsError, match="pass overwrite=True"):
+        write_split(data, labeled=2, seed=0)
+    out = tmp_path / "pred"
+    assert run_cli(["predict", run, root / "unlabeled", out], capsys)[0] == 0
+    line = expect_error(capsys, ["predict", run, root / "unlabeled", out], "_mask.png", "pass --overwrite")
+    assert "overwrite=True" not in line

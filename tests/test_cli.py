@@ -119,3 +119,75 @@ def test_nan_loss_exits_cleanly(tmp_path, capsys):
 def test_config_show_resolves(capsys):
     code, out, _ = run_cli(["config", "show", "--config", "demo", "--set", "train.iters=5"], capsys)
     assert code == 0 and "iters: 5" in out
+
+
+def test_a_validation_split_gives_best_pt_and_a_curve_by_default(tmp_path, capsys):
+    """train.eval_every 0 (the default, and what method files leave it at) is auto: with a
+    validation split, every ceil(iters / 10) steps; without one, never. results.json says how many
+    images were labeled, and no fraction when split files chose them."""
+    root = write_folder_dataset(tmp_path / "data", n=10)
+    code, _, err = run_cli(["data", "split", root, "--labeled", "3", "--val", "2", "--test", "2"], capsys)
+    assert code == 0, err
+
+    def train(name, config="configs/methods/supervised.yaml", **values):
+        run = tmp_path / name
+        overrides = folder_overrides(root, **{"train.iters": 10, **values})
+        code, _, err = run_cli(["train", "--config", config, *sets(overrides), "--run-dir", run], capsys)
+        assert code == 0, err
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        results = json.loads((run / "results.json").read_text())
+        return run, [r["step"] for r in logged if r["kind"] == "val"], results
+
+    # a method file, split files with a validation split, nothing else
+    run, steps, results = train(
+        "auto", "configs/methods/unimatch_supmix_sufd.yaml", **{"data.split_dir": "splits"}
+    )
+    assert steps == list(range(1, 11)) and (run / "best.pt").is_file()
+    assert results["fraction"] is None and results["labeled_count"] == 3 and "test" in results["results"]
+    run, steps, _ = train("every4", **{"data.split_dir": "splits", "train.eval_every": 4})
+    assert steps == [4, 8, 10] and (run / "best.pt").is_file()
+    run, steps, _ = train("never", **{"data.split_dir": "splits", "train.eval_every": -1})
+    assert steps == [] and not (run / "best.pt").exists()
+    run, steps, results = train("no_val")
+    assert steps == [] and not (run / "best.pt").exists()
+    assert results["fraction"] == 4 and results["labeled_count"] == 4
+
+
+def test_auto_validation_keeps_config_hashes():
+    """Reading eval_every 0 as auto changes no config hash (finished grid cells stay valid)."""
+    from semiseg.config import config_hash, hashed_tree, load_config
+
+    tree = hashed_tree(load_config(None))
+    assert tree["train"]["eval_every"] == 0 and "mask_values" not in tree["data"]
+    assert config_hash(load_config(None, ["data.mask_values={0: 0, 255: 1}"])) != config_hash(
+        load_config(None)
+    )
+
+
+def test_data_example_writes_a_folder_dataset_the_readme_commands_use(tmp_path, capsys):
+    root = tmp_path / "my_data"
+    code, out, err = run_cli(["data", "example", root], capsys)
+    assert code == 0, err
+    assert len(list((root / "images").iterdir())) == 40 and len(list((root / "unlabeled").iterdir())) == 8
+    mask = np.asarray(Image.open(root / "masks" / "case000.png"))
+    assert mask.shape == (96, 96) and set(np.unique(mask)) <= {0, 1, 2}
+    assert "names: [background, vessel, lesion]" in (root / "classes.yaml").read_text()
+    code, out, err = run_cli(["data", "split", root, "--labeled", "10", "--val", "5", "--test", "20"], capsys)
+    assert code == 0 and "labeled: 10" in out, err
+    expect_error(capsys, ["data", "example", root], "my_data", "not an empty folder")
+
+
+def test_demo_in_a_new_folder_with_titled_overlays(tmp_path, capsys, monkeypatch):
+    """`semiseg demo` (what `make demo` runs), shrunk: a new folder next to an earlier runs/demo; per
+    test image one overlay figure (image | ground truth | prediction) and the loss curve."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # an earlier demo: never touched
+    tiny = ["data.synthetic.num_test=2", "data.synthetic.num_val=1", "model.widths=[4, 8, 16, 32, 64]"]
+    code, out, err = run_cli(["demo", "--iters", "1", *sets(tiny)], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "demo-2"
+    assert "-> runs/demo-2" in out and "(image | ground truth | prediction): 2 files" in out
+    overlays = sorted((run / "overlays").iterdir())
+    assert len(overlays) == 2 and Image.open(overlays[0]).size[0] > 3 * 96
+    assert (run / "loss_curve.png").is_file() and (run / "best.pt").is_file()
+    assert not any((tmp_path / "runs" / "demo").iterdir())

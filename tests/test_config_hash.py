@@ -35,6 +35,7 @@ VOLATILE_CHANGES = {
     "train.ckpt_every": 9,
     "train.progress": "bar",
     "train.channels_last": "true",
+    "train.compile": "true",
 }
 
 

@@ -1,4 +1,4 @@
-"""kill -9 at any moment loses nothing and resumes bit-exactly (issue 17).
+"""kill -9 at any moment loses nothing and resumes bit-exactly.
 
 A tiny deterministic CPU run is trained in separate processes that are SIGKILLed at random steps,
 before the first checkpoint and in the middle of a checkpoint write; each time the same command

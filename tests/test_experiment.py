@@ -14,6 +14,7 @@ from semiseg.experiment import (
     collect_records,
     load_grid,
     paired_delta,
+    paired_interval,
     run_grid,
     seed_major,
     summarize,
@@ -399,3 +400,109 @@ def test_bad_init_from_grid_key_is_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="init_from"):
         load_grid(write_grid(tmp_path, extra="init_from: {fixmatch: unimatch}\n"))
+
+
+def _fake_results(cell, test: dict) -> None:
+    """A finished cell's ``results.json`` without training it (the cell's own config hash)."""
+    from semiseg.config import config_hash
+
+    cell.run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"results": {"test": test}, "steps": 4, "seconds": 1.0, "config_hash": config_hash(cell.cfg)}
+    (cell.run_dir / "results.json").write_text(json.dumps(payload))
+
+
+def test_records_carry_per_image_results_and_the_split_seed(tmp_path):
+    """Per-image counts, the evaluation unit and mDice reach the records; so does ``data.split_seed``
+    when the config sets it, and the table gets a bootstrap interval from them."""
+    grid = load_grid(write_grid(tmp_path), extra_overrides=["data.split_seed=7"])
+    for cell in grid.cells:
+        shift = 5 * (cell.method == "fixmatch") + cell.seed
+        per_image = [
+            {
+                "name": f"v{i}",
+                "tp": [90, 40 + shift + i],
+                "fp": [10, 10],
+                "fn": [10, 10 - i],
+                "dice": [None, 0.5],
+            }
+            for i in range(3)
+        ]
+        test = {"miou": 0.6 + 0.01 * shift, "iou": {"background": 0.8, "vessel": 0.4}, "mdice": 0.5,
+                "evaluation": "volume", "per_image": per_image, "confusion": [[1]]}  # fmt: skip
+        _fake_results(cell, test)
+    records = collect_records(grid)
+    assert len(records) == 4
+    for record in records:
+        assert record["split_seed"] == 7 and record["evaluation"] == "volume" and record["mdice"] == 0.5
+        assert record["per_image"][0]["name"] == "v0" and "confusion" not in record
+    table = write_reports(grid, records, figures=False)["table1"].read_text()
+    assert "| fixmatch − supervised | mDice | 0, 1 | +0.00 |" in table  # the records' own metric
+    rows = summarize(records)
+    result = paired_interval(rows[1], rows[0], "miou")
+    assert result["mean"] == pytest.approx(0.05) and result["bootstrap"] is not None
+    assert result["bootstrap"][0] > 0 and result["verdict"] == "higher"
+
+    (tmp_path / "plain").mkdir()
+    plain = load_grid(write_grid(tmp_path / "plain"))
+    for cell in plain.cells:
+        _fake_results(cell, {"miou": 0.6, "iou": {"background": 0.8, "vessel": 0.4}})
+    records = collect_records(plain)
+    assert all("split_seed" not in r and "per_image" not in r for r in records)
+    table = write_reports(plain, records, figures=False)["table1"].read_text()
+    assert "n/a (records without per-image results)" in table
+
+
+def test_fraction_methods_restrict_cells_and_compare_names_grid_methods(tmp_path):
+    from semiseg.errors import ConfigError
+
+    grid_file = write_grid(tmp_path, extra="compare: [supervised]\n")
+    text = grid_file.read_text().replace("fractions: [0.5]", "fractions: [0.5, 1.0]")
+    grid_file.write_text(text + "fraction_methods: {1.0: [supervised]}\n")
+    grid = load_grid(grid_file)
+    assert sorted({(c.fraction, c.method) for c in grid.cells}) == [
+        (0.5, "fixmatch"),
+        (0.5, "supervised"),
+        (1.0, "supervised"),
+    ]
+    assert grid.compare == ["supervised"]
+    for number, (bad, match) in enumerate(
+        (
+            ("fraction_methods: {0.25: [supervised]}\n", "not in 'fractions'"),
+            ("fraction_methods: {0.5: [nope]}\n", "unknown method 'nope'"),
+            ("compare: [nope]\n", "compare names unknown method"),
+        ),
+    ):
+        folder = tmp_path / f"bad{number}"
+        folder.mkdir()
+        with pytest.raises(ConfigError, match=match):
+            load_grid(write_grid(folder, extra=bad))
+
+
+def test_volume_records_table_shows_foreground_dice_and_empty_predictions():
+    def record(method, seed, rv):
+        return {
+            "dataset": "acdc",
+            "fraction": 3,
+            "method": method,
+            "seed": seed,
+            "miou": 0.5,
+            "iou": {"background": 0.9, "RV": 0.2, "LV": 0.4},
+            "dice": {"background": None, "RV": rv, "LV": 0.6},
+            "mdice": (rv + 0.6) / 2,
+            "evaluation": "volume",
+            "hd95": {"background": None, "RV": 10.0, "LV": 20.0},
+            "mhd95": 15.0,
+            "surface_counts": {"RV": {"images": 4, "one_empty": seed}, "LV": {"images": 4, "one_empty": 0}},
+            "volume_counts": {
+                "RV": {"volumes": 4, "empty_prediction": seed, "empty_reference": 0},
+                "LV": {"volumes": 4, "empty_prediction": 0, "empty_reference": 0},
+            },
+            "seconds": 1.0,
+            "weights": "final",
+        }
+
+    rows = summarize([record("sup", s, 0.3 + 0.1 * s) for s in range(2)])
+    text = table1_markdown(rows, "caption")
+    assert "| method | seeds | RV | LV | mIoU | mDice |" in text  # foreground Dice, no background column
+    assert "| sup | 0, 1 | 35.00 ± 7.07 | 60.00 ± 0.00 |" in text
+    assert "voxels" in text and "sup: RV 1" in text

@@ -1,4 +1,4 @@
-"""The custom folder format (DESIGN §4): discovery, classes.yaml, one-line errors, split files."""
+"""The custom folder format (docs/own-data.md): discovery, classes.yaml, one-line errors, split files."""
 
 from __future__ import annotations
 
@@ -229,3 +229,31 @@ def test_split_files_drive_make_splits_only_when_named(tmp_path):
     assert lab["label"].shape == (8, 8)
     ev = EvalDataset(splits.test, cfg, splits.num_classes, splits.in_channels)[1]
     assert ev["name"] == out["test"][1] and ev["image"].shape == (3, 12, 10)
+
+
+def test_mask_values_map_masks_when_read(tmp_path):
+    """``data.mask_values`` maps saved values to class indices wherever a mask is read (the data
+    check, training, evaluation); values it does not list are kept."""
+    from semiseg.config import load_config
+    from semiseg.data.io import read_record
+    from semiseg.data.validate import check_data
+    from semiseg.errors import ConfigError
+
+    root = write_dataset(tmp_path / "ds", n=2, n_unlabeled=0, classes="[a, b, c]\n")
+    mask = np.zeros((12, 10), np.uint8)
+    mask[:, 5:] = 200
+    mask[0, 0] = 255
+    Image.fromarray(mask).save(root / "masks" / "img0.png")
+    overrides = ["data.name=folder", f"data.root={root}", "data.labeled=1.0", "data.mask_values={200: 2}"]
+    cfg = load_config(None, overrides).data
+    splits = make_splits(build_folder(cfg), cfg, seed=0)
+    record = next(r for r in splits.labeled if r.name == "images/img0.png")
+    _, read = read_record(record, cfg, 3)
+    assert read[0, 0] == 255 and (read[1:, :5] == 0).all() and (read[:, 5:] == 2).all()
+    assert check_data(splits, cfg).class_pixels[2] >= 60  # 200 is no class index: fine once mapped
+    cfg.mask_values = None
+    with pytest.raises(DataError, match="mask value 200"):
+        check_data(splits, cfg)
+    cfg.mask_values = {"x": 1}
+    with pytest.raises(ConfigError, match="data.mask_values: key 'x'"):
+        check_data(splits, cfg)

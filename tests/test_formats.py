@@ -1,4 +1,4 @@
-"""Dataset builders and readers of the built-in formats (DESIGN §4).
+"""Dataset builders and readers of the built-in formats (docs/datasets.md).
 
 CHASE_DB1 and the COVID Inf-Net derivative are checked on the real files in ``../shared/data``
 (skipped when absent); MedSeg NIfTI, ACDC, VOC and Cityscapes on tiny fixtures written here in
@@ -68,13 +68,13 @@ def test_builders_readers_and_label_maps_are_registered():
 @pytest.mark.parametrize(
     ("pool", "fraction", "rounding", "expected"),
     [
-        (23, 0.125, "floor", 2),  # CHASE_DB1 papers (DESIGN §4)
+        (23, 0.125, "floor", 2),  # CHASE_DB1: the papers' 2 labeled of 23
         (23, 0.25, "floor", 5),
         (50, 0.125, "floor", 6),  # COVID Inf-Net derivative
         (50, 0.25, "floor", 12),
         (50, 0.125, "round", 6),
         (50, 0.25, "round", 12),
-        (70, 0.125, "round", 9),  # MedSeg 70-slice pool (DESIGN §4)
+        (70, 0.125, "round", 9),  # MedSeg 70-slice pool: the papers' 9 labeled
         (70, 0.25, "round", 18),
         (23, 0.01, "floor", 1),  # floor keeps at least one
         (23, 1.0, "floor", 23),
@@ -210,11 +210,12 @@ def test_covid_medseg_errors(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def write_acdc(root: Path, patients: int = 4, slices: int = 3) -> None:
+def write_acdc(root: Path, patients: int = 4, slices: int = 3, order: list[int] | None = None) -> None:
+    """A tiny SSL4MIS ACDC tree; ``order``: the patients' order in ``train_slices.list``."""
     (root / "data" / "slices").mkdir(parents=True)
     rng = np.random.default_rng(0)
     train = []
-    for p in range(1, patients + 1):
+    for p in order or range(1, patients + 1):
         for k in range(slices):
             name = f"patient{p:03d}_frame01_slice_{k}"
             train.append(name)
@@ -250,10 +251,11 @@ def test_acdc_records_and_volumes(tmp_path):
 
 
 def test_acdc_patient_wise_labeled_protocol(tmp_path):
-    write_acdc(tmp_path)
+    write_acdc(tmp_path, order=[3, 1, 4, 2])  # file order, not patient order (as SSL4MIS's list)
     _, src = build("acdc", tmp_path)
     splits = make_splits(src, DataConfig(name="acdc", labeled=2), seed=0)  # int: 2 patients
-    assert {n.split("_")[0] for n in names(splits.labeled)} == {"patient001", "patient002"}
+    # the first two patients of train_slices.list in file order, not the first two sorted
+    assert {n.split("_")[0] for n in names(splits.labeled)} == {"patient003", "patient001"}
     assert len(splits.labeled) == 6 and len(splits.unlabeled) == 6
     assert all(r.mask is None for r in splits.unlabeled)
     again = make_splits(src, DataConfig(name="acdc", labeled=2), seed=5)

@@ -1,4 +1,4 @@
-"""Fuzzing (issue 17) of the config parser, split files and image / mask readers.
+"""Fuzzing of the config parser, split files and image / mask readers.
 
 Whatever the input, ``semiseg`` either accepts it or prints exactly one ``error: ...`` line naming
 the file or config key and exits with status 2 — never a traceback — and overwrites nothing.

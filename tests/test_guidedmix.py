@@ -6,11 +6,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from functools import partial
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
-from helpers import REPO, fit_interrupted, tiny_overrides, trainer_step
+from helpers import (
+    REPO,
+    fit_interrupted,
+    tiny_method,
+    tiny_model,
+    tiny_model_config,
+    tiny_overrides,
+    tiny_trainer,
+    train_update,
+)
 from torch import Tensor, nn
 
 from semiseg.config import HASH_NEUTRAL, ModelConfig, build_config, config_hash, load_config
@@ -46,47 +57,23 @@ NEW_MODEL_FIELDS = (
 )
 
 
-def tiny_cfg(**kw: object) -> ModelConfig:
-    values: dict = dict(
-        name="guidedmix",
-        backbone="resnet18",
-        backbone_widths=[4, 8, 8, 8],
-        output_stride=32,
-        psp_channels=8,
-        decoder_channels=[8, 8, 8, 4, 4],
-        mitrans_levels=[0, 1],
-    )
-    values.update(kw)
-    return ModelConfig(**values)
+tiny_cfg = partial(tiny_model_config, "guidedmix")  # GuidedMix-Net on a 4-8-8-8 ResNet-18
+
+#: 2 labeled + 3 unlabeled 32² images with padded strips, no CutMix boxes.
+make_batch = partial(helpers.make_batch, pad_labeled=2, pad_unlabeled=3, boxes=None)
 
 
 def tiny_net(num_classes: int = 3, in_channels: int = 3, **kw: object) -> GuidedMixNet:
-    model = build_model(tiny_cfg(**kw), in_channels, num_classes)
+    model = tiny_model("guidedmix", in_channels, num_classes, **kw)
     assert isinstance(model, GuidedMixNet)
     return model
-
-
-def make_batch(n_l: int = 2, n_u: int = 3, size: int = 32, num_classes: int = 3, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    y_l = torch.randint(0, num_classes, (n_l, size, size), generator=g)
-    y_l[:, :2] = IGN
-    ignore = torch.zeros(n_u, size, size, dtype=torch.uint8)
-    ignore[:, -3:] = IGN
-    x = lambda n: torch.randn(n, 3, size, size, generator=g)  # noqa: E731
-    return Batch(x(n_l), y_l, x(n_u), x(n_u), x(n_u), ignore)
 
 
 def method_for(
     method: dict | None = None, plugins: dict | None = None, model: Segmenter | None = None, iters: int = 10
 ) -> GuidedMix:
-    cfg = build_config(
-        {
-            "method": {"name": "guidedmix", **(method or {})},
-            "plugins": plugins or {},
-            "train": {"iters": iters},
-        }
-    )
-    built = build_method(cfg, model if model is not None else tiny_net(), 3)
+    model = model if model is not None else tiny_net()
+    built = tiny_method({"name": "guidedmix", **(method or {})}, plugins, model, iters)
     assert isinstance(built, GuidedMix)
     return built
 
@@ -490,22 +477,22 @@ def test_random_pairing_and_released_options_train() -> None:
     torch.manual_seed(0)
     cfg = load_config(CONFIGS / "methods" / "guidedmix" / "released.yaml")
     released = dataclasses.asdict(cfg.method)
-    method = method_for(released, model=tiny_net(mitrans=False))
-    assert method.cfg.pairing == "random" and method.cfg.unsup_loss == "focal"
-    losses = trainer_step(method, make_batch(), 0)
-    assert float(losses["loss_cla"].detach()) == 0.0 and float(losses["loss_dec"].detach()) == 0.0
-    assert float(losses["consistency_weight"].detach()) == 10.0 and bool(torch.isfinite(losses["total"]))
-    per_sample = method_for({"pairing": "random", "lambda_per_sample": True, "decoupling": "hard"})
-    assert bool(torch.isfinite(trainer_step(per_sample, make_batch(), 0)["total"]))
+    trainer = tiny_trainer(released, model="guidedmix", **{"model.mitrans": False})
+    assert trainer.method.cfg.pairing == "random" and trainer.method.cfg.unsup_loss == "focal"
+    logged = train_update(trainer, make_batch(), 0)  # the trainer's own update
+    assert logged["loss_cla"] == 0.0 and logged["loss_dec"] == 0.0
+    assert logged["consistency_weight"] == 10.0 and math.isfinite(logged["total"])
+    per_sample = {"name": "guidedmix", "pairing": "random", "lambda_per_sample": True, "decoupling": "hard"}
+    assert math.isfinite(train_update(tiny_trainer(per_sample, model="guidedmix"), make_batch(), 0)["total"])
 
 
 def test_guidedmix_composes_with_sufd() -> None:
-    torch.manual_seed(0)
-    method = method_for(plugins={"sufd": {"lambda_adv": 0.01}})
+    trainer = tiny_trainer({"name": "guidedmix"}, {"sufd": {"lambda_adv": 0.01}}, model="guidedmix")
+    method = trainer.method
     assert "sufd" in method.plugins and set(method.extra_optimizers()) == {"sufd"}
-    losses = trainer_step(method, make_batch(), 1)
-    assert "total/sufd" in losses and any(k.startswith("sufd/") for k in losses)
-    assert all(bool(torch.isfinite(v)) for v in losses.values())
+    logged = train_update(trainer, make_batch(), 1)  # the trainer's own update
+    assert "total/sufd" in logged and any(k.startswith("sufd/") for k in logged)
+    assert all(math.isfinite(v) for v in logged.values())
     state = method.state_dict()
     assert any(k.startswith("plugins.sufd.") for k in state) and any(k.startswith("model.") for k in state)
 

@@ -3,73 +3,26 @@ tensors: named finite losses that back-propagate, UniMatch's recipe step by step
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import trainer_step
+from helpers import Pointwise, make_batch, tiny_method, tiny_trainer, tiny_unet, train_update
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import Tensor, nn
+from torch import nn
 
-from semiseg.config import ModelConfig, build_config, load_config
+from semiseg.config import build_config, load_config
 from semiseg.errors import ConfigError
 from semiseg.losses import masked_pseudo_ce, masked_softmax_mse, pseudo_label
-from semiseg.methods import METHODS, Batch, MeanTeacher, StepInfo, UniMatch, build_method
+from semiseg.methods import METHODS, MeanTeacher, StepInfo, UniMatch, build_method
 from semiseg.methods.mean_teacher import ema_update, sigmoid_rampup
-from semiseg.models import Segmenter, build_model
 from semiseg.plugins.base import StepContext
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 IGN = 255
-H = W = 32
-
-
-def tiny_unet(num_classes: int = 3) -> Segmenter:
-    return build_model(ModelConfig(name="unet", widths=[4, 8, 16, 32, 64]), 3, num_classes)
-
-
-class Pointwise(Segmenter):
-    """A 1×1-conv segmenter (no BatchNorm, no dropout besides FP): train and eval give the same logits,
-    so a training step can be recomputed by hand. Records (training, grad enabled, batch) per pass."""
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 3) -> None:
-        super().__init__()
-        self.in_channels, self.num_classes = in_channels, num_classes
-        self.conv = nn.Conv2d(in_channels, num_classes, 1)
-        self.calls: list[tuple[bool, bool, int]] = []
-
-    def encode(self, x: Tensor) -> list[Tensor]:
-        self.calls.append((self.training, torch.is_grad_enabled(), x.shape[0]))
-        return [x]
-
-    def decode(self, feats: list[Tensor], size: tuple[int, int]) -> Tensor:
-        return self.conv(feats[0])
-
-
-def make_batch(
-    n_l: int = 2, n_u: int = 3, h: int = H, w: int = W, num_classes: int = 3, seed: int = 0
-) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    y_l = torch.randint(0, num_classes, (n_l, h, w), generator=g)
-    y_l[:, :3] = IGN
-    ignore = torch.zeros(n_u, h, w, dtype=torch.uint8)
-    ignore[:, -4:] = IGN
-    box1 = torch.zeros(n_u, h, w)
-    box1[0, 2:10, 3:12] = 1
-    box2 = torch.zeros(n_u, h, w)
-    box2[-1, 5:20, 5:20] = 1
-    return Batch(
-        torch.randn(n_l, 3, h, w, generator=g), y_l,
-        torch.randn(n_u, 3, h, w, generator=g), torch.randn(n_u, 3, h, w, generator=g),
-        torch.randn(n_u, 3, h, w, generator=g), ignore, box1, box2,
-    )  # fmt: skip
-
-
-def method_for(method: dict, plugins: dict | None = None, model: Segmenter | None = None, iters: int = 10):
-    cfg = build_config({"method": method, "plugins": plugins or {}, "train": {"iters": iters}})
-    return build_method(cfg, model if model is not None else tiny_unet(), 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,23 +108,22 @@ CASES = [
     "method_cfg,plugins,expected", CASES, ids=lambda v: str(v) if isinstance(v, dict) else ""
 )
 def test_training_step_returns_finite_named_losses_and_backward_works(method_cfg, plugins, expected):
-    torch.manual_seed(0)
-    method = method_for(method_cfg, plugins)
-    method.train()
+    """Two steps through the trainer's own update (``Trainer.train_step``): the named losses are
+    logged and finite, and the segmenter got a gradient."""
+    trainer = tiny_trainer(method_cfg, plugins)
     for step in range(2):
-        losses = trainer_step(method, make_batch(seed=step), step)
-    assert "total" in losses and expected <= set(losses)
-    for name, value in losses.items():
-        assert value.dim() == 0 and bool(torch.isfinite(value)), name
-    assert losses["total"].requires_grad
-    grads = [p.grad for p in method.model.parameters() if p.grad is not None]
+        logged = train_update(trainer, make_batch(seed=step), step)
+    assert "total" in logged and expected <= set(logged)
+    for name, value in logged.items():
+        assert math.isfinite(value), name
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
     assert grads and any(bool(g.abs().sum() > 0) for g in grads)
-    assert set(method.extra_optimizers()) == {f"{k}" for k in plugins}
+    assert set(trainer.extra_optimizers) == set(plugins)
 
 
 def test_unimatch_total_is_the_weighted_sum_over_two():
     torch.manual_seed(0)
-    method = method_for({"name": "unimatch", "threshold": 0.0})
+    method = tiny_method({"name": "unimatch", "threshold": 0.0})
     losses = method.training_step(make_batch(), StepInfo(0, 10))
     expect = (
         losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]
@@ -182,7 +134,7 @@ def test_unimatch_total_is_the_weighted_sum_over_two():
 
 def test_plugin_losses_are_added_after_the_division():
     torch.manual_seed(0)
-    method = method_for({"name": "unimatch"}, {"sufd": {"lambda_adv": 0.5}})
+    method = tiny_method({"name": "unimatch"}, {"sufd": {"lambda_adv": 0.5}})
     losses = method.training_step(make_batch(), StepInfo(0, 10))
     base = (
         losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]
@@ -191,7 +143,7 @@ def test_plugin_losses_are_added_after_the_division():
 
 
 # ----------------------------------------------------------------------------------------------
-# UniMatch's recipe, step by step (DESIGN §3.1)
+# UniMatch's official training step, step by step
 # ----------------------------------------------------------------------------------------------
 
 
@@ -202,7 +154,7 @@ def test_unimatch_step_matches_the_official_recipe_by_hand():
         model.conv.weight.mul_(4.0)  # spread the confidences around τ
     model.fp_dropout = 0.0  # feature perturbation as identity, so loss_fp can be recomputed
     tau = 0.6
-    method = method_for({"name": "unimatch", "threshold": tau}, model=model)
+    method = tiny_method({"name": "unimatch", "threshold": tau}, model=model)
     method.train()
     batch = make_batch()
     losses = method.training_step(batch, StepInfo(0, 10))
@@ -242,7 +194,7 @@ def test_unimatch_feature_perturbation_only_on_unlabeled_half():
             seen.append(feats[0].shape[0])
             return super().perturb(feats)
 
-    method = method_for({"name": "unimatch"}, model=Spy())
+    method = tiny_method({"name": "unimatch"}, model=Spy())
     batch = make_batch(n_l=2, n_u=3)
     losses = method.training_step(batch, StepInfo(0, 10))
     assert seen == [3]
@@ -251,7 +203,7 @@ def test_unimatch_feature_perturbation_only_on_unlabeled_half():
 
 def test_unimatch_skips_partner_pass_when_nothing_is_mixed():
     model = Pointwise()
-    method = method_for({"name": "unimatch"}, model=model)
+    method = tiny_method({"name": "unimatch"}, model=model)
     batch = make_batch()
     batch.box1.zero_()
     batch.box2.zero_()
@@ -262,7 +214,7 @@ def test_unimatch_skips_partner_pass_when_nothing_is_mixed():
 def test_pseudo_labels_are_detached_and_unlabeled_losses_reach_the_model():
     torch.manual_seed(0)
     model = Pointwise()
-    method = method_for({"name": "unimatch", "threshold": 0.0, "mix": "none"}, model=model)
+    method = tiny_method({"name": "unimatch", "threshold": 0.0, "mix": "none"}, model=model)
     losses = method.training_step(make_batch(), StepInfo(0, 10))
     (g,) = torch.autograd.grad(losses["loss_s1"], model.conv.weight)
     assert bool(g.abs().sum() > 0)
@@ -272,7 +224,9 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
     """With SupMix always on and τ = 1, only pasted ground-truth pixels (confidence 1) can count."""
     torch.manual_seed(0)
     model = Pointwise()
-    method = method_for({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "threshold": 1.0}, model=model)
+    method = tiny_method(
+        {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "threshold": 1.0}, model=model
+    )
     batch = make_batch()
     losses = method.training_step(batch, StepInfo(0, 10))
     assert losses["loss_s1"].item() > 0 and losses["loss_s2"].item() > 0
@@ -283,7 +237,7 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
 def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
     """``supmix_source``: pasted pixels come from ``x_l`` (weak, eq. 7–11) or ``x_ls`` (strong)."""
     torch.manual_seed(0)
-    method = method_for(
+    method = tiny_method(
         {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": source}, model=Pointwise()
     )
     assert method.needs_labeled_strong == (source == "strong")
@@ -301,7 +255,7 @@ def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
 
 
 def test_supmix_source_strong_without_labeled_strong_view_fails_clearly():
-    method = method_for({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": "strong"})
+    method = tiny_method({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": "strong"})
     with pytest.raises(AssertionError, match="x_ls"):
         method.training_step(make_batch(), StepInfo(0, 10))
 
@@ -331,7 +285,9 @@ def test_ema_update_is_exact():
 
 def test_mean_teacher_after_step_updates_teacher_with_momentum():
     torch.manual_seed(0)
-    method = method_for({"name": "mean_teacher", "ema_momentum": 0.9, "ema_warmup": False}, model=Pointwise())
+    method = tiny_method(
+        {"name": "mean_teacher", "ema_momentum": 0.9, "ema_warmup": False}, model=Pointwise()
+    )
     assert isinstance(method, MeanTeacher)
     with torch.no_grad():
         method.model.conv.weight.add_(1.0)
@@ -343,12 +299,12 @@ def test_mean_teacher_after_step_updates_teacher_with_momentum():
 
 
 def test_mean_teacher_warmup_momentum_and_eval_model():
-    method = method_for({"name": "mean_teacher", "ema_momentum": 0.99}, model=Pointwise())
+    method = tiny_method({"name": "mean_teacher", "ema_momentum": 0.99}, model=Pointwise())
     assert method.momentum_at(0) == 0.0  # first update copies the student (Tarvainen's warm-up)
     assert method.momentum_at(9) == pytest.approx(0.9)
     assert method.momentum_at(10_000) == 0.99
     assert method.eval_model() is method.teacher
-    student = method_for({"name": "mean_teacher", "eval_teacher": False}, model=Pointwise())
+    student = tiny_method({"name": "mean_teacher", "eval_teacher": False}, model=Pointwise())
     assert student.eval_model() is student.model
     assert any(k.startswith("teacher.") for k in method.state_dict())
 
@@ -356,7 +312,9 @@ def test_mean_teacher_warmup_momentum_and_eval_model():
 def test_mean_teacher_consistency_ramps_up():
     assert sigmoid_rampup(0, 10) == pytest.approx(torch.exp(torch.tensor(-5.0)).item())
     assert sigmoid_rampup(10, 10) == 1.0 and sigmoid_rampup(50, 10) == 1.0 and sigmoid_rampup(3, 0) == 1.0
-    method = method_for({"name": "mean_teacher", "consistency_weight": 2.0, "rampup": 0.5}, model=Pointwise())
+    method = tiny_method(
+        {"name": "mean_teacher", "consistency_weight": 2.0, "rampup": 0.5}, model=Pointwise()
+    )
     early = method.training_step(make_batch(), StepInfo(0, 100))
     late = method.training_step(make_batch(), StepInfo(60, 100))
     assert early["consistency_weight"].item() == pytest.approx(2.0 * sigmoid_rampup(0, 50))
@@ -371,7 +329,7 @@ def test_mean_teacher_consistency_ramps_up():
 
 def test_supervised_rejects_plugins_that_need_unlabeled_data():
     with pytest.raises(ConfigError, match=r"plugins\.sufd"):
-        method_for({"name": "supervised"}, {"sufd": {}})
+        tiny_method({"name": "supervised"}, {"sufd": {}})
 
 
 @pytest.mark.parametrize(
@@ -404,13 +362,14 @@ def test_unimatch_supmix_sufd_is_one_config():
 
 
 def test_state_dict_round_trip_keeps_statistics_and_discriminator():
-    torch.manual_seed(0)
-    a = method_for({"name": "unimatch", "mix": "supmix", "supmix_strategy": "difficulty"}, {"sufd": {}})
-    trainer_step(a, make_batch(), 0)
+    method_cfg = {"name": "unimatch", "mix": "supmix", "supmix_strategy": "difficulty"}
+    trainer = tiny_trainer(method_cfg, {"sufd": {}})
+    train_update(trainer, make_batch(), 0)
+    a = trainer.method
     state = a.state_dict()
     assert {"mixer.stats.iou", "mixer.stats.frequency"} <= set(state)
     assert any(k.startswith("plugins.sufd.disc.") for k in state)
-    b = method_for({"name": "unimatch", "mix": "supmix", "supmix_strategy": "difficulty"}, {"sufd": {}})
+    b = tiny_method(method_cfg, {"sufd": {}})
     b.load_state_dict(state)
     assert torch.equal(b.mixer.stats.iou, a.mixer.stats.iou)
     assert bool(b.mixer.stats.seen.any())

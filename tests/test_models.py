@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_MODELS, tiny_model, tiny_unet
 
 from semiseg.config import ModelConfig
 from semiseg.errors import ConfigError
@@ -18,15 +19,12 @@ from semiseg.models.deeplabv3plus import DeepLabV3Plus
 from semiseg.models.unet import SSL4MIS_DROPOUT, UNet, default_dropout
 from semiseg.models.weights import load_backbone_weights
 
-TINY_WIDTHS = [4, 8, 16, 32, 64]
-
-
-def tiny_unet(in_channels: int = 3, num_classes: int = 3, **kw) -> Segmenter:
-    return build_model(ModelConfig(name="unet", widths=TINY_WIDTHS, **kw), in_channels, num_classes)
+TINY_WIDTHS = TINY_MODELS["unet"]["widths"]
 
 
 def tiny_deeplab(in_channels: int = 3, num_classes: int = 3, **kw) -> Segmenter:
-    return build_model(ModelConfig(name="deeplabv3plus", backbone="resnet18", **kw), in_channels, num_classes)
+    """DeepLabV3+ on timm's ResNet-18 (random init)."""
+    return tiny_model("deeplabv3plus", in_channels, num_classes, **kw)
 
 
 BUILDERS = {"unet": tiny_unet, "deeplabv3plus": tiny_deeplab}
@@ -200,7 +198,7 @@ def test_backbone_and_head_split_all_parameters(model: Segmenter) -> None:
 
 def test_default_unet_size_matches_unimatch_medical() -> None:
     # UniMatch's medical U-Net as its Decoder builds it (UpBlock's default bilinear=True: 1×1 conv +
-    # bilinear up-sampling): 1,813,764 params for 1 channel, 4 classes — the default since 2026-12-01
+    # bilinear up-sampling): 1,813,764 params for 1 channel, 4 classes — semiseg's default
     m = build_model(ModelConfig(), 1, 4)
     assert isinstance(m, UNet)
     assert m.widths == [16, 32, 64, 128, 256]

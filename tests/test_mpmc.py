@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, fit_interrupted, tiny_overrides
+from helpers import REPO, fit_interrupted, joint_context, nonzero, tiny_method, tiny_overrides, tiny_unet
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import ModelConfig, build_config, load_config
 from semiseg.errors import ConfigError
-from semiseg.methods import Batch, StepInfo, build_method
+from semiseg.methods import StepInfo, build_method
 from semiseg.models import build_model
-from semiseg.plugins import MPMC, PLUGINS, MPMCConfig, StepContext
+from semiseg.plugins import MPMC, PLUGINS, MPMCConfig
 from semiseg.plugins.mpmc import (
     PatchGeometry,
     SeparableAvgPool2d,
@@ -34,51 +36,23 @@ NUM_CLASSES = 3
 CONFIGS = REPO / "src" / "semiseg" / "configs"
 
 
-def tiny_unet(in_channels: int = 3, num_classes: int = NUM_CLASSES):
-    return build_model(ModelConfig(name="unet", widths=[4, 8, 16, 32, 64]), in_channels, num_classes)
-
-
-def make_batch(
-    n_l: int = 2,
-    n_u: int = 2,
-    size: tuple[int, int] = (32, 32),
-    channels: int = 3,
-    classes: int = NUM_CLASSES,
-) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    y_l = torch.randint(0, classes, (n_l, *size), generator=g)
-    y_l[:, :3] = 255  # a padded strip
-    box = torch.zeros(n_u, *size)
-    box[0, 4:12, 4:12] = 1
-    ignore = torch.zeros(n_u, *size, dtype=torch.uint8)
-    ignore[:, -2:] = 255
-    return Batch(
-        torch.randn(n_l, channels, *size, generator=g), y_l,
-        *(torch.randn(n_u, channels, *size, generator=g) for _ in range(3)),
-        ignore, box, box.clone(),
-    )  # fmt: skip
+#: 2 labeled + 2 unlabeled 32² images, a padded strip in each, one CutMix box on both strong views.
+make_batch = partial(helpers.make_batch, n_u=2, pad_labeled=3, pad_unlabeled=2, boxes="same")
 
 
 def method_with(
     method: dict, mpmc: dict | None = None, classes: int = NUM_CLASSES, channels: int = 3, **plugins
 ):
-    tree = {"method": method, "plugins": {"mpmc": mpmc or {}, **plugins}, "train": {"iters": 100}}
-    m = build_method(build_config(tree), tiny_unet(channels, classes), classes)
+    plugins = {"mpmc": mpmc or {}, **plugins}
+    m = tiny_method(method, plugins, tiny_unet(channels, classes), iters=100, num_classes=classes)
     m.train()
     return m
 
 
-def joint_context(method, batch: Batch, step: int = 0) -> StepContext:
-    """The context UniMatch / FixMatch build after their weak pass."""
-    n_l = batch.x_l.shape[0]
-    out = method.model(torch.cat((batch.x_l, batch.x_w)), return_features=True)
-    return StepContext.from_joint_pass(
-        batch, StepInfo(step, 100), out.logits, out.features, n_l, batch.ignore
-    )
-
-
-def nonzero(g: torch.Tensor | None) -> bool:
-    return g is not None and bool(g.abs().sum() > 0)
+def assert_channel_dropout(mask: torch.Tensor | None, n: int, channels: int, p: float = 0.5) -> None:
+    """A Dropout2d multiplier of the perturbed student input: N×C×1×1, each 0 or 1/(1 − p)."""
+    assert mask is not None and mask.shape == (n, channels, 1, 1)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0 / (1.0 - p)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +453,8 @@ def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teache
     torch.manual_seed(0)
     batch = make_batch()
     unimatch = method_with({"name": "unimatch"})
-    assert unimatch.plugins["mpmc"].state(joint_context(unimatch, batch)).dropout is not None  # no strong
+    dropout = unimatch.plugins["mpmc"].state(joint_context(unimatch, batch)).dropout  # no strong views
+    assert_channel_dropout(dropout, 2, 8)  # the tap: U-Net level 1, 8 channels
 
     mt = method_with({"name": "mean_teacher"})
     seen = spy_state(mt.plugins["mpmc"])
@@ -489,7 +464,7 @@ def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teache
     assert ctx.teacher_features_w[1].data_ptr() != ctx.features_w[1].data_ptr()
     forced = method_with({"name": "mean_teacher"}, {"student_input": "perturbed"}).plugins["mpmc"]
     ctx.extras.clear()  # the step's cached state belongs to the other plug-in
-    assert forced.state(ctx).dropout is not None
+    assert_channel_dropout(forced.state(ctx).dropout, 2, 8)
 
 
 def test_switches_and_warmup():
@@ -571,7 +546,8 @@ def test_probe_starts_at_the_models_smallest_input():
     model = build_model(ModelConfig(name="unet", widths=[2, 2, 2, 2, 2, 2, 2, 2]), 1, 2)
     assert model.min_size > 64
     probe = probe_tap(model, None)
-    assert probe.stride == 2 and probe.field is not None
+    # level 1 (MaxPool 2 and two 3×3 convs after level 0's two): the same field as the tiny U-Net's
+    assert (probe.index, probe.channels, probe.stride, probe.field) == (1, 2, 2, (-6, 7))
 
 
 @pytest.mark.parametrize(
@@ -582,7 +558,7 @@ def test_probe_starts_at_the_models_smallest_input():
 def test_any_classes_crop_batch_and_channels(channels, classes, size, n_l, n_u):
     torch.manual_seed(0)
     method = method_with({"name": "unimatch", "mix": "supmix"}, classes=classes, channels=channels)
-    batch = make_batch(n_l, n_u, size, channels, classes)
+    batch = make_batch(n_l=n_l, n_u=n_u, size=size, channels=channels, num_classes=classes)
     losses = method.training_step(batch, StepInfo(0, 100))
     assert {"mpmc/loss_l", "mpmc/loss_u", "total/mpmc"} <= set(losses)
     assert all(bool(torch.isfinite(v)) for v in losses.values())

@@ -177,3 +177,67 @@ def test_legend_patches():
     patches = legend_patches(NAMES, PALETTE)
     assert [p.get_label() for p in patches] == NAMES
     assert patches[1].get_facecolor()[:3] == pytest.approx(tuple(v / 255 for v in PALETTE[1]))
+
+
+# ----------------------------------------------------------------------------- mask formats
+
+
+@pytest.mark.parametrize("fmt", ["index", "visible", "color"])
+def test_mask_formats(folder, tmp_path, fmt):
+    """``index`` (default) holds class indices, ``visible`` spreads them over 0..255, ``color`` is a
+    palette PNG in the dataset's colours whose values are still the class indices."""
+    out = tmp_path / fmt
+    kwargs = {} if fmt == "index" else {"mask_format": fmt}
+    run(folder, out, **kwargs)
+    img = Image.open(out / "a_mask.png")
+    values = np.asarray(img)
+    left, right = values[:, :30], values[:, 30:]
+    if fmt == "index":
+        assert img.mode == "L" and (left == 0).all() and (right == 1).all()
+    elif fmt == "visible":  # 3 classes: class c -> c * 127
+        assert img.mode == "L" and (left == 0).all() and (right == 127).all()
+    else:
+        assert img.mode == "P" and (left == 0).all() and (right == 1).all()
+        rgb = np.asarray(img.convert("RGB"))
+        assert tuple(rgb[0, 59]) == PALETTE[1] and tuple(rgb[0, 0]) == PALETTE[0]
+
+
+def test_mask_format_choice_is_checked(folder, tmp_path):
+    from semiseg.errors import SemisegError
+    from semiseg.predict import mask_image
+
+    with pytest.raises(SemisegError, match="mask_format"):
+        run(folder, tmp_path / "out", mask_format="jpeg")
+    assert not (tmp_path / "out").exists()
+    two = mask_image(np.array([[0, 1]], np.uint8), 2, PALETTE, "visible")
+    assert np.asarray(two).tolist() == [[0, 255]]
+
+
+# ----------------------------------------------------------------------------- demo overlay figure
+
+
+def test_prediction_figure_titles_legend_and_same_drawing(tmp_path, monkeypatch):
+    """The demo's overlays: panels titled image / ground truth / prediction, a legend of the classes,
+    and ground truth and prediction drawn the same way (both over the image)."""
+    import semiseg.plots as plots
+
+    figures = []
+    real_save = plots._save_as_is
+    monkeypatch.setattr(
+        plots, "_save_as_is", lambda fig, out, dpi: figures.append(fig) or real_save(fig, out, dpi)
+    )
+    image = np.random.default_rng(0).random((24, 32, 3)).astype(np.float32)
+    mask = np.zeros((24, 32), np.uint8)
+    mask[4:12, 4:20] = 1
+    mask[14:20, 20:30] = 2
+    truth = mask.copy()
+    out = plots.prediction_figure(image, truth, mask, NAMES, PALETTE, tmp_path / "o.png", title="x")
+    assert Image.open(out).size[0] > 3 * 32
+    (fig,) = figures
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["image", "ground truth", "prediction"]
+    truth_px, pred_px = (np.asarray(ax.images[0].get_array()) for ax in axes[1:])
+    np.testing.assert_array_equal(truth_px, pred_px)  # same mask -> same picture
+    np.testing.assert_array_equal(pred_px, overlay(image, mask, PALETTE))  # over the image, not on black
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["vessel", "lesion"]

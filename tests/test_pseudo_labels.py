@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_methods import Pointwise, make_batch, method_for
+from helpers import Pointwise, make_batch, tiny_method
 
 from semiseg.config import load_config
 from semiseg.errors import ConfigError
@@ -184,7 +184,7 @@ def test_balanced_ce_weights_and_loss():
 
 
 def test_ramp_and_labeled_weight_in_the_total():
-    m = method_for(
+    m = tiny_method(
         {"name": "fixmatch", "warmup_iters": 2, "rampup_iters": 4, "labeled_weight": 1.0},
         model=Pointwise(),
     )
@@ -192,15 +192,15 @@ def test_ramp_and_labeled_weight_in_the_total():
     assert m.recipe.ramp(2) == pytest.approx(math.exp(-5))  # the ramp starts after the warm-up
     assert m.recipe.ramp(4) == pytest.approx(sigmoid_rampup(2, 4)) and m.recipe.ramp(6) == 1.0
     assert float(m.recipe.total(x, [u], 0.5, 4)) == pytest.approx(2.0 + 0.5 * sigmoid_rampup(2, 4) * 3.0)
-    default = method_for({"name": "fixmatch"}, model=Pointwise())
+    default = tiny_method({"name": "fixmatch"}, model=Pointwise())
     assert float(default.recipe.total(x, [u], 0.5, 0)) == 0.5 * (2.0 + 3.0)
 
 
 def test_warmup_step_is_the_supervised_step():
     torch.manual_seed(0)
     model = Pointwise()
-    m = method_for({"name": "unimatch", "warmup_iters": 3, "dice_weight": 1.0}, model=model)
-    sup = method_for({"name": "supervised", "dice_weight": 1.0}, model=model)
+    m = tiny_method({"name": "unimatch", "warmup_iters": 3, "dice_weight": 1.0}, model=model)
+    sup = tiny_method({"name": "supervised", "dice_weight": 1.0}, model=model)
     batch = make_batch()
     warm = m.training_step(batch, StepInfo(2, 10))
     plain = sup.training_step(batch, StepInfo(2, 10))
@@ -221,7 +221,7 @@ def test_every_policy_and_loss_trains_with_every_method(method, policy, loss):
         opts["consistency"] = "ce"
     else:
         opts["mix"] = "supmix"
-    m = method_for(opts, plugins={"sufd": {}} if method == "unimatch" else None)
+    m = tiny_method(opts, plugins={"sufd": {}} if method == "unimatch" else None)
     losses = m.training_step(make_batch(), StepInfo(1, 10))
     assert torch.isfinite(losses["total"]) and losses["total"].requires_grad
     losses["total"].backward()

@@ -1,4 +1,4 @@
-"""Checkpoint safety (issue 17): a kept previous version, damaged checkpoints, pickled code, full
+"""Checkpoint safety: a kept previous version, damaged checkpoints, pickled code, full
 disks; and the run-directory files a resume depends on."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from semiseg.config import load_config
 from semiseg.errors import SemisegError
 from semiseg.trainer import Trainer, model_state_from_checkpoint, train
 
-OVERRIDES = tiny_overrides(iters=4, **{"train.ckpt_every": 1, "deterministic": True})
+OVERRIDES = tiny_overrides(iters=4, **{"train.ckpt_every": 1, "deterministic": True, "train.eval_every": 4})
 
 
 def weights(run_dir):
@@ -197,7 +197,7 @@ def test_resume_with_another_config_is_still_refused(tmp_path, capsys):
     assert code == 2 and "config differs" in err
 
 
-# ------------------------------------------------------------------ small things of issue 17
+# ------------------------------------------------------------------ smaller reliability checks
 
 
 def test_help_has_no_rst_markup(capsys):

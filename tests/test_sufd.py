@@ -3,53 +3,30 @@ parameters each one's gradient reaches under the trainer's update order, warm-up
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import joint_context, nonzero, tiny_method, tiny_trainer, train_update
 
-from semiseg.config import ModelConfig, build_config, config_hash
-from semiseg.methods import Batch, StepInfo, build_method
-from semiseg.models import build_model
-from semiseg.plugins import PLUGINS, SUFD, Discriminator, StepContext, SUFDConfig
+from semiseg.config import build_config, config_hash
+from semiseg.methods import StepInfo
+from semiseg.plugins import PLUGINS, SUFD, Discriminator, SUFDConfig
 
 NUM_CLASSES = 3
 
-
-def tiny_unet():
-    return build_model(ModelConfig(name="unet", widths=[4, 8, 16, 32, 64]), 3, NUM_CLASSES)
-
-
-def make_batch(n_l: int = 2, n_u: int = 2, size: int = 32) -> Batch:
-    g = torch.Generator().manual_seed(0)
-    y_l = torch.randint(0, NUM_CLASSES, (n_l, size, size), generator=g)
-    box = torch.zeros(n_u, size, size)
-    box[0, 4:12, 4:12] = 1
-    return Batch(
-        torch.randn(n_l, 3, size, size, generator=g), y_l,
-        *(torch.randn(n_u, 3, size, size, generator=g) for _ in range(3)),
-        torch.zeros(n_u, size, size, dtype=torch.uint8), box, box.clone(),
-    )  # fmt: skip
+#: 2 labeled + 2 unlabeled 32² images, no padding, one CutMix box on both strong views.
+make_batch = partial(helpers.make_batch, n_u=2, pad_labeled=0, pad_unlabeled=0, boxes="same")
 
 
 def unimatch_sufd(**sufd):
-    cfg = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": sufd}, "train": {"iters": 100}})
-    return build_method(cfg, tiny_unet(), NUM_CLASSES)
-
-
-def context(method, batch: Batch, step: int = 0) -> StepContext:
-    n_l = batch.x_l.shape[0]
-    logits = method.model(torch.cat((batch.x_l, batch.x_w)))
-    lw = logits[n_l:]
-    pseudo, conf = lw.detach().softmax(1).max(1)[1], lw.detach().softmax(1).max(1)[0]
-    return StepContext(batch, StepInfo(step, 100), logits[:n_l], lw, pseudo, conf, batch.ignore)
+    return tiny_method({"name": "unimatch"}, {"sufd": sufd}, iters=100, num_classes=NUM_CLASSES)
 
 
 def grads(params) -> list[torch.Tensor | None]:
     return [p.grad for p in params]
-
-
-def nonzero(g: torch.Tensor | None) -> bool:
-    return g is not None and bool(g.abs().sum() > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +58,7 @@ def test_generator_term_reaches_segmenter_and_not_discriminator():
     torch.manual_seed(0)
     method = unimatch_sufd(lambda_adv=1.0)
     sufd = method.plugins["sufd"]
-    ctx = context(method, make_batch())
+    ctx = joint_context(method, make_batch())
     loss = sufd.losses(ctx)["loss_adv"]
     loss.backward()
     assert any(nonzero(g) for g in grads(method.model.parameters()))
@@ -93,7 +70,7 @@ def test_generator_term_value():
     torch.manual_seed(0)
     method = unimatch_sufd(lambda_adv=0.25)
     sufd = method.plugins["sufd"]
-    ctx = context(method, make_batch())
+    ctx = joint_context(method, make_batch())
     o_u = sufd.disc(ctx.logits_w.softmax(1))
     expect = 0.25 * F.binary_cross_entropy_with_logits(o_u, torch.ones_like(o_u))
     assert sufd.losses(ctx)["loss_adv"].item() == pytest.approx(expect.item(), rel=1e-6)
@@ -103,7 +80,7 @@ def test_discriminator_term_value_and_detached_inputs():
     torch.manual_seed(0)
     method = unimatch_sufd()
     sufd = method.plugins["sufd"]
-    ctx = context(method, make_batch())
+    ctx = joint_context(method, make_batch())
     loss = sufd.optimizer_losses(ctx)["sufd"]
     p_w, p_l = ctx.logits_w.softmax(1).detach(), ctx.logits_l.softmax(1).detach()
     o_u, o_l = sufd.disc(p_w), sufd.disc(p_l)
@@ -115,36 +92,53 @@ def test_discriminator_term_value_and_detached_inputs():
     assert all(nonzero(g) for g in grads(sufd.disc.parameters()))
 
 
-def test_trainer_order_d_step_uses_only_the_d_loss():
-    """The trainer back-propagates total, steps the segmenter, then zeroes D's grads and back-propagates
-    total/sufd: D's update must equal Adam on ∇ of the D loss alone, and the segmenter gets nothing."""
-    torch.manual_seed(0)
-    method = unimatch_sufd(lambda_adv=1.0)
-    method.train()
-    sufd = method.plugins["sufd"]
-    seg_opt = torch.optim.SGD(method.model.parameters(), lr=0.01)
-    d_opt = method.extra_optimizers()["sufd"]
-    losses = method.training_step(make_batch(), StepInfo(0, 100))
-    assert set(losses) >= {"total", "sufd/loss_adv", "total/sufd"}
+def test_trainer_steps_the_segmenter_on_total_and_d_on_the_d_loss_alone(monkeypatch):
+    """Through the trainer's own update (``Trainer.train_step``): the segmenter's SGD steps on
+    ∇total, D's Adam on ∇ of the D loss alone (D's gradients zeroed before it), and the D loss's
+    backward leaves the segmenter's gradients as they were."""
+    trainer = tiny_trainer({"name": "unimatch"}, {"sufd": {"lambda_adv": 1.0}}, iters=100)
+    sufd = trainer.method.plugins["sufd"]
+    segmenter = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    disc = list(sufd.disc.parameters())
+    d_opt = trainer.extra_optimizers["sufd"]
+    expected: dict[str, tuple] = {}
+    seen: dict[str, list] = {}
+    training_step = trainer.method.training_step
 
-    seg_opt.zero_grad()
-    losses["total"].backward()
-    seg_grads = [None if g is None else g.clone() for g in grads(method.model.parameters())]
-    assert any(nonzero(g) for g in seg_grads)
-    seg_opt.step()
+    def recording_training_step(batch, info):
+        losses = training_step(batch, info)
+        assert set(losses) >= {"total", "sufd/loss_adv", "total/sufd"}
+        expected["segmenter"] = torch.autograd.grad(
+            losses["total"], segmenter, retain_graph=True, allow_unused=True
+        )
+        expected["disc"] = torch.autograd.grad(losses["total/sufd"], disc, retain_graph=True)
+        return losses
 
-    # Reference: D's gradient from the D loss alone, computed on a copy before the step.
-    d_loss_grads = torch.autograd.grad(losses["total/sufd"], list(sufd.disc.parameters()), retain_graph=True)
-    for p in method.model.parameters():
-        p.grad = None
-    d_opt.zero_grad()
-    losses["total/sufd"].backward()
-    for g, ref in zip(grads(sufd.disc.parameters()), d_loss_grads):
-        assert torch.equal(g, ref)
-    assert all(g is None for g in grads(method.model.parameters()))  # no segmenter grads from D loss
-    before = [p.detach().clone() for p in sufd.disc.parameters()]
-    d_opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, sufd.disc.parameters()))
+    def recording(opt, name):
+        step = opt.step
+
+        def recorded(*args, **kwargs):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            seen[name] = [None if p.grad is None else p.grad.clone() for p in params]
+            return step(*args, **kwargs)
+
+        monkeypatch.setattr(opt, "step", recorded)
+
+    monkeypatch.setattr(trainer.method, "training_step", recording_training_step)
+    recording(trainer.optimizer, "segmenter")
+    recording(d_opt, "disc")
+    before = [p.detach().clone() for p in disc]
+    train_update(trainer, make_batch(), 0)
+
+    assert set(seen) == {"segmenter", "disc"}
+    assert any(nonzero(g) for g in seen["segmenter"])
+    for got, want in zip(seen["segmenter"], expected["segmenter"], strict=True):
+        assert (got is None) == (want is None) and (got is None or torch.allclose(got, want))
+    for got, want in zip(seen["disc"], expected["disc"], strict=True):
+        assert torch.allclose(got, want)
+    for p, at_step in zip(segmenter, seen["segmenter"]):  # the D loss added nothing to the segmenter
+        assert (p.grad is None) == (at_step is None) and (p.grad is None or torch.equal(p.grad, at_step))
+    assert any(not torch.equal(a, b) for a, b in zip(before, disc))  # D stepped
 
 
 def test_warmup_turns_the_generator_term_off():
@@ -152,12 +146,12 @@ def test_warmup_turns_the_generator_term_off():
     method = unimatch_sufd(warmup_iters=5)
     sufd = method.plugins["sufd"]
     batch = make_batch()
-    early = sufd.losses(context(method, batch, step=4))["loss_adv"]
+    early = sufd.losses(joint_context(method, batch, step=4))["loss_adv"]
     assert early.item() == 0.0
     early.backward()
     assert not any(nonzero(g) for g in grads(method.model.parameters()))
-    assert sufd.losses(context(method, batch, step=5))["loss_adv"].item() > 0
-    assert "sufd" in sufd.optimizer_losses(context(method, batch, step=0))  # D trains during warm-up
+    assert sufd.losses(joint_context(method, batch, step=5))["loss_adv"].item() > 0
+    assert "sufd" in sufd.optimizer_losses(joint_context(method, batch, step=0))  # D trains during warm-up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +216,7 @@ def test_input_scale_downsamples_what_the_discriminator_sees():
     torch.manual_seed(0)
     method = unimatch_sufd(input_scale=0.5)
     sufd = method.plugins["sufd"]
-    ctx = context(method, make_batch(size=32))
+    ctx = joint_context(method, make_batch(size=32))
     p_l, p_w = sufd._inputs(ctx)
     assert p_w.shape[-2:] == (16, 16) and p_l.shape[-2:] == (16, 16)
     expect = F.avg_pool2d(ctx.logits_w.softmax(1), 2)
@@ -234,27 +228,18 @@ def test_input_scale_downsamples_what_the_discriminator_sees():
         build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"input_scale": 0}}})
 
 
-def _adam_after_steps(**kw: object) -> torch.Tensor:
-    torch.manual_seed(0)
-    disc = Discriminator(NUM_CLASSES, [8, 16, 32, 64])
-    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.9, 0.99), **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(4):
-        for p in disc.parameters():
-            p.grad = torch.randn(p.shape, generator=g)
-        opt.step()
-    return torch.nn.utils.parameters_to_vector(disc.parameters()).detach()
-
-
-def test_discriminator_optimizer_is_adam_fused_or_multi_tensor():
-    """D's Adam: ``foreach`` (default, bit-identical to the per-parameter loop) or ``fused``
-    (volatile: rounding only)."""
-    loop = _adam_after_steps(foreach=False)
-    assert torch.equal(_adam_after_steps(foreach=True), loop)
-    assert torch.allclose(_adam_after_steps(fused=True), loop, rtol=0, atol=1e-7)
-    assert unimatch_sufd(fused=True).extra_optimizers()["sufd"].defaults["fused"]
-    opt = unimatch_sufd().extra_optimizers()["sufd"]
+def test_discriminator_optimizer_is_multi_tensor_or_fused_as_configured():
+    """``plugins.sufd.fused``: D's Adam takes the multi-tensor update (``foreach``, the default) or
+    the fused kernel, with the configured lr, betas and weight decay; the choice is volatile."""
+    opt = unimatch_sufd(lr=2e-4, betas=[0.5, 0.9], weight_decay=1e-5).extra_optimizers()["sufd"]
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
+    assert opt.defaults["betas"] == (0.5, 0.9) and opt.defaults["weight_decay"] == 1e-5
+    assert opt.param_groups[0]["lr"] == 2e-4
+    fused = unimatch_sufd(fused=True).extra_optimizers()["sufd"]
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    base = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {}}})
+    other = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"fused": True}}})
+    assert config_hash(base) == config_hash(other)
     base = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {}}})
     other = build_config({"method": {"name": "unimatch"}, "plugins": {"sufd": {"fused": True}}})
     assert config_hash(base) == config_hash(other)

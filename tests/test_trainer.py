@@ -3,13 +3,29 @@ import math
 
 import pytest
 import torch
-from helpers import REPO, fit_interrupted, tiny_overrides
+from helpers import (
+    REPO,
+    Pointwise,
+    fit_interrupted,
+    make_batch,
+    model_overrides,
+    tiny_overrides,
+    tiny_trainer,
+    train_update,
+)
 
 from semiseg.checkpoint import atomic_save, load_checkpoint
 from semiseg.config import config_hash, load_config
 from semiseg.errors import SemisegError, TrainingError
 from semiseg.models import build_model
-from semiseg.trainer import Trainer, build_optimizer, model_state_from_checkpoint, poly_lr, train
+from semiseg.trainer import (
+    Trainer,
+    build_optimizer,
+    model_state_from_checkpoint,
+    poly_lr,
+    set_poly_lr,
+    train,
+)
 
 CONFIGS = REPO / "src" / "semiseg" / "configs"
 
@@ -52,17 +68,67 @@ def test_tiny_run_writes_everything(tmp_path):
     assert len(labeled) == 4 and not set(labeled) & set(unlabeled)
 
 
-def test_poly_schedule_and_param_groups():
+def test_poly_schedule_values():
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert math.isclose(poly_lr(0.01, 50, 100, 0.9), 0.01 * 0.5**0.9)
-    cfg = load_config(None, tiny_overrides(**{"optim.lr_multi": 10.0}))
-    from semiseg.models import build_model
+    assert math.isclose(poly_lr(0.01, 25, 100, 1.0), 0.0075)  # power 1: linear
+    assert poly_lr(0.02, 30, 100, 0.0) == 0.02  # power 0: constant
+    assert poly_lr(0.01, 100, 100, 0.9) == 0.0
 
+
+OPTIM = {
+    "optim.lr": 0.02,
+    "optim.lr_multi": 10.0,
+    "optim.momentum": 0.8,
+    "optim.weight_decay": 5e-4,
+    "optim.nesterov": True,
+}
+
+
+def test_param_groups_backbone_at_lr_and_head_at_lr_times_lr_multi():
+    cfg = load_config(None, tiny_overrides(**OPTIM))
     model = build_model(cfg.model, 3, 3)
+    frozen = next(model.decoder.parameters()).requires_grad_(False)
     opt = build_optimizer(model, cfg)
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.1]
-    n_params = sum(len(g["params"]) for g in opt.param_groups)
-    assert n_params == len(list(model.parameters()))
+    backbone, head = opt.param_groups
+    backbone_ids = {id(p) for p in model.backbone_parameters()}
+    assert backbone_ids == {id(p) for p in model.encoder.parameters()}  # the U-Net's encoder
+    assert {id(p) for p in backbone["params"]} == backbone_ids
+    trainable_head = {id(p) for p in model.parameters() if p.requires_grad} - backbone_ids
+    assert {id(p) for p in head["params"]} == trainable_head and id(frozen) not in trainable_head
+    assert (backbone["lr"], backbone["lr_scale"]) == (0.02, 1.0)
+    assert (head["lr"], head["lr_scale"]) == (pytest.approx(0.2), 10.0)
+    for group in opt.param_groups:
+        assert (group["momentum"], group["weight_decay"], group["nesterov"]) == (0.8, 5e-4, True)
+    assert opt.defaults["foreach"] is True  # multi-tensor update on every device
+    (only,) = build_optimizer(Pointwise(), cfg).param_groups  # all backbone: no head group
+    assert only["lr"] == 0.02 and only["lr_scale"] == 1.0
+
+
+def test_set_poly_lr_scales_every_group():
+    cfg = load_config(None, tiny_overrides(iters=8, **OPTIM))
+    opt = build_optimizer(build_model(cfg.model, 3, 3), cfg)
+    for step in range(8):
+        base = set_poly_lr(opt, cfg, step)
+        assert base == poly_lr(0.02, step, 8, 0.9)
+        assert [g["lr"] for g in opt.param_groups] == [base, base * 10.0]
+
+
+def test_each_update_uses_that_steps_poly_lr_in_each_group():
+    """Through the trainer's own update: step k moves each parameter by lr_k·scale·grad (momentum and
+    weight decay off), lr_k = poly_lr(lr, k, iters, power): the schedule is set before the step."""
+    changes = {"optim.lr_multi": 10.0, "optim.poly_power": 1.0, "optim.momentum": 0.0}
+    trainer = tiny_trainer(iters=4, **changes, **{"optim.weight_decay": 0.0})
+    groups = trainer.optimizer.param_groups
+    for step in range(4):
+        before = [[p.detach().clone() for p in g["params"]] for g in groups]
+        logged = train_update(trainer, make_batch(seed=step), step)
+        lr = 0.01 * (1 - step / 4)
+        assert logged["lr"] == pytest.approx(lr)
+        for group, old, scale in zip(groups, before, (1.0, 10.0)):
+            for p, p0 in zip(group["params"], old):
+                if p.grad is not None:
+                    torch.testing.assert_close(p0 - p.detach(), lr * scale * p.grad, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -208,11 +274,7 @@ def test_logged_losses_are_means_over_the_logging_window(tmp_path, monkeypatch):
     assert [(r["step"], r["probe"]) for r in train] == [(2, 0.5), (4, 2.5)]
 
 
-GUIDEDMIX_TINY = {
-    "model.backbone_widths": "[4, 8, 8, 8]",
-    "model.psp_channels": 8,
-    "model.decoder_channels": "[8, 8, 8, 4, 4]",
-}
+GUIDEDMIX_TINY = model_overrides("guidedmix")  # the shipped config's network, tiny
 
 
 @pytest.mark.parametrize(
@@ -247,24 +309,3 @@ def test_channels_last_changes_only_rounding(tmp_path, config, extra):
     # amplify (GuidedMix-Net's nearest-pair selection and argmax masks: 0.18 % at step 3 measured).
     assert eager[0] == pytest.approx(nhwc[0], rel=1e-5)
     assert eager == pytest.approx(nhwc, rel=1e-2)
-
-
-def test_sgd_multi_tensor_update_is_bit_identical_to_the_loop():
-    """``build_optimizer`` uses ``foreach=True``; on CPU PyTorch's default is the per-parameter
-    loop. Same bits after several momentum / weight-decay steps."""
-    cfg = load_config(None, tiny_overrides(**{"optim.lr_multi": 10.0}))
-    finals = []
-    for foreach in (True, False):
-        torch.manual_seed(0)
-        model = build_model(cfg.model, 3, 3)
-        opt = build_optimizer(model, cfg)
-        assert opt.defaults["foreach"] is True
-        for group in opt.param_groups:
-            group["foreach"] = foreach
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            for p in model.parameters():
-                p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        finals.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
-    assert torch.equal(finals[0], finals[1])

@@ -1,4 +1,4 @@
-"""Weak / strong views and CutMix boxes (DESIGN §3.1): geometry, padding, determinism, probabilities."""
+"""Weak / strong views and CutMix boxes (UniMatch's): geometry, padding, determinism, probabilities."""
 
 from __future__ import annotations
 

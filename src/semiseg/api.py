@@ -115,15 +115,23 @@ def train(
     """Train (or ``resume``) a run, as ``semiseg train`` does, and evaluate its final weights.
 
     ``config``: a built-in config name (``"cpu_small/chase_db1/unimatch"``, ``"demo"``), a YAML
-    path, a :class:`~semiseg.config.RunConfig`, or ``None`` for the defaults. ``overrides``:
+    path, a :class:`~semiseg.config.RunConfig`, or ``None`` for the defaults (when resuming: the
+    config ``run_dir`` was started with). ``run_dir``: by default a new ``runs/<name>`` (``-2``,
+    ``-3``, ... when taken); resuming needs it. ``overrides``:
     ``["train.iters=200"]`` or ``{"train.iters": 200, "data": {"labeled": 4}}``. Returns the
     trainer's :class:`~semiseg.trainer.TrainResult` (``run_dir``, ``results`` per split, ``steps``,
     ``seconds``). Raises :class:`~semiseg.errors.SemisegError` (one line, naming the key or file)
     on bad input.
     """
+    from .trainer import saved_run_config
     from .trainer import train as run_training
 
-    cfg = load_run_config(config, overrides)
+    saved = saved_run_config(run_dir) if resume and run_dir is not None and config is None else None
+    cfg = (
+        load_run_config(config, overrides)
+        if saved is None
+        else build_config(apply_overrides(saved, override_list(overrides)))
+    )
     log.info(
         "training %s (method %s, model %s, %d steps)",
         cfg.name,

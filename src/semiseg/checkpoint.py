@@ -9,6 +9,10 @@
   intact and raises a one-line :class:`~semiseg.errors.SemisegError`.
 * :func:`load_checkpoint` accepts tensors and plain containers only: a crafted file that would run
   code when unpickled is refused, as is a truncated or corrupted one (one line naming the file).
+* A run with weight-averaged evaluation (``eval.ema``) also saves the average under
+  :data:`EMA_STATE` (``semiseg.ema.ModelEma.state_dict()``: ``module.<network keys>`` and the update
+  count ``updates``), so a resumed run continues the same average;
+  :func:`average_state_from_checkpoint` gives its network's state dict.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .errors import SemisegError
 CHECKPOINT_FORMAT = 1
 LATEST = "latest.pt"  # a run's last checkpoint (what --resume continues)
 BEST = "best.pt"  # the best validation checkpoint, when the dataset has a validation split
+EMA_STATE = "ema"  # a checkpoint's weight average (eval.ema), when the run keeps one
 KEEP_PREVIOUS = (LATEST,)  # checkpoints whose replaced version is kept as <stem>.prev.pt
 
 
@@ -193,6 +198,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise SemisegError(f"{path}: not a semiseg checkpoint (no 'model' entry)")
     return ckpt
+
+
+def average_state_from_checkpoint(ckpt: dict) -> dict[str, torch.Tensor] | None:
+    """The weight average's network state dict (the evaluated network's keys), or None when the
+    run kept no average (``eval.ema``)."""
+    state = ckpt.get(EMA_STATE)
+    if state is None:
+        return None
+    return {k[len("module.") :]: v for k, v in state.items() if k.startswith("module.")}
 
 
 def load_checkpoint_or_previous(

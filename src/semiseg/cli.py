@@ -1,4 +1,4 @@
-"""``semiseg`` command line: train, eval, predict, demo, data split, config show, export, list.
+"""``semiseg`` command line: train, eval, predict, demo, data, config show, reproduce, export, list.
 
 Bad input ends with a one-line ``error: ...`` naming the file or config key and exit status 2.
 ``semiseg train`` also runs under ``torchrun --nproc_per_node N -m semiseg.cli train ...`` (or the
@@ -25,7 +25,7 @@ import yaml
 
 from . import __version__
 from .config import BUILTIN_CONFIGS, config_to_dict, load_config_file, resolve_config_path
-from .errors import SemisegError
+from .errors import OutputExistsError, SemisegError
 
 
 def _add_set_arg(p: argparse.ArgumentParser, help: str = "override a config value (repeatable)") -> None:
@@ -45,10 +45,27 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
+    from .config import apply_overrides, build_config
+    from .trainer import saved_run_config, train
 
-    cfg = load_config_file(resolve_config_path(args.config), args.overrides)
-    result = train(cfg, run_dir=args.run_dir, resume=args.resume)
+    run_dir, resume = args.run_dir, args.resume is not None
+    if isinstance(args.resume, str):  # --resume RUN_DIR
+        if run_dir and Path(run_dir) != Path(args.resume):
+            raise SemisegError(f"--resume {args.resume} and --run-dir {run_dir}: two different run folders")
+        run_dir = args.resume
+    saved = saved_run_config(run_dir) if resume and run_dir and args.config is None else None
+    if saved is not None:  # resuming without --config: the run's own config (+ --set, e.g. threads)
+        try:
+            cfg = build_config(apply_overrides(saved, args.overrides))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise SemisegError(
+                f"{Path(run_dir) / 'config.yaml'}: cannot read the run's config ({type(exc).__name__}: "
+                f"{exc}); pass --config with the config the run was started with"
+            ) from None
+    else:
+        cfg = load_config_file(resolve_config_path(args.config), args.overrides)
+    result = train(cfg, run_dir=run_dir, resume=resume)
+    print(f"run directory: {result.run_dir}")
     if result.results:
         print(f"results: {result.run_dir / 'results.json'}")
     return 0
@@ -116,7 +133,7 @@ def _relative_root_hint(exc: SemisegError, cfg, checkpoint: str) -> SemisegError
 def cmd_eval(args: argparse.Namespace) -> int:
     from .checkpoint import atomic_write_text
     from .data.base import build_splits
-    from .evaluate import evaluate
+    from .evaluate import evaluate, resolve_unit
     from .inference import json_safe
     from .metrics import format_table
 
@@ -128,13 +145,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     records = getattr(splits, args.split)
     if not records:
         raise SemisegError(f"--split {args.split}: the dataset has no images in that split")
-    cm = evaluate(model, records, cfg.data, cfg.eval, ckpt["num_classes"], ckpt["in_channels"], device)
-    results = cm.results(ckpt["class_names"])
-    print(f"{args.split}: {len(records)} images, checkpoint {args.checkpoint} (step {ckpt['step']})")
-    print(format_table(results, ckpt["class_names"]))
     ckpt_path = Path(args.checkpoint)
     default_out = (ckpt_path if ckpt_path.is_dir() else ckpt_path.parent) / f"eval_{args.split}.json"
     out = Path(args.out) if args.out else default_out
+    if out.exists() and not args.overwrite:  # refused before the (possibly long) evaluation
+        raise SemisegError(
+            f"{out}: exists, from an earlier evaluation; pass --overwrite to replace it, or --out FILE "
+            "to keep both"
+        )
+    # training slices of a volume dataset are separate 2-D files: the labeled split is scored per image
+    unit = "image" if args.split == "labeled" else resolve_unit(cfg.eval, splits.eval_unit)
+    cm = evaluate(
+        model, records, cfg.data, cfg.eval, ckpt["num_classes"], ckpt["in_channels"], device, unit=unit
+    )
+    results = cm.results(ckpt["class_names"])
+    print(f"{args.split}: {len(records)} images, checkpoint {args.checkpoint} (step {ckpt['step']})")
+    print(format_table(results, ckpt["class_names"]))
     payload = {"checkpoint": str(args.checkpoint), "split": args.split, "step": ckpt["step"], **results}
     atomic_write_text(json.dumps(json_safe(payload), indent=2), out)
     print(f"wrote {out}")
@@ -157,8 +183,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device,
         overwrite=args.overwrite,
         log=lambda text: print(text, file=sys.stderr),
+        mask_format=args.mask_format,
     )
-    print(f"wrote {len(written)} files to {args.out_dir}")
+    kinds = {
+        "index": f"class indices 0..{len(ckpt['class_names']) - 1} (dark in a viewer: --mask-format "
+        "visible or color to look at them)",
+        "visible": "classes spread over 0..255 (for viewing, not class indices)",
+        "color": "palette PNGs in the class colours (their pixel values are the class indices)",
+    }
+    print(f"wrote {len(written)} files to {args.out_dir}: *_mask.png = {kinds[args.mask_format]}")
     return 0
 
 
@@ -176,6 +209,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_split(args: argparse.Namespace) -> int:
     from .data.folder import write_split
 
+    if args.dataset == "acdc":
+        return _split_acdc(args)
+
     def number(text: str) -> float | int:
         value = float(text)
         return int(value) if value >= 1 and value.is_integer() and "." not in text else value
@@ -191,6 +227,36 @@ def cmd_split(args: argparse.Namespace) -> int:
     )
     for part, names in written.items():
         print(f"{part}: {len(names)}")
+    return 0
+
+
+def _split_acdc(args: argparse.Namespace) -> int:
+    """``data split --dataset acdc``: a patient-wise random draw of labeled cases as split files."""
+    from .data.acdc import write_patient_split
+
+    if not args.labeled.isdigit() or int(args.labeled) < 1:
+        raise SemisegError(f"--labeled {args.labeled}: ACDC splits take a number of cases (patients), e.g. 3")
+    if args.val != "0" or args.test != "0":
+        raise SemisegError("--val/--test: ACDC keeps its own val and test volumes (val.list, test.list)")
+    if not args.out:
+        raise SemisegError("--out: required for ACDC (the data folder is usually read-only)")
+    counts = write_patient_split(args.root, int(args.labeled), args.seed, args.out, overwrite=args.overwrite)
+    for part, count in counts.items():
+        print(f"{part}: {count} slices")
+    print(f"train with: --set data.split_dir={Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from .data.folder import write_example
+
+    counts = write_example(
+        args.root, images=args.images, unlabeled=args.unlabeled, num_classes=args.classes, seed=args.seed
+    )
+    print(
+        f"wrote {counts['images']} images with masks, {counts['unlabeled']} unlabeled images and "
+        f"classes.yaml ({counts['classes']} classes) to {args.root}"
+    )
     return 0
 
 
@@ -324,14 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (also under torchrun for DDP)")
     _add_config_args(p)
-    p.add_argument("--run-dir", help="output directory (default: runs/<name>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from latest.pt")
+    p.add_argument("--run-dir", help="output directory (default: a new runs/<name>, runs/<name>-2, ...)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN_DIR",
+        help="continue a run from its latest.pt: RUN_DIR (or --run-dir); without --config, with the "
+        "config it was started with",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: per-class IoU / mIoU / Dice")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="test", choices=["test", "val", "labeled"])
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing JSON output")
     _add_device_arg(p)
     _add_set_arg(p)
     p.set_defaults(func=cmd_eval)
@@ -341,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir")
     p.add_argument("out_dir")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--mask-format",
+        choices=["index", "visible", "color"],
+        default="index",
+        help="*_mask.png: index = class indices 0..K-1 (default; what training reads), visible = "
+        "spread over 0..255 for viewing, color = palette PNG in the class colours (values = indices)",
+    )
     _add_device_arg(p)
     _add_set_arg(p)
     p.set_defaults(func=cmd_predict)
@@ -353,9 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    s = data_sub.add_parser("split", help="write labeled/unlabeled/val/test lists for a folder dataset")
-    s.add_argument("root", help="dataset root (images/, masks/, unlabeled/)")
-    s.add_argument("--labeled", required=True, help="fraction (0.125) or count (10) of labeled images")
+    s = data_sub.add_parser(
+        "split", help="write labeled/unlabeled/val/test lists for a folder dataset (or ACDC cases)"
+    )
+    s.add_argument("root", help="dataset root (images/, masks/, unlabeled/; or ACDC's SSL4MIS folder)")
+    s.add_argument(
+        "--dataset",
+        choices=["folder", "acdc"],
+        default="folder",
+        help="acdc: draw --labeled whole patients at random with --seed (labeled.txt / unlabeled.txt)",
+    )
+    s.add_argument(
+        "--labeled", required=True, help="fraction (0.125) or count (10) of labeled images; ACDC: cases"
+    )
     s.add_argument("--val", default="0", help="fraction or count held out for validation")
     s.add_argument("--test", default="0", help="fraction or count held out for testing")
     s.add_argument("--seed", type=int, default=0)
@@ -375,6 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", help="output folder (default: ROOT/masks_remapped; never masks/ itself)")
     s.set_defaults(func=cmd_remap_masks)
+    s = data_sub.add_parser(
+        "example", help="write a small synthetic dataset in the folder format (to try the commands)"
+    )
+    s.add_argument("root", help="new (or empty) folder to write images/, masks/, unlabeled/, classes.yaml")
+    s.add_argument("--images", type=int, default=40, help="images with masks (default 40)")
+    s.add_argument("--unlabeled", type=int, default=8, help="images without masks (default 8)")
+    s.add_argument("--classes", type=int, choices=[2, 3, 4], default=3, help="number of classes (default 3)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_example)
 
     p = sub.add_parser("reproduce", help="run a grid of runs (cached, resumable) and write the tables")
     p.add_argument("grid", help="grid YAML file or built-in grid name (grids/table1_cpu_small)")
@@ -442,14 +542,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SemisegError as exc:
+        if isinstance(exc, OutputExistsError):
+            exc = exc.for_cli()
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path the user gave that cannot be read or written (permissions, full disk)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        advice = exc.advice() if callable(getattr(exc, "advice", None)) else ""
+        print(f"interrupted{': ' + advice if advice else ''}", file=sys.stderr)
         return 130
     finally:
         from .distributed import cleanup

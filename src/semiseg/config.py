@@ -85,7 +85,7 @@ class SyntheticConfig:
 
 @dataclass
 class StrongAugConfig:
-    """Strong view recipe (DESIGN §3.1, UniMatch)."""
+    """Strong view recipe of UniMatch's official training step."""
 
     color_jitter: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5, 0.25])
     color_jitter_p: float = 0.8
@@ -109,6 +109,9 @@ class DataConfig:
     class_names: list[str] | None = None
     resize: float = 1.0  # scale every image (and mask) by this factor when loading
     long_side: int | None = None  # or: resize so the long side has this length
+    # or: resize every image (and mask) to this fixed [height, width], aspect ratio not kept, as
+    # SSL4MIS / UniMatch zoom ACDC slices to 256×256. Takes precedence over resize / long_side.
+    size: list[int] | None = field(default=None, metadata={HASH_NEUTRAL: True})
     crop_size: int = 128
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     hflip: bool = True
@@ -125,6 +128,9 @@ class DataConfig:
     std: list[float] | None = None
     hu_window: list[float] = field(default_factory=lambda: [-1000.0, 400.0])  # MedSeg NIfTI only
     mask_suffix: str = "_1stHO"  # CHASE_DB1: which observer
+    # Mask values as saved -> class index, applied when a mask is read (before any label map), e.g.
+    # {0: 0, 255: 1} for binary masks saved 0/255; values not listed are kept. Keys are read as text.
+    mask_values: dict[str, int] | None = field(default=None, metadata={HASH_NEUTRAL: True})
     strong: StrongAugConfig = field(default_factory=StrongAugConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -136,7 +142,7 @@ class ModelConfig:
     # U-Net encoder dropout per level; null = SSL4MIS/UniMatch's 0.05, 0.1, 0.2, 0.3, 0.5
     dropout: list[float] | None = None
     # U-Net up-path: "bilinear" = 1×1 conv + bilinear ×2, the official medical UniMatch / SSL4MIS
-    # default; "transpose" = 2×2 stride-2 transposed conv (semiseg's default before 2026-12-01).
+    # default; "transpose" = 2×2 stride-2 transposed conv (semiseg's earlier default).
     upsample: Literal["transpose", "bilinear"] = "bilinear"
     backbone: str = "resnet101"  # DeepLabV3+: a timm ResNet name
     pretrained: bool = False  # ImageNet weights through timm (needs the network)
@@ -173,8 +179,9 @@ class TrainConfig:
     amp: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = volatile(20)
-    # 0: validate only at the end (when a val split exists). Hashed although the weights do not
-    # depend on it: it decides what a run records (the validation curve, which step best.pt holds).
+    # Validate every N steps and at the end. 0 (auto): when the run has a validation split, every
+    # ceil(iters / 10) steps; without one, never. -1: never validate. Hashed although the weights
+    # do not depend on it: it decides what a run records (the validation curve, best.pt's step).
     eval_every: int = 0
     ckpt_every: int = volatile(100)  # resume is exact from any checkpoint step
     threads: int | None = volatile(None)  # torch.set_num_threads; None: torch's default
@@ -182,6 +189,10 @@ class TrainConfig:
     # convolutions run NHWC: ≈ 0.8× the U-Net step on CPU (benchmarks/README "Faster cells").
     # Like ``threads`` it changes only floating-point rounding, so it is volatile.
     channels_last: bool = volatile(False)
+    # torch.compile (inductor) of the segmenter's forward and backward in training steps
+    # (semiseg/compiling.py): the same random draws, weights equal up to float rounding, so it is
+    # volatile like channels_last. Compile time counts in the run (benchmarks/README "Faster cells").
+    compile: bool = volatile(False)
     sync_bn: bool = True  # convert BatchNorm to SyncBatchNorm under torchrun on CUDA
     # auto: bar on a TTY, log lines otherwise
     progress: Literal["auto", "bar", "log", "none"] = volatile("auto")
@@ -199,6 +210,24 @@ class EvalConfig:
     splits: list[str] = field(default_factory=lambda: ["test"])  # evaluated at the end of training
     # HD95 / ASD / ASSD per foreground class (per image, pixels; metrics.py) next to IoU and Dice
     surface_metrics: bool = field(default=True, metadata={HASH_NEUTRAL: True})
+    # What one test case is: "image" (2-D metrics pooled over images), "volume" (slices of a volume
+    # predicted, resized back to its original size and scored per volume in 3-D: evaluate.py), or
+    # "auto": the dataset's own (ACDC: volume; every other dataset: image).
+    unit: Literal["auto", "image", "volume"] = field(default="auto", metadata={HASH_NEUTRAL: True})
+    # Weight-averaged evaluation (semiseg/ema.py): keep θ̄ ← d·θ̄ + (1 − d)·θ of the segmenter and
+    # evaluate it beside the final weights, recorded under each split's results as "ema" (the final
+    # weights' keys stay) and in validation logs as "ema/..." keys. The training trajectory is untouched.
+    ema: bool = field(default=False, metadata={HASH_NEUTRAL: True})
+    # d: 0.99 (horizon 100 steps) was the best of 0.99 / 0.995 / 0.998 / 0.999 on the CHASE_DB1 and
+    # COVID validation runs of benchmarks/README "Weight-averaged evaluation"
+    ema_decay: float = field(default=0.99, metadata={HASH_NEUTRAL: True})
+    # First training step folded into the average (it starts as a copy of the weights after it)
+    ema_start: int = field(default=0, metadata={HASH_NEUTRAL: True})
+    # d_k = min(d, 1 − 1/(k+1)) over the k-th update: a plain mean of the first 1/(1−d) updates
+    ema_warmup: bool = field(default=True, metadata={HASH_NEUTRAL: True})
+    # BatchNorm statistics of the evaluated average: recomputed for its weights over this many
+    # training batches (weak views; torch.optim.swa_utils.update_bn); 0: the averaged statistics
+    ema_bn_batches: int = field(default=50, metadata={HASH_NEUTRAL: True})
 
 
 @dataclass
@@ -452,6 +481,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError("data.batch_size: batch sizes must be >= 1")
     if d.resize <= 0:
         raise ConfigError(f"data.resize: must be > 0, got {d.resize}")
+    if d.size is not None and (len(d.size) != 2 or min(d.size) < 1):
+        raise ConfigError(f"data.size: expected [height, width] of positive sizes, got {d.size}")
     if len(d.scale_range) != 2 or d.scale_range[0] > d.scale_range[1]:
         raise ConfigError(f"data.scale_range: expected [low, high], got {d.scale_range}")
     if cfg.train.iters < 1:
@@ -461,7 +492,7 @@ def _check_values(cfg: RunConfig) -> None:
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {cfg.optim.lr}")
 
-    # issue 17: NaN/inf anywhere, and the remaining signs/ranges that crash a run later
+    # NaN/inf anywhere, and the remaining signs/ranges that crash a run later
     def finite(obj: Any, prefix: str) -> None:
         fields = () if isinstance(obj, dict) else dataclasses.fields(obj)
         items = obj.items() if isinstance(obj, dict) else ((f.name, getattr(obj, f.name)) for f in fields)
@@ -483,10 +514,19 @@ def _check_values(cfg: RunConfig) -> None:
         ("optim.poly_power", o.poly_power, o.poly_power >= 0, ">= 0"),
         ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
         ("train.ckpt_every", t.ckpt_every, t.ckpt_every >= 1, ">= 1"),
-        ("train.eval_every", t.eval_every, t.eval_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.eval_every", t.eval_every, t.eval_every >= -1, ">= -1 (0: auto, -1: never)"),
     ):
         if not ok:
             raise ConfigError(f"{key}: must be {want}, got {value}")
+    e = cfg.eval
+    if not 0.0 <= e.ema_decay < 1.0:
+        raise ConfigError(f"eval.ema_decay: must be in [0, 1), got {e.ema_decay}")
+    if e.ema_start < 0:
+        raise ConfigError(f"eval.ema_start: must be >= 0, got {e.ema_start}")
+    if e.ema_bn_batches < 0:
+        raise ConfigError(
+            f"eval.ema_bn_batches: must be >= 0 (0: the averaged statistics), got {e.ema_bn_batches}"
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -10,20 +10,10 @@ import torch
 from .config import RunConfig
 from .data.io import image_to_tensor, read_record
 from .evaluate import pad_value_for, predict_logits
-from .plots import plot_training_curves
-from .trainer import Trainer
-from .visualize import colorize, overlay, save_png
+from .plots import plot_training_curves, prediction_figure
+from .trainer import Trainer, fresh_run_dir
 
-
-def fresh_run_dir(base: str | Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``, ... : the demo never overwrites an earlier run."""
-    base = Path(base)
-    if not base.exists():
-        return base
-    i = 2
-    while Path(f"{base}-{i}").exists():
-        i += 1
-    return Path(f"{base}-{i}")
+__all__ = ["fresh_run_dir", "run_demo", "write_overlays"]
 
 
 def write_overlays(
@@ -36,9 +26,9 @@ def write_overlays(
     out_dir: Path,
     device: torch.device,
     limit: int = 8,
-    min_height: int = 256,
 ) -> list[Path]:
-    """For each record: input | ground truth | prediction overlay, side by side."""
+    """For each record, one figure: image | ground truth | prediction, titled, with a class legend
+    (ground truth and prediction both drawn over the image)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     model.eval()
@@ -48,17 +38,8 @@ def write_overlays(
         with torch.inference_mode():
             logits = predict_logits(model, x, cfg.eval, pad_value=pad_value_for(cfg.data, in_channels))
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        rgb = (np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]) * 255
-        panels = [rgb.astype(np.uint8)]
-        if mask is not None:
-            panels.append(colorize(mask, palette))
-        panels.append(overlay(image, pred, palette))
-        strip = np.concatenate(panels, axis=1)
-        zoom = max(1, min_height // strip.shape[0])  # small synthetic images: enlarge (nearest) to look at
-        strip = strip.repeat(zoom, axis=0).repeat(zoom, axis=1)
         path = out_dir / f"{record.name}_overlay.png"
-        save_png(strip, path)
-        written.append(path)
+        written.append(prediction_figure(image, mask, pred, class_names, palette, path, title=record.name))
     return written
 
 
@@ -80,7 +61,7 @@ def run_demo(cfg: RunConfig, run_dir: str | None = None) -> Path:
         trainer.device,
     )
     curve = plot_training_curves({cfg.name: target / "metrics.jsonl"}, target / "loss_curve.png")
-    print(f"\noverlays (input | ground truth | prediction): {len(overlays)} files in {target / 'overlays'}")
+    print(f"\noverlays (image | ground truth | prediction): {len(overlays)} files in {target / 'overlays'}")
     print(f"loss curve: {curve}")
     print(f"checkpoint: {target / 'latest.pt'}  (try: semiseg eval {target / 'latest.pt'})")
     return target

@@ -22,3 +22,17 @@ class TrainingError(SemisegError):
 class RegistryError(SemisegError):
     """A name registered twice (methods, plug-ins, datasets, ...), or an entry point that cannot be
     loaded; the message names the objects and, for an entry point, its distribution."""
+
+
+class OutputExistsError(DataError):
+    """An output that exists and is not replaced without the caller's consent. The message names the
+    consent as the caller gives it: ``overwrite=True`` in Python; the CLI re-words it as ``--overwrite``
+    (:meth:`for_cli`)."""
+
+    def __init__(self, path: object, what: str = "exists", option: str = "overwrite=True") -> None:
+        self.path, self.what, self.option = path, what, option
+        super().__init__(f"{path}: {what} (pass {option} to replace it)")
+
+    def for_cli(self) -> OutputExistsError:
+        """The same error worded for the command line (``--overwrite``)."""
+        return OutputExistsError(self.path, self.what, "--overwrite")

@@ -7,7 +7,7 @@ Inference (:func:`predict_logits`) takes a normalised ``N×C×H×W`` image batch
   once, and the logits are cropped back. Padding uses ``pad_value`` (per channel, in normalised
   space); :func:`evaluate` and :func:`semiseg.predict.predict_folder` pass the normalised value of a
   **black** pixel, which is what training pads crops with (image padded with 0 before
-  normalisation, DESIGN §3.1), so the network sees at test time the same border it learnt on.
+  normalisation, as UniMatch pads), so the network sees at test time the same border it learnt on.
 * ``sliding``: square windows of ``eval.window`` with stride ``window·(1−overlap)`` (at least 1);
   the last window of each row/column is aligned to the image border so every pixel is covered; an
   image smaller than the window is padded up to it first. Softmax probabilities are averaged over
@@ -21,11 +21,25 @@ With ``eval.surface_metrics`` (the default) each image's prediction is also scor
 ASSD per foreground class (:class:`~semiseg.metrics.SurfaceDistances`, per image at the evaluated
 resolution, in pixels); their per-class sums and counts are reduced the same way and attached to the
 matrix (``cm.surface``), so ``cm.results()`` carries them. The IoU / Dice path is unchanged.
+Every image's confusion counts are kept too (``per_image``: name, per-class ``tp`` / ``fp`` /
+``fn``), so reports can bootstrap over test images.
+
+**By volume** (``unit="volume"``, ACDC's default through ``eval.unit: auto``): records that are
+slices of one volume file are evaluated together. Each slice is read at its **original** size,
+resized to the training input size (``data.size`` / ``data.resize`` / ``data.long_side``, the same
+resampling training reads use), predicted, and its argmax resized back to the original in-plane
+size with nearest-neighbour zoom (``scipy.ndimage.zoom(order=0)``, as SSL4MIS's
+``test_single_volume``); the stacked ``D×H×W`` prediction is then scored in 3-D per volume
+(:mod:`semiseg.volume_metrics`: Dice, HD95, ASD per class, averaged over volumes). The confusion
+matrix (pooled IoU) is filled from the same full-size volumes. Under DDP ranks take whole volumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +49,12 @@ from torch import Tensor, nn
 
 from .config import DataConfig, EvalConfig
 from .data.base import Record
-from .data.io import image_to_tensor, normalization, read_record
+from .data.io import image_to_tensor, normalization, read_record, resize_pair, target_size
 from .errors import DataError
 from .metrics import ConfusionMatrix, SurfaceDistances
+from .volume_metrics import VolumeMetrics, confusion_counts
+
+EVAL_UNITS = ("image", "volume")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -156,6 +173,68 @@ def _check_masks(records: Sequence[Record]) -> None:
             raise DataError(f"{where}: evaluation needs a ground-truth mask but record {r.name!r} has none")
 
 
+def volume_groups(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """Records grouped into volumes: the slices (``index``) of one file, in slice order, named by the
+    file's stem, in the order volumes first appear. A record that is not a slice is a DataError."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        if r.index is None:
+            raise DataError(
+                f"{r.image}: eval.unit=volume needs slices of volume files, but record {r.name!r} is a "
+                "whole image (set eval.unit: image)"
+            )
+        groups.setdefault(r.image, []).append(r)
+    return [(Path(path).stem, sorted(group, key=lambda r: r.index)) for path, group in groups.items()]
+
+
+def resolve_unit(eval_cfg: EvalConfig, dataset_unit: str) -> str:
+    """``eval.unit``, with ``auto`` meaning the dataset's own unit (ACDC: volume; others: image)."""
+    unit = dataset_unit if eval_cfg.unit == "auto" else eval_cfg.unit
+    if unit not in EVAL_UNITS:
+        raise ValueError(f"eval.unit: unknown unit {unit!r} (auto | image | volume)")
+    return unit
+
+
+def primary_metric(results: dict[str, Any]) -> tuple[str, float]:
+    """The number a run is selected and summarised by: mean foreground Dice per volume for volume
+    evaluation (what ACDC papers quote), mIoU otherwise."""
+    key = "mdice" if results.get("evaluation") == "volume" else "miou"
+    value = results.get(key)
+    return key, (math.nan if value is None else float(value))
+
+
+def _zoom_nearest(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour zoom of an ``h×w`` label map to ``size`` (``scipy.ndimage.zoom(order=0)``)."""
+    if pred.shape == size:
+        return pred
+    from scipy import ndimage
+
+    out = ndimage.zoom(pred, (size[0] / pred.shape[0], size[1] / pred.shape[1]), order=0)
+    if out.shape != size:  # float rounding of the zoomed shape: fall back to an exact-size resize
+        from PIL import Image
+
+        out = np.asarray(Image.fromarray(pred.astype(np.uint8)).resize(size[::-1], Image.NEAREST))
+    return out
+
+
+class _Predictor:
+    """Argmax prediction of one normalised image at the model's input, with AMP on CUDA."""
+
+    def __init__(
+        self, net: nn.Module, data_cfg: DataConfig, eval_cfg: EvalConfig, in_channels: int, device, amp
+    ):
+        self.net, self.data_cfg, self.eval_cfg, self.device = net, data_cfg, eval_cfg, device
+        self.in_channels = in_channels
+        self.amp = amp and device.type == "cuda"
+        self.pad_value = pad_value_for(data_cfg, in_channels)
+
+    def __call__(self, image: np.ndarray) -> Tensor:
+        x = image_to_tensor(image, self.data_cfg).unsqueeze(0).to(self.device)
+        with torch.autocast(device_type=self.device.type, enabled=self.amp):
+            logits = predict_logits(self.net, x, self.eval_cfg, self.pad_value)
+        return logits.argmax(1)[0]
+
+
 def evaluate(
     model: nn.Module,
     records: Sequence[Record],
@@ -168,6 +247,7 @@ def evaluate(
     world_size: int = 1,
     amp: bool = False,
     surface_metrics: bool | None = None,
+    unit: str = "image",
 ) -> ConfusionMatrix:
     """Confusion matrix of ``model`` over ``records`` (every record must have a mask).
 
@@ -184,39 +264,98 @@ def evaluate(
     surface distances (HD95 / ASD / ASSD, :class:`~semiseg.metrics.SurfaceDistances`), attached as
     ``cm.surface`` and reduced over ranks like the matrix (every rank must pass the same value).
     Training-time validation can pass ``False`` to keep to the confusion matrix.
+
+    ``unit="volume"`` scores slices of a volume together in 3-D (module docstring); the per-volume
+    metrics are attached as ``cm.volumes`` and ``cm.results()`` reports them.
     """
+    if unit not in EVAL_UNITS:
+        raise ValueError(f"unit must be one of {EVAL_UNITS}, got {unit!r}")
     device = torch.device(device)
     _check_masks(records)
     net = unwrap_model(model)
     cm = ConfusionMatrix(num_classes, device)
     if surface_metrics is None:
         surface_metrics = eval_cfg.surface_metrics
-    surface = SurfaceDistances(num_classes) if surface_metrics else None
     was_training = net.training
     net.eval()
-    use_amp = amp and device.type == "cuda"
-    pad_value = pad_value_for(data_cfg, in_channels)
+    predict = _Predictor(net, data_cfg, eval_cfg, in_channels, device, amp)
     try:
         with torch.inference_mode():
-            for record in records[rank::world_size]:
-                image, mask = read_record(record, data_cfg, num_classes, in_channels)
-                assert mask is not None
-                x = image_to_tensor(image, data_cfg).unsqueeze(0).to(device)
-                with torch.autocast(device_type=device.type, enabled=use_amp):
-                    logits = predict_logits(net, x, eval_cfg, pad_value)
-                target = torch.from_numpy(np.asarray(mask, dtype=np.int64)).to(device)
-                pred = logits.argmax(1)[0]
-                cm.update(pred, target)
-                if surface is not None:
-                    surface.update(pred, target)
+            if unit == "volume":
+                cm.volumes = _evaluate_volumes(predict, records, cm, surface_metrics, rank, world_size)
+            else:
+                cm.surface, cm.per_image = _evaluate_images(
+                    predict, records, cm, surface_metrics, rank, world_size
+                )
     finally:
         net.train(was_training)
     if world_size > 1:
         cm.all_reduce()
-        if surface is not None:
-            surface.all_reduce()
-    cm.surface = surface
+        if cm.surface is not None:
+            cm.surface.all_reduce()
+        if cm.volumes is not None:
+            cm.volumes.all_gather()
+        else:
+            cm.per_image = _gather_sorted(cm.per_image)
     return cm
+
+
+def _evaluate_images(
+    predict: _Predictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
+):
+    """Whole-image evaluation of this rank's records: fills ``cm``; returns the surface distances
+    (or ``None``) and the per-image confusion counts."""
+    num_classes = cm.num_classes
+    surface = SurfaceDistances(num_classes) if surface_metrics else None
+    per_image = []
+    for record in records[rank::world_size]:
+        image, mask = read_record(record, predict.data_cfg, num_classes, predict.in_channels)
+        assert mask is not None
+        target = torch.from_numpy(np.asarray(mask, dtype=np.int64)).to(predict.device)
+        pred = predict(image)
+        cm.update(pred, target)
+        if surface is not None:
+            surface.update(pred, target)
+        counts = confusion_counts(pred.cpu().numpy(), np.asarray(mask), num_classes)
+        per_image.append({"name": record.name, **counts})
+    per_image.sort(key=lambda entry: entry["name"])
+    return surface, per_image
+
+
+def _evaluate_volumes(
+    predict: _Predictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
+) -> VolumeMetrics:
+    """Volume evaluation of this rank's volumes (see the module docstring); fills ``cm``."""
+    num_classes = cm.num_classes
+    original = dataclasses.replace(predict.data_cfg, resize=1.0, long_side=None, size=None)
+    volumes = VolumeMetrics(num_classes, distances=surface_metrics)
+    for name, slices in volume_groups(records)[rank::world_size]:
+        preds, labels = [], []
+        for record in slices:
+            image, mask = read_record(record, original, num_classes, predict.in_channels)
+            assert mask is not None
+            size = target_size(image.shape[0], image.shape[1], predict.data_cfg)
+            model_input, _ = resize_pair(image, None, size)
+            pred = predict(model_input).cpu().numpy().astype(np.uint8)
+            preds.append(_zoom_nearest(pred, mask.shape))
+            labels.append(np.asarray(mask))
+        pred_volume, label_volume = np.stack(preds), np.stack(labels)
+        as_tensor = lambda a: torch.from_numpy(a.astype(np.int64)).to(cm.mat.device)
+        cm.update(as_tensor(pred_volume), as_tensor(label_volume))
+        volumes.update(name, pred_volume, label_volume)
+    volumes.cases.sort(key=lambda case: case["name"])
+    return volumes
+
+
+def _gather_sorted(entries: list[dict]) -> list[dict]:
+    """Every rank's per-image entries (an all-gather), ordered by name."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[list[dict]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, entries)
+        entries = [entry for part in gathered for entry in part]
+    return sorted(entries, key=lambda entry: entry["name"])
 
 
 def evaluate_to_results(
@@ -231,6 +370,7 @@ def evaluate_to_results(
     world_size: int = 1,
     amp: bool = False,
     surface_metrics: bool | None = None,
+    unit: str = "image",
 ) -> dict[str, Any]:
     """:func:`evaluate` followed by :meth:`ConfusionMatrix.results` (``num_classes = len(class_names)``)."""
     cm = evaluate(
@@ -245,5 +385,6 @@ def evaluate_to_results(
         world_size,
         amp,
         surface_metrics,
+        unit,
     )
     return cm.results(class_names)

@@ -40,7 +40,7 @@ from torch import nn
 from . import __version__
 from .config import DataConfig, EvalConfig, ModelConfig, build_dataclass
 from .data.io import normalization
-from .errors import SemisegError
+from .errors import OutputExistsError, SemisegError
 from .models.registry import build_model
 
 log = logging.getLogger("semiseg")
@@ -329,7 +329,7 @@ def export_model(
     if not overwrite:
         for name in names:
             if (out_dir / name).exists():
-                raise SemisegError(f"{out_dir / name}: exists (pass overwrite=True / --overwrite to replace)")
+                raise OutputExistsError(out_dir / name)
     checkpoint = resolve_run_checkpoint(str(source))
     cfg, model, ckpt = load_trained_model(checkpoint, ["model.pretrained=false", "model.weights=null"])
     spec = InferenceSpec.from_run(cfg, ckpt)

@@ -1,5 +1,5 @@
 """Shared losses. Unlabeled losses follow UniMatch: sum over confident, non-ignored pixels of the
-per-pixel cross-entropy, divided by the number of non-ignored pixels (DESIGN §3.1)."""
+per-pixel cross-entropy, divided by the number of non-ignored pixels (UniMatch's official loss)."""
 
 from __future__ import annotations
 

@@ -79,6 +79,10 @@ class ConfusionMatrix:
         # Per-image surface distances of the same images, when the evaluation computed them
         # (:func:`semiseg.evaluate.evaluate` with ``eval.surface_metrics``); merged into :meth:`results`.
         self.surface: SurfaceDistances | None = None
+        # Per-image confusion counts (``{"name", "tp", "fp", "fn"}``) of a whole-image evaluation,
+        # and the per-volume metrics of a volume evaluation (:class:`semiseg.volume_metrics.VolumeMetrics`).
+        self.per_image: list[dict[str, Any]] | None = None
+        self.volumes: Any = None
 
     # ---------------------------------------------------------------- accumulation
 
@@ -202,7 +206,10 @@ class ConfusionMatrix:
         """JSON-able summary, fractions in [0, 1] and NaN as ``None``: keys ``miou``, ``mdice``,
         ``accuracy``, ``iou`` and ``dice`` (``{class name: value}``) and ``confusion`` (nested lists,
         rows = ground truth); plus the keys of :meth:`SurfaceDistances.results` (``hd95``, ``asd``,
-        ``assd``, ``mhd95``, ``masd``, ``massd``, ``surface_counts``) when :attr:`surface` is set."""
+        ``assd``, ``mhd95``, ``masd``, ``massd``, ``surface_counts``) when :attr:`surface` is set;
+        ``per_image`` when the evaluation kept it; for a volume evaluation (:attr:`volumes`), the
+        per-volume means of :meth:`semiseg.volume_metrics.VolumeMetrics.results` replace ``dice`` /
+        ``mdice`` (foreground classes, per volume) and add the 3-D distances."""
         names = _names(class_names, self.num_classes)
         iou, dice = self.iou(), self.dice()
         out = {
@@ -215,6 +222,10 @@ class ConfusionMatrix:
         }
         if self.surface is not None:
             out.update(self.surface.results(names))
+        if self.volumes is not None:  # 3-D per-volume Dice / distances replace the pooled Dice
+            out.update(self.volumes.results(names))
+        elif self.per_image is not None:
+            out["per_image"] = self.per_image
         return out
 
     def __repr__(self) -> str:
@@ -457,7 +468,8 @@ def format_table(results: dict[str, Any], class_names: Sequence[str] | None = No
     The last rows give mIoU / mDice and pixel accuracy. When ``results`` holds surface distances
     (``hd95``), two more columns give HD95 and ASD in pixels (``–`` for the background, which is
     not scored, and ``n/a`` for a class no image was scored on), their foreground means on the
-    mIoU row.
+    mIoU row. A volume evaluation (``evaluation: volume``) labels its Dice mean as the foreground
+    mean per volume and its distances in voxels.
     """
     names = list(class_names) if class_names is not None else list(results["iou"])
     surface = "hd95" in results
@@ -480,12 +492,14 @@ def format_table(results: dict[str, Any], class_names: Sequence[str] | None = No
         return "n/a" if missing(v) else f"{v:.2f}"
 
     rows = [[n, pct(results["iou"].get(n)), pct(results["dice"].get(n))] for n in names]
-    rows_tail = [["mIoU / mDice", pct(results.get("miou")), pct(results.get("mdice"))]]
+    volume = results.get("evaluation") == "volume"  # Dice and distances per volume in 3-D, foreground mean
+    mean_label = "mIoU / fg mean Dice" if volume else "mIoU / mDice"
+    rows_tail = [[mean_label, pct(results.get("miou")), pct(results.get("mdice"))]]
     if "accuracy" in results:
         rows_tail.append(["pixel accuracy", pct(results["accuracy"]), ""])
     header = ["class", "IoU", "Dice"]
     if surface:
-        header += ["HD95 px", "ASD px"]
+        header += ["HD95 vox", "ASD vox"] if volume else ["HD95 px", "ASD px"]
         for row in rows:
             row += [px("hd95", row[0]), px("asd", row[0])]
         rows_tail[0] += [mean_px("mhd95"), mean_px("masd")]
@@ -500,4 +514,12 @@ def format_table(results: dict[str, Any], class_names: Sequence[str] | None = No
     sep = f"|{'-' * (width + 2)}|" + f"{'-' * (col + 1)}:|" * (len(header) - 1)
     out = [line(header), sep, *(line(r) for r in rows)]
     out += [line(r) for r in rows_tail]
+    empty = {
+        n: c["empty_prediction"] for n, c in results.get("volume_counts", {}).items() if c["empty_prediction"]
+    }
+    if empty and surface:
+        listed = ", ".join(f"{n} {k}" for n, k in empty.items())
+        out.append(
+            f"(volumes with an empty prediction, scored Dice 0 and HD95/ASD 0 as in SSL4MIS: {listed})"
+        )
     return "\n".join(out)

@@ -1,4 +1,4 @@
-"""Strong-view mixing as pure tensor functions (DESIGN §2 "Mixers", §3.1, §3.3).
+"""Strong-view mixing as pure tensor functions: CutMix (UniMatch), ClassMix and SupMix (SupMix paper §3.1).
 
 A mix pastes, under a binary mask ``M`` (N×H×W), a *source* onto a *target*. Both are
 :class:`MixSample` tuples ``(image, label, confidence, ignore[, weight])``, so the image, its
@@ -13,7 +13,7 @@ per-pixel loss weight (a plug-in's, e.g. MPMC's λ_s) all travel together::
 * :func:`classmix_mask` — half of the classes present in the partner's pseudo-label (ClassMix,
   Olsson et al. 2021; SupMix paper eq. 1–4);
 * :func:`supmix_mask` — ``k = max(1, ⌊n/2⌋)`` of the ``n`` ground-truth classes of a labeled image
-  that are not excluded (background) or ignored (SupMix paper eq. 8–9, DESIGN §3.3).
+  that are not excluded (background) or ignored (SupMix paper eq. 8–9).
 
 A *mixer* (:class:`Mixer`: :class:`CutMix`, :class:`ClassMix`, :class:`SupMix`, :class:`NoMix`) is
 registered by name under ``method.mix`` (:data:`semiseg.registry.MIXERS`, so a package can add its
@@ -57,7 +57,8 @@ class MixSample(NamedTuple):
     source: Tensor | None = None
 
     def flip(self) -> MixSample:
-        """The mix partner of every sample: the same batch in reverse order (``flip(0)``, DESIGN §2)."""
+        """The mix partner of every sample: the same batch in reverse order (``flip(0)``, as UniMatch-V2;
+        UniMatch's official code draws a second, independent unlabeled batch instead)."""
         return MixSample(*(t.flip(0) if t is not None else None for t in self))
 
     def select(self, index: Tensor) -> MixSample:
@@ -136,7 +137,7 @@ def classmix_count(n: int, rounding: Literal["ceil", "floor"] = "ceil") -> int:
 
 
 def supmix_count(n: int) -> int:
-    """SupMix's ``k = max(1, ⌊n/2⌋)`` of ``n`` candidate classes (eq. 8; DESIGN §3.3); 0 when n = 0."""
+    """SupMix's ``k = max(1, ⌊n/2⌋)`` of ``n`` candidate classes (SupMix paper eq. 8); 0 when n = 0."""
     return max(1, n // 2) if n > 0 else 0
 
 
@@ -207,7 +208,7 @@ class MixConfig:
     mix: MixName = registered_name(MIXERS, "cutmix")  # type: ignore[assignment]
     classmix_p: float = 0.5  # same rate as UniMatch's CutMix box (data.strong.cutmix_p)
     classmix_rounding: Literal["ceil", "floor"] = "ceil"  # ⌈n/2⌉ official ClassMix code; ⌊n/2⌋ SupMix eq. 3
-    supmix_p: float = 0.5  # DESIGN §3.3
+    supmix_p: float = 0.5  # probability per sample and strong view (the SupMix paper leaves it open)
     supmix_fallback: Literal["cutmix", "none"] = "cutmix"  # a sample SupMix does not paste into
     supmix_exclude: list[int] = field(default_factory=lambda: [0])  # never pasted (background)
     supmix_strategy: Strategy = "paper"  # class selection: uniform | ∝ 1/frequency | ∝ 1 − statistic
@@ -502,7 +503,8 @@ def _need(sample: MixSample | None, what: str) -> MixSample:
 
 def labeled_source(x_l: Tensor, y_l: Tensor, n_u: int, with_weight: bool) -> MixSample:
     """SupMix's source for unlabeled sample ``i``: labeled sample ``i mod n_l`` with its ground truth,
-    confidence 1 (eq. 11: ground truth, DESIGN §3.3) and weight 1; 255 pixels marked ignored."""
+    confidence 1 (SupMix paper eq. 11: pasted pixels are ground truth) and weight 1; 255 pixels
+    marked ignored."""
     index = torch.arange(n_u, device=x_l.device) % x_l.shape[0]
     y = y_l[index]
     ones = torch.ones(y.shape, device=x_l.device)

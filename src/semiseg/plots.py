@@ -1,14 +1,79 @@
-"""Training-curve figures from ``metrics.jsonl`` files (matplotlib, headless)."""
+"""Training-curve figures from ``metrics.jsonl`` files, and one image's prediction next to its ground
+truth (matplotlib, headless)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def prediction_figure(
+    image: np.ndarray,
+    truth: np.ndarray | None,
+    prediction: np.ndarray,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    out_png: str | Path,
+    title: str = "",
+    panel_inches: float = 3.2,
+) -> Path:
+    """One image as titled panels: the image, the ground truth (when ``truth`` is given) and the
+    prediction, both drawn the same way (class colours blended over the image, background untinted,
+    ignore = 255 shown white), with a legend of the classes. ``image`` is ``H×W×C`` float in [0, 1]."""
+    from .visualize import IGNORE_COLOR, IGNORE_INDEX, legend_patches, overlay
+
+    panels = [("image", _display_rgb(image))]
+    if truth is not None:
+        panels.append(("ground truth", _with_ignore(overlay(image, truth, palette), truth)))
+    panels.append(("prediction", overlay(image, prediction, palette)))
+    height, width = np.asarray(image).shape[:2]
+    panel_w, panel_h = (panel_inches * side / max(height, width) for side in (width, height))
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * panel_w + 0.3, panel_h + 0.9))
+    for ax, (name, rgb) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    names = list(class_names)[1:]  # background is left untinted in both panels
+    handles = legend_patches(names, list(palette)[1 : len(class_names)]) if names else []
+    if truth is not None and (np.asarray(truth) == IGNORE_INDEX).any():
+        handles += legend_patches(["ignore"], [IGNORE_COLOR])
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
+    return _save_as_is(fig, out_png, dpi=100)
+
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float32)
+    img = img[..., None] if img.ndim == 2 else img
+    return np.clip(np.repeat(img[..., :1], 3, axis=2) if img.shape[2] != 3 else img, 0.0, 1.0)
+
+
+def _with_ignore(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``rgb`` with the ignore (255) pixels of ``mask`` painted white."""
+    from .visualize import IGNORE_COLOR, IGNORE_INDEX
+
+    out = rgb.copy()
+    out[np.asarray(mask) == IGNORE_INDEX] = IGNORE_COLOR
+    return out
+
+
+def _save_as_is(fig, out_png: str | Path, dpi: int) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return out_png
 
 
 def read_metrics(path: str | Path) -> list[dict]:

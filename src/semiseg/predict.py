@@ -6,7 +6,12 @@ configured inference mode (:func:`~semiseg.evaluate.predict_logits`), and the pr
 back (nearest neighbour) to the **original** image size, so the written masks line up with the
 input files. For ``<stem>.<ext>`` two files are written to the output folder:
 
-* ``<stem>_mask.png`` — index PNG (mode L), pixel value = class index;
+* ``<stem>_mask.png`` — the predicted classes, in one of :data:`MASK_FORMATS` (``mask_format``):
+  ``index`` (the default): greyscale PNG whose pixel value is the class index (0, 1, ...: it looks
+  black in an image viewer, and it is what training reads as a mask); ``visible``: greyscale with the
+  classes spread over 0..255 (class ``c`` → ``c · ⌊255 / (K − 1)⌋``; for viewing only, not a training
+  mask); ``color``: palette PNG in the dataset's colours whose pixel values are still the class
+  indices (``numpy.asarray(Image.open(path))``);
 * ``<stem>_overlay.png`` — the class colours blended over the original image (background untinted).
 
 Existing files are never overwritten unless ``overwrite=True``; the check happens before anything
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -39,9 +45,29 @@ from .data.io import (
     pil_to_float,
     read_record,
 )
-from .errors import DataError
+from .errors import DataError, OutputExistsError, SemisegError
 from .evaluate import pad_value_for, predict_logits, unwrap_model
 from .visualize import overlay, save_png
+
+MaskFormat = Literal["index", "visible", "color"]
+MASK_FORMATS: tuple[str, ...] = ("index", "visible", "color")
+
+
+def mask_image(
+    pred: np.ndarray, num_classes: int, palette: Sequence[Sequence[int]], mask_format: str = "index"
+) -> Image.Image:
+    """A predicted ``H×W`` class mask as the PNG image ``mask_format`` names (module docstring)."""
+    arr = np.asarray(pred, dtype=np.uint8)
+    if mask_format == "index":
+        return Image.fromarray(arr, "L")
+    if mask_format == "visible":
+        return Image.fromarray((arr * (255 // max(1, num_classes - 1))).astype(np.uint8), "L")
+    if mask_format == "color":
+        img = Image.fromarray(arr, "P")
+        colours = [int(v) for colour in palette[:num_classes] for v in colour]
+        img.putpalette(colours + [0] * (768 - len(colours)))
+        return img
+    raise SemisegError(f"mask_format: expected one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
 
 
 def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path]:
@@ -63,7 +89,7 @@ def _plan(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path
         if not overwrite:
             for p in (mask_path, overlay_path):
                 if p.exists():
-                    raise DataError(f"{p}: output file exists (pass overwrite=True / --overwrite to replace)")
+                    raise OutputExistsError(p, "output file exists")
         plan.append((img, mask_path, overlay_path))
     return plan
 
@@ -89,6 +115,7 @@ def predict_folder(
     overwrite: bool = False,
     amp: bool = False,
     log: Callable[[str], None] | None = None,
+    mask_format: MaskFormat = "index",
 ) -> list[Path]:
     """Predict every image in ``input_dir`` and write masks and overlays to ``out_dir``.
 
@@ -99,9 +126,12 @@ def predict_folder(
     is false. All or nothing: outputs are written to temp files and renamed into place only once
     every image has been predicted, so a failure leaves ``out_dir`` as it was. Files of
     ``input_dir`` that are not images are skipped and named through ``log``. The model's
-    train/eval state is restored afterwards.
+    train/eval state is restored afterwards. ``mask_format``: ``index`` (class indices, the default),
+    ``visible`` or ``color`` (module docstring).
     """
     input_dir, out_dir = Path(input_dir), Path(out_dir)
+    if mask_format not in MASK_FORMATS:
+        raise SemisegError(f"mask_format: expected one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
     device = torch.device(device)
     images = list_images(input_dir)
     skipped = _non_images(input_dir, images)
@@ -144,8 +174,10 @@ def predict_folder(
                 oh, ow = original.shape[:2]
                 if pred.shape != (oh, ow):
                     pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
-                for array, final in ((pred, mask_path), (overlay(original, pred, palette), overlay_path)):
-                    save_png(array, stage(final.with_name(f".{final.name}.partial.png"), final))
+                mask_tmp = stage(mask_path.with_name(f".{mask_path.name}.partial.png"), mask_path)
+                mask_image(pred, num_classes, palette, mask_format).save(mask_tmp, "PNG")
+                overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)
+                save_png(overlay(original, pred, palette), overlay_tmp)
     finally:
         net.train(was_training)
     return [final for _, mask_path, overlay_path in plan for final in (mask_path, overlay_path)]

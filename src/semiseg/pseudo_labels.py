@@ -1,4 +1,4 @@
-"""Which unlabeled pixels teach, and with which class: pseudo-label policies (DESIGN §3.7).
+"""Which unlabeled pixels teach, and with which class: pseudo-label policies.
 
 A method turns its weak prediction into pseudo-labels through a :class:`PseudoLabeler`, configured
 under ``method.pseudo``. It has two hooks, in the spirit of USB's distribution-alignment and masking

@@ -15,8 +15,10 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from torch import nn
 from .checkpoint import (
     BEST,
     CHECKPOINT_FORMAT,
+    EMA_STATE,
     LATEST,
     atomic_save,
     atomic_write_text,
@@ -42,13 +45,15 @@ from .checkpoint import (
     stale_temp_files,
     start_leftovers,
 )
-from .config import RunConfig, build_config, config_hash, config_to_dict
+from .compiling import compile_networks, eager
+from .config import RunConfig, build_config, config_hash, config_to_dict, hashed_tree
 from .data.base import DataSplits, build_splits
 from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
-from .data.validate import check_crop_size, check_data
+from .data.validate import check_crop_size, check_data, check_eval_splits
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+from .ema import ModelEma, broadcast_buffers
 from .errors import ConfigError, SemisegError, TrainingError
-from .evaluate import evaluate
+from .evaluate import evaluate, primary_metric, resolve_unit
 from .inference import (
     eval_prefix,
     json_safe,
@@ -142,8 +147,70 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_run_dir(cfg: RunConfig, run_dir: str | None) -> Path:
-    return Path(run_dir or cfg.run_dir or Path("runs") / cfg.name)
+def fresh_run_dir(base: str | Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ...: the first that does not exist yet."""
+    base = Path(base)
+    if not base.exists():
+        return base
+    i = 2
+    while Path(f"{base}-{i}").exists():
+        i += 1
+    return Path(f"{base}-{i}")
+
+
+def resolve_run_dir(cfg: RunConfig, run_dir: str | None, resume: bool = False) -> Path:
+    """The run directory: ``run_dir``, else ``cfg.run_dir``, else a new ``runs/<name>`` (``-2``,
+    ``-3``, ... when taken), so a run started without one never collides with an earlier one. Resuming
+    needs the directory named (a TrainingError otherwise)."""
+    chosen = run_dir or cfg.run_dir
+    if chosen:
+        return Path(chosen)
+    if resume:
+        raise TrainingError(
+            "--resume: name the run directory to continue (semiseg train --resume runs/<run>; "
+            "semiseg.train(..., run_dir=..., resume=True))"
+        )
+    return fresh_run_dir(Path("runs") / cfg.name)
+
+
+def saved_run_config(run_dir: str | Path) -> dict | None:
+    """The config a run directory was started with, as a raw mapping: its ``config.yaml``, or the
+    config saved in its checkpoint when that file is unreadable; ``None`` when neither is there."""
+    run_dir = Path(run_dir)
+    try:
+        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if isinstance(tree, dict):
+            return tree
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        pass
+    for ckpt in (run_dir / LATEST, previous_path(run_dir / LATEST)):
+        if ckpt.is_file():
+            try:
+                tree = load_checkpoint(ckpt).get("config")
+            except SemisegError:
+                continue
+            if isinstance(tree, dict):
+                return tree
+    return None
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every leaf where two hashed config trees
+    (:func:`semiseg.config.hashed_tree`) differ; a key missing on one side shows as ``None``."""
+    out: list[tuple[str, Any, Any]] = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{dotted}.")
+        elif a != b:
+            out.append((dotted, a, b))
+    return out
+
+
+def _describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> str:
+    shown = ", ".join(f"{key} (run: {a!r}, now: {b!r})" for key, a, b in diffs[:limit])
+    return shown + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
@@ -182,14 +249,19 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
         ckpt = previous_path(ckpt)
     saved = run_dir / "config.yaml"
     if saved.is_file():
+        saved_cfg = None
         try:
-            saved_hash = config_hash(build_config(yaml.safe_load(saved.read_text())))
+            saved_cfg = build_config(yaml.safe_load(saved.read_text()))
+            saved_hash = config_hash(saved_cfg)
         except (yaml.YAMLError, SemisegError, OSError, ValueError, TypeError, AttributeError):
             saved_hash = load_checkpoint(ckpt).get("config_hash")  # unreadable config.yaml: the checkpoint's
         if saved_hash != config_hash(cfg):
+            diffs = config_differences(hashed_tree(saved_cfg), hashed_tree(cfg)) if saved_cfg else []
+            which = f" in {_describe_differences(diffs)}" if diffs else ""
             raise TrainingError(
-                f"{saved}: the config differs from the one this run was started with; "
-                "resume with the same config or start a new run directory"
+                f"{saved}: the config differs from the one this run was started with{which}; "
+                f"resume with the same config (semiseg train --resume {run_dir} uses the saved one) "
+                "or start a new run directory"
             )
     return ckpt
 
@@ -278,6 +350,36 @@ class TrainResult:
     seconds: float
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during training, with what it takes to continue: :meth:`advice` names the
+    exact ``semiseg train --resume`` command (or says that no checkpoint was reached yet)."""
+
+    def __init__(self, run_dir: Path, step: int, iters: int, checkpoint_step: int | None) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.run_dir, self.step, self.iters = Path(run_dir), step, iters
+        self.checkpoint_step = checkpoint_step
+
+    def advice(self) -> str:
+        if self.checkpoint_step is None:
+            return (
+                f"stopped at step {self.step} of {self.iters}, before the first checkpoint: nothing to "
+                f"resume; start the run again (--run-dir {shlex.quote(str(self.run_dir))} reuses its folder)"
+            )
+        return (
+            f"stopped at step {self.step} of {self.iters}; {self.run_dir / LATEST} holds step "
+            f"{self.checkpoint_step}. Continue with: semiseg train --resume {shlex.quote(str(self.run_dir))}"
+        )
+
+
+def effective_eval_every(cfg: RunConfig, num_val: int) -> int:
+    """Validation interval in steps (0: never). ``train.eval_every: 0`` (the default) means auto:
+    every ``ceil(iters / 10)`` steps when the run has a validation split, never without one; ``-1``:
+    never."""
+    if not num_val or cfg.train.eval_every < 0:
+        return 0
+    return cfg.train.eval_every or max(1, math.ceil(cfg.train.iters / 10))
+
+
 def load_init_weights(model: Segmenter, source: str | Path) -> None:
     """``train.init_from``: load the evaluated network of another run into ``model`` (strictly)."""
     ckpt_path = resolve_checkpoint(source)
@@ -299,14 +401,16 @@ class Trainer:
         self.dist, self.device = init_distributed(cfg.train.device)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.run_dir = resolve_run_dir(cfg, str(run_dir) if run_dir else None)
+        self.run_dir = resolve_run_dir(cfg, str(run_dir) if run_dir else None, resume)
         self.resume_from = prepare_run_dir(cfg, self.run_dir, resume)
         barrier()
         seed_everything(cfg.seed, cfg.deterministic)
 
         self.splits: DataSplits = build_splits(cfg.data, cfg.seed)
-        # Every file the run will read is checked now, before anything is created (issue 17).
+        check_eval_splits(self.splits, cfg)
+        # Every file the run will read is checked now, before anything is created.
         self.data_check = check_data(self.splits, cfg.data)
+        self.eval_every = effective_eval_every(cfg, len(self.splits.val))
         check_crop_size(cfg, self.splits.in_channels, self.splits.num_classes)
         model = build_model(cfg.model, self.splits.in_channels, self.splits.num_classes)
         if cfg.train.init_from and self.resume_from is None:
@@ -333,12 +437,17 @@ class Trainer:
             self.method.use_net(ddp)
             self._broadcast_extra_parameters()
         self.model: Segmenter = self.method.model
+        # Weight-averaged evaluation: an EMA of the segmenter, updated after every step; it reads
+        # the weights only, so the training trajectory is the same with or without it.
+        self.ema = ModelEma(self.model, cfg.eval.ema_decay, cfg.eval.ema_warmup) if cfg.eval.ema else None
+        self.compiled = self._compile() if cfg.train.compile else []
         self.optimizer = build_optimizer(self.model, cfg)
         self.extra_optimizers = self.method.extra_optimizers()
         self.amp = cfg.train.amp
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.step = 0
+        self.checkpoint_step: int | None = None  # step of the run's latest.pt, once there is one
         self.best_score = -math.inf
         self.elapsed_before = 0.0  # training seconds of earlier segments (resumed runs)
         self._segment_start = time.perf_counter()
@@ -361,6 +470,17 @@ class Trainer:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.dist.world_size
+
+    def _compile(self) -> list[Segmenter]:
+        """``train.compile``: compile the networks a training step calls (semiseg/compiling.py),
+        after a trial pass on a zero batch of the training crop; eager where compiling fails."""
+        networks = [self.method.model]
+        teacher = self.method.eval_model()
+        if isinstance(teacher, Segmenter):
+            networks.append(teacher)
+        d, channels = self.cfg.data, self.splits.in_channels
+        sample = torch.zeros(d.batch_size, channels, d.crop_size, d.crop_size, device=self.device)
+        return compile_networks(networks, sample, warn=self.dist.is_main)
 
     def _autocast(self):
         if not self.amp:
@@ -402,6 +522,7 @@ class Trainer:
             "step": self.step,
             "model": self.method.state_dict(),
             "eval_prefix": eval_prefix(self.method),
+            **({EMA_STATE: self.ema.state_dict()} if self.ema is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "extra_optimizers": {k: o.state_dict() for k, o in self.extra_optimizers.items()},
             "scaler": self.scaler.state_dict(),
@@ -423,10 +544,16 @@ class Trainer:
     def save(self, name: str = LATEST) -> None:
         if self.dist.is_main:
             atomic_save(self.checkpoint_state(), self.run_dir / name)
+        if name == LATEST:
+            self.checkpoint_step = self.step
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
         self.method.load_state_dict(ckpt["model"])
+        if self.ema is not None:
+            if EMA_STATE not in ckpt:
+                raise TrainingError(f"{path}: the checkpoint holds no weight average (eval.ema)")
+            self.ema.load_state_dict(ckpt[EMA_STATE])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for name, state in ckpt.get("extra_optimizers", {}).items():
             if name in self.extra_optimizers:
@@ -434,27 +561,70 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         self.step = int(ckpt["step"])
+        self.checkpoint_step = self.step
         self.best_score = float(ckpt.get("best_score", -math.inf))
         self.elapsed_before = float(ckpt.get("train_seconds", 0.0))
 
-    def evaluate_split(self, split: str, surface_metrics: bool | None = None) -> dict | None:
+    def evaluate_split(
+        self, split: str, surface_metrics: bool | None = None, model: nn.Module | None = None
+    ) -> dict | None:
+        """Metrics of ``model`` (default: the method's evaluated network) on ``split``, run eagerly
+        (a compiled network is compiled for training steps only)."""
         records = getattr(self.splits, split)
         if not records:
             return None
-        cm = evaluate(
-            self.method.eval_model(),
-            records,
-            self.cfg.data,
-            self.cfg.eval,
-            self.splits.num_classes,
-            self.splits.in_channels,
-            self.device,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            amp=self.amp,
-            surface_metrics=surface_metrics,
-        )
+        net = self.method.eval_model() if model is None else model
+        with eager(net):
+            cm = evaluate(
+                net,
+                records,
+                self.cfg.data,
+                self.cfg.eval,
+                self.splits.num_classes,
+                self.splits.in_channels,
+                self.device,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                amp=self.amp,
+                surface_metrics=surface_metrics,
+                unit=resolve_unit(self.cfg.eval, self.splits.eval_unit),
+            )
         return cm.results(self.splits.class_names)
+
+    def evaluate_average(self, split: str, surface_metrics: bool | None = None) -> dict | None:
+        """:meth:`evaluate_split` of the weight average (``eval.ema``; None without one), with
+        BatchNorm statistics recomputed for it over ``eval.ema_bn_batches`` training batches
+        (semiseg/ema.py). Under DDP every rank evaluates rank 0's statistics."""
+        if self.ema is None:
+            return None
+        model = self.ema.for_evaluation(self._bn_batches(self.cfg.eval.ema_bn_batches))
+        if self.dist.enabled:
+            broadcast_buffers(model)
+        return self.evaluate_split(split, surface_metrics, model=model)
+
+    def _bn_batches(self, n: int) -> Iterator[torch.Tensor] | None:
+        """``n`` training input batches for recomputing BatchNorm statistics (the weak views: the
+        labeled crops, and the unlabeled ones for methods that use them), from streams of their
+        own; the forwards' dropout draws from ``seed``, and the random states are restored after,
+        so training is unchanged and the result depends only on the weights, step and seed."""
+        if n == 0:
+            return None
+
+        def batches() -> Iterator[torch.Tensor]:
+            saved = rng_state()
+            torch.manual_seed(self.cfg.seed)
+            labeled, unlabeled = self._data_iterators()
+            try:
+                for _ in range(n):
+                    b = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(self.device)
+                    yield b.x_l if b.x_w is None else torch.cat((b.x_l, b.x_w))
+            finally:
+                labeled.close()
+                if unlabeled:
+                    unlabeled.close()
+                set_rng_state(saved)
+
+        return batches()
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -487,6 +657,8 @@ class Trainer:
             fn(info.step)
         self.scaler.update()
         self.method.after_step(info)
+        if self.ema is not None and info.step >= self.cfg.eval.ema_start:
+            self.ema.update(self.model)
         logged = {k: float(v.detach()) for k, v in losses.items()}
         logged["lr"] = lr
         return logged
@@ -557,15 +729,19 @@ class Trainer:
                     window_start, window_steps, window_sums = time.perf_counter(), 0, {}
                     window_counts = {}
                 logger.progress(self.step, logged, cfg.train.log_every)
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                if self.eval_every and self.step % self.eval_every == 0:
                     self._validate(logger)
                 if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.iters:
                     self.save(LATEST)
             seconds = self.train_seconds()
             self._check_ranks_agree()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every != 0:
+            if self.eval_every and self.step % self.eval_every != 0:
                 self._validate(logger)
             results = self._final_evaluation(logger, seconds)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise Interrupted(self.run_dir, self.step, cfg.train.iters, self.checkpoint_step) from None
         finally:
             logger.close()
             labeled.close()
@@ -589,13 +765,19 @@ class Trainer:
         if res is None:
             return
         per_class = {f"iou/{name}": value for name, value in res["iou"].items()}
+        average = self.evaluate_average("val", surface_metrics=False)
+        if average is not None:  # the weight average's, beside the final weights' (keys "ema/...")
+            per_class["ema/miou"], per_class["ema/mdice"] = average["miou"], average["mdice"]
+            per_class.update({f"ema/iou/{name}": value for name, value in average["iou"].items()})
         logger.log(self.step, {"miou": res["miou"], "mdice": res["mdice"], **per_class}, kind="val")
         classes = "  ".join(
             f"{name} {'–' if value is None else f'{100 * value:.2f}'}" for name, value in res["iou"].items()
         )
-        logger.message(f"[{self.step}] val mIoU {100 * res['miou']:.2f}  ({classes})")
-        if res["miou"] > self.best_score:
-            self.best_score = res["miou"]
+        key, score = primary_metric(res)
+        shown = f"mIoU {100 * res['miou']:.2f}" + (f", mean Dice {100 * score:.2f}" if key != "miou" else "")
+        logger.message(f"[{self.step}] val {shown}  ({classes})")
+        if score > self.best_score:
+            self.best_score = score
             self.save(BEST)
 
     def _final_evaluation(self, logger: RunLogger, seconds: float) -> dict[str, dict]:
@@ -606,13 +788,23 @@ class Trainer:
                 logger.message(f"no '{split}' split: skipped final evaluation on it")
                 continue
             results[split] = res
-            logger.message(f"\n{split} ({len(getattr(self.splits, split))} images, final weights):")
+            count = f"{len(getattr(self.splits, split))} images"
+            if res.get("evaluation") == "volume":
+                count = f"{res['volumes']} volumes, {count[:-6]}slices, scored per volume in 3-D"
+            logger.message(f"\n{split} ({count}, final weights):")
             logger.message(format_table(res, self.splits.class_names))
+            average = self.evaluate_average(split)
+            if average is not None:  # results[split]["ema"]: the same keys, for the weight average
+                res["ema"] = average
+                logger.message(f"\n{split} ({count}, weight average, decay {self.cfg.eval.ema_decay}):")
+                logger.message(format_table(average, self.splits.class_names))
         if self.dist.is_main:
             payload = {
                 "name": self.cfg.name,
                 "dataset": self.cfg.data.name,
-                "fraction": self.cfg.data.labeled,
+                # data.labeled; null when split files chose the labeled images (labeled_count says how many)
+                "fraction": None if self.cfg.data.split_dir else self.cfg.data.labeled,
+                "labeled_count": len(self.splits.labeled),
                 "method": method_label(self.cfg),
                 "seed": self.cfg.seed,
                 "protocol": self.cfg.protocol,
@@ -644,6 +836,7 @@ __all__ = [
     "BEST",
     "LATEST",
     "DistInfo",
+    "Interrupted",
     "TrainResult",
     "Trainer",
     "eval_prefix",

@@ -1,4 +1,4 @@
-"""ACDC cardiac MRI in the SSL4MIS layout (DESIGN §4).
+"""ACDC cardiac cine-MRI in the SSL4MIS layout: the semi-supervised medical benchmark.
 
 Layout under ``data.root`` (SSL4MIS ``data/ACDC``)::
 
@@ -8,17 +8,25 @@ Layout under ``data.root`` (SSL4MIS ``data/ACDC``)::
     data/<case>_frame<NN>.h5                 volumes for val/test: 'image' D×H×W, 'label' D×H×W
 
 Classes: background, RV, MYO, LV; 1 channel. The ``"h5"`` reader reads ``'image'`` (slice
-``record.index`` of the first axis for a volume, the whole array for a 2-D slice file) and
-min-max normalises each slice to [0, 1] (SSL4MIS slices are already normalised floats, with no
-fixed range); the mask comes from ``'label'`` of ``record.mask``.
+``record.index`` of the first axis for a volume, the whole array for a 2-D slice file). SSL4MIS
+stores images already scaled to [0, 1] per volume, and they are used **as stored**; a slice with
+values outside [0, 1] (data not preprocessed by SSL4MIS) is min-max scaled to [0, 1]. The mask
+comes from ``'label'`` of ``record.mask``. Slices have their original in-plane size (16 sizes, e.g.
+256×216): the published protocol resizes every slice to 256×256 (``data.size: [256, 256]``).
 
-Val/test volumes are expanded into per-slice records ``<case>_frame<NN>_slice_<k>`` (index k), so
-metrics are 2-D per slice, not SSL4MIS's per-volume 3-D Dice.
+**Evaluation by volume** (the dataset's ``eval_unit``): val/test volumes are expanded into slice
+records ``<case>_frame<NN>_slice_<k>`` (index k), and :func:`semiseg.evaluate.evaluate` puts them back
+together: each slice predicted at the training input size, resized back, Dice and HD95 per class
+on the whole 3-D volume, averaged over volumes (SSL4MIS ``test_2D_fully.py``).
 
-Labeled subset (SSL4MIS protocol, patient-wise): the labeled slices are *all* slices of the first
-K patients in sorted order, where K = ``data.labeled`` for an int (a number of **patients**, e.g.
-3 or 7 as in the papers) or ceil(fraction × patients) for a float. The choice is fixed (no seed).
-Any other selection, e.g. a random set of slices, is given through ``data.split_dir`` files.
+**Labeled set, the published protocol.** ``data.labeled: K`` (an int, a number of **cases**, i.e.
+patients) labels every slice of the **first K patients of ``train_slices.list`` in file order**,
+which is what SSL4MIS's ``patients_to_slices`` (3 → 68 lines, 7 → 136) and the official UniMatch and
+BCP scripts take: patients 099, 038, 050 for 3 cases, plus 100, 058, 021, 049 for 7. (The list is
+not in patient order; the first K patients in sorted order would be a different set.) A float
+fraction takes the first ``ceil(fraction × patients)`` patients the same way. The choice has no
+seed. Patient-wise random draws, for labeled-set variance, are written as split files by
+:func:`write_patient_split` (``semiseg data split --dataset acdc``) and used with ``data.split_dir``.
 """
 
 from __future__ import annotations
@@ -53,6 +61,11 @@ def patient_of(name: str) -> str:
         if sep in name:
             return name.split(sep)[0]
     return name
+
+
+def patients_in_order(records: list[Record]) -> list[str]:
+    """The patients of ``records`` in order of first appearance (``train_slices.list`` file order)."""
+    return list(dict.fromkeys(patient_of(r.name) for r in records))
 
 
 def patients_for(labeled: float | int, num_patients: int) -> int:
@@ -125,10 +138,12 @@ def _read_h5_array(path: str, key: str, index: int | None) -> np.ndarray:
 
 @register_reader("h5")
 def read_h5_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
-    """'image' (slice ``record.index`` or the 2-D array) min-max scaled to [0, 1] as H×W×1; 'label' mask."""
+    """'image' (slice ``record.index`` or the 2-D array) as H×W×1, as stored when it lies in [0, 1]
+    (SSL4MIS), else min-max scaled to [0, 1]; 'label' mask."""
     image = _read_h5_array(record.image, "image", record.index).astype(np.float32)
     lo, hi = float(image.min()), float(image.max())
-    image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    if lo < 0.0 or hi > 1.0:
+        image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
     mask = None
     if record.mask:
         label = _read_h5_array(record.mask, "label", record.index)
@@ -149,7 +164,7 @@ def build_acdc(cfg: DataConfig) -> DatasetSource:
     val_list = root / VAL_LIST
     val = _volume_records(root, _read_list(val_list)) if val_list.is_file() else []
     test = _volume_records(root, _read_list(root / TEST_LIST))
-    patients = sorted({patient_of(r.name) for r in pool})
+    patients = patients_in_order(pool)
 
     def first_patients(labeled: float | int) -> list[str]:
         chosen = set(patients[: patients_for(labeled, len(patients))])
@@ -163,4 +178,37 @@ def build_acdc(cfg: DataConfig) -> DatasetSource:
         in_channels=1,
         palette=list(PALETTE),
         fixed_labeled=first_patients,
+        eval_unit="volume",
     )
+
+
+def write_patient_split(
+    root: str | Path, cases: int, seed: int, out: str | Path, overwrite: bool = False
+) -> dict[str, int]:
+    """Draw ``cases`` training patients at random (``random.Random(seed)`` over the patients in
+    sorted order) and write ``labeled.txt`` (all their slices) and ``unlabeled.txt`` (every other
+    training slice) to ``out``, for ``data.split_dir``; val and test stay the dataset's volumes.
+
+    Refuses an ``out`` folder that already holds either file unless ``overwrite`` (nothing is then
+    written). Returns the number of slices written per file.
+    """
+    import random
+
+    from ..checkpoint import atomic_write_text
+
+    root, out = Path(root), Path(out)
+    names = _read_list(root / TRAIN_LIST)
+    patients = sorted(dict.fromkeys(patient_of(n) for n in names))
+    if not 1 <= cases <= len(patients):
+        raise DataError(f"--labeled {cases}: ACDC's training list has {len(patients)} patients")
+    for part in ("labeled.txt", "unlabeled.txt"):
+        if (out / part).exists() and not overwrite:
+            raise DataError(f"{out / part}: exists; choose another --out or --overwrite (nothing written)")
+    chosen = set(random.Random(seed).sample(patients, cases))
+    labeled = [n for n in names if patient_of(n) in chosen]
+    unlabeled = [n for n in names if patient_of(n) not in chosen]
+    out.mkdir(parents=True, exist_ok=True)
+    header = f"# ACDC patient-wise draw: {cases} case(s) {sorted(chosen)}, seed {seed}\n"
+    atomic_write_text(header + "\n".join(labeled) + "\n", out / "labeled.txt")
+    atomic_write_text("\n".join(unlabeled) + "\n", out / "unlabeled.txt")
+    return {"labeled": len(labeled), "unlabeled": len(unlabeled)}

@@ -63,6 +63,9 @@ class DatasetSource:
     # How a fraction becomes a count when make_splits draws the subset: "round" (default) or
     # "floor" (at least 1), whichever reproduces the dataset's papers (CHASE_DB1: 23/8 -> 2).
     labeled_rounding: Literal["round", "floor"] = "round"
+    # What one evaluation case is (``eval.unit: auto``): "image", or "volume" when val/test records
+    # are the slices of volume files that the field scores per volume in 3-D (ACDC).
+    eval_unit: Literal["image", "volume"] = "image"
 
 
 @dataclass
@@ -80,6 +83,7 @@ class DataSplits:
     # size and completeness, never read for training), and notes for the user (split overlaps).
     hidden: list[Record] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    eval_unit: Literal["image", "volume"] = "image"  # the dataset's own evaluation unit
 
     @property
     def num_classes(self) -> int:
@@ -256,6 +260,8 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
         val, test = source.val, source.test
         notes = []
     if not labeled:
+        if cfg.split_dir:
+            raise DataError(f"{split_dir / 'labeled.txt'}: lists no images: nothing to train on")
         raise DataError("labeled split is empty: nothing to train on (check data.labeled / data.split_dir)")
     for part, records in (("labeled", labeled), ("val", val), ("test", test)):
         missing_mask = [r for r in records if r.mask is None]
@@ -274,6 +280,7 @@ def make_splits(source: DatasetSource, cfg: DataConfig, seed: int) -> DataSplits
         palette=[tuple(c) for c in palette],
         hidden=hidden,
         warnings=notes,
+        eval_unit=source.eval_unit,
     )
 
 

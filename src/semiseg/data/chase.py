@@ -1,4 +1,4 @@
-"""CHASE_DB1 retinal vessels (DESIGN §4; facts from ``shared/data/README.md`` §1).
+"""CHASE_DB1 retinal vessels (source, terms and layout: docs/datasets.md).
 
 Layout under ``data.root`` (the original flat folder, file names unchanged)::
 
@@ -24,7 +24,7 @@ from .io import list_images
 CLASS_NAMES = ["background", "vessel"]
 PALETTE = [(0, 0, 0), (255, 255, 255)]
 NUM_IMAGES = 28
-NUM_TRAIN = 23  # first 23 in sorted order train, last 5 test (DESIGN §4)
+NUM_TRAIN = 23  # the papers' split: first 23 in sorted order train, last 5 test
 IMAGE_PATTERN = re.compile(r"Image_\d{2}[LR]")
 
 

@@ -1,4 +1,4 @@
-"""Cityscapes fine annotations, 19 training classes (DESIGN §4).
+"""Cityscapes fine annotations, 19 training classes (docs/datasets.md).
 
 Layout under ``data.root``::
 

@@ -1,4 +1,4 @@
-"""COVID-19 CT lung infection (MedSeg), in its two layouts (DESIGN §4; ``shared/data/README.md`` §2).
+"""COVID-19 CT lung infection (MedSeg), in its two layouts (source, terms: docs/datasets.md).
 
 ``covid_infnet`` — the Inf-Net "COVID-SemiSeg" multi-class derivative (what ``shared/data`` holds)::
 
@@ -17,7 +17,8 @@
   The papers' split is 70 / 10 / 20 slices (train / val / test). The papers do not publish which
   slices, so we take them **in slice-index order**: slices 0..69 train, 70..79 val, 80..99 test
   (for a volume of depth n: floor(0.7 n), floor(0.1 n), the rest). Fractions round to nearest as
-  in DESIGN §4 (1/8 -> 9, 1/4 -> 18). ``val_im.nii.gz`` (10 slices without masks) is not used.
+  in the papers' 1/8 and 1/4 settings (1/8 -> 9, 1/4 -> 18 of 70). ``val_im.nii.gz`` (10 slices
+  without masks) is not used.
 
   The ``"nifti"`` reader loads slice ``record.index`` along the last axis (the whole volume is read
   once and cached per process), clips to ``data.hu_window`` = [lo, hi] HU and scales to [0, 1].

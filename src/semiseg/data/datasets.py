@@ -66,7 +66,7 @@ class _RecordDataset(Dataset):
 
 
 class LabeledDataset(_RecordDataset):
-    """Labeled weak view (DESIGN §3.1): ``ds[(index, seed)] -> {"image": C×S×S, "label": S×S long}``.
+    """Labeled weak view (UniMatch's): ``ds[(index, seed)] -> {"image": C×S×S, "label": S×S long}``.
 
     Padding of the crop is labeled 255 (ignored by the loss). With ``with_strong`` the sample also
     carries ``"image_s"``, a strong view of the same crop (photometric only, so ``label`` still
@@ -97,7 +97,7 @@ class LabeledDataset(_RecordDataset):
 
 
 class UnlabeledDataset(_RecordDataset):
-    """Unlabeled views (DESIGN §3.1): the weak crop plus two independent strong views of it.
+    """Unlabeled views (UniMatch's): the weak crop plus two independent strong views of it.
 
     ``ds[(index, seed)] -> {"x_w", "x_s1", "x_s2"}`` (normalised C×S×S), ``"ignore"`` (S×S uint8, 255
     on padding, else 0) and ``"box1"``, ``"box2"`` (S×S uint8 {0, 1} CutMix boxes, one per strong
@@ -157,7 +157,7 @@ class EvalDataset(_RecordDataset):
 
 
 class InfiniteBatches:
-    """Endless iterator of collated batches of a training dataset (DESIGN §2 Trainer, exact resume).
+    """Endless iterator of collated batches of a training dataset, resumable exactly from any step.
 
     Epoch ``e`` concatenates ``k = ⌈batch_size·world_size / n⌉`` permutations of the ``n`` samples
     (``k = 1`` unless the dataset is smaller than one global batch), each ``randperm(n)`` seeded from

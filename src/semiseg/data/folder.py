@@ -1,4 +1,4 @@
-"""The custom folder format users start with (DESIGN §4).
+"""The custom folder format users start with (docs/own-data.md).
 
 Layout under ``data.root``::
 
@@ -32,7 +32,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, OutputExistsError
 from .base import DatasetSource, Record, labeled_count, register_dataset, require_root
 from .io import list_images, read_mask_file, require_utf8_name
 
@@ -225,8 +225,10 @@ def write_split(
     the remaining masked images (their masks are hidden in training) plus everything in
     ``unlabeled/``. Files go to ``out_dir`` (default ``<root>/splits``; a relative ``out_dir`` is taken
     from ``root``) and list record names (paths relative to ``root``), one per line; point
-    ``data.split_dir`` at that folder to use them. Existing split files are not overwritten unless
-    ``overwrite=True``. Returns the four name lists.
+    ``data.split_dir`` at that folder to use them. ``val.txt`` / ``test.txt`` are written only when
+    they list images (training refuses an empty ``test.txt`` it would be evaluated on); with
+    ``overwrite=True`` an earlier one is then removed. Existing split files are not overwritten
+    unless ``overwrite=True``. Returns the four name lists.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -239,9 +241,7 @@ def write_split(
     if not overwrite:
         for path in files.values():
             if path.exists():
-                raise DataError(
-                    f"{path}: split file exists (pass overwrite=True / --overwrite to replace it)"
-                )
+                raise OutputExistsError(path, "split file exists")
 
     names = sorted(r.name for r in masked)
     n_val = _count(len(names), val, "val")
@@ -262,8 +262,55 @@ def write_split(
     splits = {"labeled": labeled_names, "unlabeled": unlabeled_names, "val": val_names, "test": test_names}
     out.mkdir(parents=True, exist_ok=True)
     for part, path in files.items():
+        if part in ("val", "test") and not splits[part]:
+            path.unlink(missing_ok=True)  # there only with overwrite=True: no stale held-out list
+            continue
         path.write_text("".join(f"{name}\n" for name in splits[part]))
     return splits
+
+
+def write_example(
+    root: str | Path,
+    images: int = 40,
+    unlabeled: int = 8,
+    num_classes: int = 3,
+    size: int = 96,
+    seed: int = 0,
+) -> dict[str, int]:
+    """Write a small dataset in the folder format to ``root`` (a new or empty folder): ``images``
+    masked RGB images of the built-in synthetic generator (vessels, lesions) in ``images/`` +
+    ``masks/``, ``unlabeled`` more in ``unlabeled/`` and ``classes.yaml`` (names and palette), to try
+    the format and the commands before using your own data. All files appear at once or none.
+    Returns the counts written."""
+    from .synthetic import CLASS_NAMES, PALETTE, generate_sample
+
+    root = Path(root).expanduser()
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root}: exists and is not an empty folder; choose a new folder")
+    if images < 1 or unlabeled < 0:
+        raise DataError(f"{root}: need at least 1 masked image and >= 0 unlabeled ones")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        for folder in (IMAGES_DIR, MASKS_DIR, UNLABELED_DIR):
+            (tmp / folder).mkdir()
+        for i in range(images + unlabeled):
+            image, mask = generate_sample(seed * 1_000_000 + i, size, num_classes, 3)
+            rgb = Image.fromarray((image * 255 + 0.5).astype(np.uint8), "RGB")
+            if i < images:
+                rgb.save(tmp / IMAGES_DIR / f"case{i:03d}.png")
+                Image.fromarray(mask, "L").save(tmp / MASKS_DIR / f"case{i:03d}.png")
+            else:
+                rgb.save(tmp / UNLABELED_DIR / f"extra{i - images:03d}.png")
+        classes = {"names": CLASS_NAMES[:num_classes], "palette": [list(c) for c in PALETTE[:num_classes]]}
+        (tmp / CLASSES_FILE).write_text(yaml.safe_dump(classes, default_flow_style=None, sort_keys=False))
+        if root.exists():
+            root.rmdir()
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"images": images, "unlabeled": unlabeled, "classes": num_classes}
 
 
 def remap_masks(

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..registry import LABEL_MAPS, READERS
 from .base import IGNORE_INDEX, Record
 
@@ -177,6 +177,37 @@ def read_mask_file(path: str | Path) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def mask_value_table(cfg: DataConfig) -> np.ndarray | None:
+    """``data.mask_values`` as a 256-entry lookup table (``None`` when unset); a key or value that is
+    not a mask value in 0..255 is a one-line ConfigError naming ``data.mask_values``."""
+    if not cfg.mask_values:
+        return None
+    table = np.arange(256, dtype=np.uint8)
+    for key, value in cfg.mask_values.items():
+        try:
+            old = int(str(key).strip())
+        except ValueError:
+            old = -1
+        if not 0 <= old <= 255:
+            raise ConfigError(f"data.mask_values: key {key!r} is not a mask value (0..255)")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+            raise ConfigError(f"data.mask_values: {key} -> {value!r}: the class index must be in 0..255")
+        table[old] = value
+    return table
+
+
+def map_mask_values(mask: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """``mask`` with ``data.mask_values`` applied (unchanged when unset, or when it holds values
+    outside 0..255, which the mask checks then report)."""
+    table = mask_value_table(cfg)
+    if table is None:
+        return mask
+    arr = np.asarray(mask)
+    if arr.dtype.kind not in "uib" or (arr.size and (arr.min() < 0 or arr.max() > 255)):
+        return mask
+    return table[arr.astype(np.int64)]
+
+
 @register_reader("file")
 def read_file_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     img = open_image(record.image)
@@ -188,7 +219,9 @@ def read_file_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.nd
 
 
 def target_size(height: int, width: int, cfg: DataConfig) -> tuple[int, int]:
-    """Size after ``data.long_side`` / ``data.resize``."""
+    """Size after ``data.size`` (fixed ``[H, W]``) or ``data.long_side`` / ``data.resize``."""
+    if cfg.size:
+        return int(cfg.size[0]), int(cfg.size[1])
     if cfg.long_side:
         scale = cfg.long_side / max(height, width)
     else:
@@ -217,7 +250,9 @@ def read_record(
     record: Record, cfg: DataConfig, num_classes: int, in_channels: int | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Read, map, resize and validate one record. Results are cached per process (read-only arrays)."""
-    key = (record, cfg.resize, cfg.long_side, tuple(cfg.hu_window), num_classes, in_channels)
+    size = tuple(cfg.size) if cfg.size else None
+    mapped = tuple(sorted(cfg.mask_values.items())) if cfg.mask_values else None
+    key = (record, cfg.resize, cfg.long_side, size, tuple(cfg.hu_window), mapped, num_classes, in_channels)
     hit = _CACHE.get(key)
     if hit is None:
         hit = _read_uncached(record, cfg, num_classes, in_channels)
@@ -241,6 +276,7 @@ def _read_uncached(record: Record, cfg: DataConfig, num_classes: int, in_channel
     if not np.isfinite(image).all():
         raise DataError(f"{where}: image holds NaN or Inf values")
     if mask is not None:
+        mask = map_mask_values(mask, cfg)
         if record.label_map:
             mask = LABEL_MAPS[record.label_map](mask)
         if mask.shape[:2] != image.shape[:2]:

@@ -1,4 +1,4 @@
-"""The built-in procedural dataset (DESIGN §4 "Synthetic"): no download, deterministic from a seed.
+"""The built-in procedural dataset: no download, deterministic from a seed.
 
 Each image looks loosely like a fundus photograph: a smooth, unevenly lit reddish background with
 pixel noise and a bright, blurry optic-disc-like spot (background class, a distractor); thin

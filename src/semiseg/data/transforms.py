@@ -1,4 +1,4 @@
-"""Weak and strong views and CutMix boxes (DESIGN §3.1, UniMatch's ``dataset/transform.py``).
+"""Weak and strong views and CutMix boxes, as UniMatch's ``dataset/transform.py`` makes them.
 
 Every random draw comes from the ``torch.Generator`` passed in, so a view is a pure function of
 (image, config, seed): reproducible, exact on resume and identical for any number of loader

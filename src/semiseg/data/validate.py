@@ -16,10 +16,12 @@ anything would fail or silently go wrong later in training:
   channels, finite values, mask values.
 
 Images are *not* decoded where the header and the file end are enough, so a large dataset checks
-fast (README: "Bad input", measured on 1,000 generated images). Warnings (not errors) are returned
+fast (docs/reliability.md, measured on 1,000 generated images). Warnings (not errors) are returned
 for a class that never occurs in the labeled masks (with a hint for masks encoded 0/255 instead of
-0/1), labeled masks that are entirely ignore, and split-file overlaps. The procedural
-``synthetic`` reader generates its images and is not checked.
+0/1), labeled masks that are entirely ignore, and split-file overlaps. Two-class labeled masks that
+hold only 0 and 255 are an error: with 255 = ignore the foreground could never be learned (the
+message names ``semiseg data remap-masks`` and ``data.mask_values``). Masks are checked after
+``data.mask_values``. The procedural ``synthetic`` reader generates its images and is not checked.
 """
 
 from __future__ import annotations
@@ -27,15 +29,25 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, RunConfig
 from ..errors import ConfigError, DataError, SemisegError
 from ..models import build_model
 from .base import IGNORE_INDEX, DataSplits, Record
-from .io import LABEL_MAPS, MASK_MODES, READERS, inspect_image, read_mask_file, require_utf8_name
+from .io import (
+    LABEL_MAPS,
+    MASK_MODES,
+    READERS,
+    inspect_image,
+    map_mask_values,
+    mask_value_table,
+    read_mask_file,
+    require_utf8_name,
+)
 
 UNCHECKED_READERS = ("synthetic",)  # generated, nothing on disk to check
 
@@ -63,6 +75,7 @@ class _Outcome:
     files: int = 0
     decoded: int = 0
     counts: np.ndarray | None = None  # 256-bin histogram of a labeled mask
+    mask_name: str | None = None  # the labeled mask ``counts`` comes from
 
 
 def _mask_checks(mask: np.ndarray, mask_name: str, image_hw: tuple[int, int], where: str, num_classes: int):
@@ -86,7 +99,7 @@ def _mask_checks(mask: np.ndarray, mask_name: str, image_hw: tuple[int, int], wh
 
 
 def _check_file_record(
-    record: Record, read_mask: bool, labeled: bool, num_classes: int, in_channels: int
+    record: Record, read_mask: bool, labeled: bool, num_classes: int, in_channels: int, cfg: DataConfig
 ) -> _Outcome:
     out = _Outcome()
     try:
@@ -107,7 +120,7 @@ def _check_file_record(
     try:
         require_utf8_name(record.mask)
         if read_mask:
-            mask = read_mask_file(record.mask)
+            mask = map_mask_values(read_mask_file(record.mask), cfg)
             out.files += 1
             out.decoded += 1
             if record.label_map:
@@ -117,6 +130,7 @@ def _check_file_record(
                 out.errors.append(problem)
             elif labeled:
                 out.counts = np.bincount(mask.ravel(), minlength=256)
+                out.mask_name = str(record.mask)
         else:  # a hidden mask: completeness and size only
             minfo = inspect_image(record.mask)
             out.files += 1
@@ -162,11 +176,13 @@ def _check_reader_record(
     if not np.isfinite(image).all():
         out.errors.append(f"{where}: image holds NaN or Inf values")
     if mask is not None:
+        mask = map_mask_values(mask, cfg)
         if record.label_map:
             mask = LABEL_MAPS[record.label_map](mask)
+        mask_name = f"{record.mask}" + ("" if record.index is None else f"[{record.index}]")
         problem = _mask_checks(
             mask,
-            f"{record.mask}" + ("" if record.index is None else f"[{record.index}]"),
+            mask_name,
             image.shape[:2],
             where,
             num_classes,
@@ -175,6 +191,7 @@ def _check_reader_record(
             out.errors.append(problem)
         elif labeled:
             out.counts = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256)
+            out.mask_name = mask_name
     return out
 
 
@@ -210,10 +227,30 @@ def _class_warnings(counts: list[np.ndarray], class_names: list[str], root: str 
     return notes
 
 
+def _binary_255_error(outcomes: list[_Outcome], class_names: list[str], cfg: DataConfig) -> str | None:
+    """Two classes and labeled masks holding only 0 and 255: with 255 = ignore the foreground class
+    never occurs and could never be learned (binary masks are often saved 0/255). The error names
+    the first such mask and both ways out."""
+    labeled = [o for o in outcomes if o.counts is not None]
+    if len(class_names) != 2 or not labeled:
+        return None
+    values = {int(v) for v in np.flatnonzero(np.sum([o.counts for o in labeled], axis=0))}
+    if IGNORE_INDEX not in values or not values <= {0, IGNORE_INDEX}:
+        return None
+    first = next(o.mask_name for o in labeled if o.counts[IGNORE_INDEX])
+    root = cfg.root if cfg.name == "folder" and cfg.root else "ROOT"
+    return (
+        f"{first}: the {len(labeled)} labeled mask(s) hold only 0 and 255, and 255 means ignore, so class "
+        f"{class_names[1]!r} (1) could never be learned; if 255 marks the foreground, convert the masks: "
+        f"semiseg data remap-masks {root} --map 255=1 (or set data.mask_values to {{0: 0, 255: 1}})"
+    )
+
+
 def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
     """Check every file of ``splits`` (see the module docstring); raise one DataError for the first
     problem (and say how many more were found), else return the counts and the warnings."""
     start = time.perf_counter()
+    mask_value_table(cfg)  # a bad data.mask_values is a config error, before any file is read
     num_classes, in_channels = splits.num_classes, splits.in_channels
     tasks: list[tuple[Record, bool, bool]] = []  # (record, read its mask, labeled)
     seen: set[tuple] = set()
@@ -239,9 +276,11 @@ def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
     file_tasks = [t for t in tasks if t[0].reader == "file"]
     other_tasks = [t for t in tasks if t[0].reader != "file"]
     outcomes: list[_Outcome] = []
-    # One thread: fast enough (README) and PIL's damage warnings are caught per file, which the
-    # process-wide warnings machinery only allows single-threaded.
-    outcomes += [_check_file_record(r, read, lab, num_classes, in_channels) for r, read, lab in file_tasks]
+    # One thread: fast enough (benchmarks/data_check_speed.py) and PIL's damage warnings are caught
+    # per file, which the process-wide warnings machinery only allows single-threaded.
+    outcomes += [
+        _check_file_record(r, read, lab, num_classes, in_channels, cfg) for r, read, lab in file_tasks
+    ]
     for record, read_mask, labeled in other_tasks:  # readers with per-process caches: one at a time
         rec = record if read_mask else record.unlabeled()
         outcomes.append(_check_reader_record(rec, cfg, labeled, num_classes, in_channels))
@@ -250,6 +289,9 @@ def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
     if errors:
         more = f" (and {len(errors) - 1} more problem(s) in other files)" if len(errors) > 1 else ""
         raise DataError(errors[0] + more)
+    binary = _binary_255_error(outcomes, splits.class_names, cfg)
+    if binary:
+        raise DataError(binary)
     counts = [o.counts for o in outcomes if o.counts is not None]
     report = DataCheck(
         files=sum(o.files for o in outcomes),
@@ -261,6 +303,25 @@ def check_data(splits: DataSplits, cfg: DataConfig) -> DataCheck:
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_eval_splits(splits: DataSplits, cfg: RunConfig) -> None:
+    """A split the final evaluation uses (``eval.splits``) that the run's split files list as empty
+    is a DataError naming the file, before training (not a skipped evaluation after it)."""
+    d = cfg.data
+    if not d.split_dir:
+        return
+    split_dir = Path(d.split_dir)
+    if not split_dir.is_absolute() and d.root:
+        split_dir = Path(d.root) / split_dir
+    for part in cfg.eval.splits:
+        path = split_dir / f"{part}.txt"
+        if part in ("val", "test") and not getattr(splits, part) and path.is_file():
+            raise DataError(
+                f"{path}: lists no images, but eval.splits includes {part!r} (the final weights are "
+                f"evaluated on it): list images in it (semiseg data split ... --{part} N), delete the "
+                f"file, or set eval.splits without {part!r}"
+            )
 
 
 def check_crop_size(cfg, in_channels: int, num_classes: int) -> None:

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2012 (+ SBD augmented masks, as UniMatch uses it) (DESIGN §4).
+"""PASCAL VOC 2012 (+ SBD augmented masks, as UniMatch uses it).
 
 Layout under ``data.root`` (``VOCdevkit/VOC2012``, with the usual SBD additions)::
 

@@ -9,6 +9,8 @@ A grid file (YAML)::
     methods: {supervised: methods/supervised.yaml, unimatch: methods/unimatch.yaml}
     seeds: [0, 1, 2]
     overrides: [train.iters=800]            # applied to every cell (optional)
+    fraction_methods: {0.25: [supervised]}  # optional: only these methods at that fraction
+    compare: [supervised, unimatch]         # optional: Table 1's paired intervals against these
     output: runs/grids/cpu_small            # one run directory per cell below it (grids may share it)
     reports: benchmarks/results/table1      # tables, records.json, figures (default: <output>/<name>)
 
@@ -50,10 +52,14 @@ from .grid import (
 )
 from .locks import claim_cell, lock_holder, release_cell
 from .report import (
+    PER_IMAGE_RECORD_KEYS,
     SURFACE_RECORD_KEYS,
     collect_records,
+    headline_metric,
     mean_std,
     paired_delta,
+    paired_interval,
+    paired_table_lines,
     rows_csv,
     summarize,
     surface_table_lines,
@@ -66,6 +72,7 @@ __all__ = [
     "BUILTIN_CONFIGS",
     "FINISHED",
     "GRID_KEYS",
+    "PER_IMAGE_RECORD_KEYS",
     "SURFACE_RECORD_KEYS",
     "Cell",
     "Grid",
@@ -74,11 +81,14 @@ __all__ = [
     "collect_records",
     "eta_text",
     "fraction_label",
+    "headline_metric",
     "load_grid",
     "load_recorded",
     "lock_holder",
     "mean_std",
     "paired_delta",
+    "paired_interval",
+    "paired_table_lines",
     "record_key",
     "release_cell",
     "rows_csv",

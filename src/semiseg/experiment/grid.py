@@ -55,6 +55,8 @@ class Grid:
     cells: list[Cell] = field(default_factory=list)
     baseline: str | None = None  # ablation tables: improvements are relative to this method
     rare_classes: dict[str, list[str]] = field(default_factory=dict)  # dataset -> classes for Table 2
+    # Table 1's paired intervals: every row against each of these methods (default: the baseline)
+    compare: list[str] = field(default_factory=list)
 
 
 def fraction_label(fraction: float | int) -> str:
@@ -93,6 +95,8 @@ GRID_KEYS = {
     "init_from",
     "baseline",
     "rare_classes",
+    "fraction_methods",
+    "compare",
 }
 
 
@@ -120,6 +124,7 @@ def load_grid(
     overrides = [*raw.get("overrides", []), *(extra_overrides or [])]
     per_dataset = raw.get("dataset_overrides", {}) or {}
     chain = raw.get("init_from", {}) or {}
+    only = _fraction_methods(raw.get("fraction_methods") or {}, raw["fractions"], methods, path)
     if not isinstance(chain, dict) or any(
         str(v) not in methods or str(k) not in methods for k, v in chain.items()
     ):
@@ -133,12 +138,18 @@ def load_grid(
         Path(raw["reports"]) if raw.get("reports") else out / name,
         baseline=raw.get("baseline"),
         rare_classes=raw.get("rare_classes", {}) or {},
+        compare=[str(m) for m in raw.get("compare", []) or []],
     )
+    unknown_compare = [m for m in grid.compare if m not in methods]
+    if unknown_compare:
+        raise ConfigError(f"{path}: compare names unknown method {unknown_compare[0]!r}")
     protocol_tree = load_yaml_tree(protocol_file)
     for ds_name, ds_ref in datasets.items():
         ds_tree = load_yaml_tree(_resolve(ds_ref, grid_dir))
         for fraction in raw["fractions"]:
             for m_name, m_ref in methods.items():
+                if fraction in only and m_name not in only[fraction]:
+                    continue
                 m_tree = load_yaml_tree(_resolve(m_ref, grid_dir))
                 for seed in raw["seeds"]:
                     tree = _merge_all(protocol_tree, ds_tree, m_tree)
@@ -173,6 +184,21 @@ def load_grid(
                     f"{path}: init_from chains one level only ({cell.method} -> {cell.base.method})"
                 )
     return grid
+
+
+def _fraction_methods(raw, fractions: list, methods: dict[str, str], path: Path) -> dict:
+    """``fraction_methods``: fraction -> the grid methods run at it (other fractions run them all)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'fraction_methods' must map fractions to lists of grid methods")
+    only = {}
+    for fraction, names in raw.items():
+        if fraction not in fractions:
+            raise ConfigError(f"{path}: fraction_methods names fraction {fraction!r}, not in 'fractions'")
+        unknown = [n for n in names or [] if n not in methods]
+        if unknown:
+            raise ConfigError(f"{path}: fraction_methods[{fraction}] names unknown method {unknown[0]!r}")
+        only[fraction] = set(names or [])
+    return only
 
 
 def _merge_all(*trees: dict) -> dict:

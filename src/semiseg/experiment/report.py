@@ -11,13 +11,23 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..inference import json_safe
 from .grid import Cell, Grid, cell_state, fraction_label, load_recorded, record_key
+from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_bootstrap, t_interval, verdict
 
-SURFACE_RECORD_KEYS = ("hd95", "asd", "assd", "mhd95", "masd", "massd", "surface_counts")
+SURFACE_RECORD_KEYS = ("hd95", "asd", "assd", "mhd95", "masd", "massd", "surface_counts", "volume_counts")
+# Copied from a run's test results into its record when present: per-image counts (and per-volume
+# Dice / HD95) for the paired bootstrap, how the test set was evaluated, and the mean Dice.
+PER_IMAGE_RECORD_KEYS = ("mdice", "evaluation", "per_image")
 
 
 def collect_records(grid: Grid) -> list[dict]:
     """One record per finished cell with the keys of the benchmark files: read from the cell's
-    ``results.json``, or, for a recorded cell, its committed record unchanged."""
+    ``results.json``, or, for a recorded cell, its committed record unchanged.
+
+    Optional keys, present when the run has them: :data:`SURFACE_RECORD_KEYS`,
+    :data:`PER_IMAGE_RECORD_KEYS` (``per_image``: one ``{"name", "tp", "fp", "fn"}`` per test image,
+    class order that of ``iou``, plus ``dice`` and ``hd95`` per volume when ``evaluation`` is
+    ``"volume"``) and ``split_seed`` (the config's ``data.split_seed``, when it sets one: the runs
+    of one split seed share their labeled set)."""
     recorded = load_recorded(grid)
     records = []
     for cell in grid.cells:
@@ -31,6 +41,7 @@ def collect_records(grid: Grid) -> list[dict]:
         test = payload["results"].get("test")
         if test is None:
             continue
+        split_seed = cell.cfg.data.split_seed
         records.append(
             {
                 "dataset": cell.dataset,
@@ -43,6 +54,8 @@ def collect_records(grid: Grid) -> list[dict]:
                 "dice": test.get("dice"),
                 # HD95 / ASD / ASSD (pixels) of runs evaluated with surface metrics; absent in older runs
                 **{k: test[k] for k in SURFACE_RECORD_KEYS if k in test},
+                **{k: test[k] for k in PER_IMAGE_RECORD_KEYS if k in test},
+                **({"split_seed": split_seed} if split_seed is not None else {}),
                 "steps": payload["steps"],
                 "seconds": payload["seconds"],
                 "config_hash": payload["config_hash"],
@@ -102,14 +115,35 @@ def summarize(records: list[dict]) -> list[dict]:
             "fraction": fraction,
             "method": method,
             "seeds": sorted(r["seed"] for r in recs),
+            "metric": headline_metric(recs),
             "miou": mean_std([r["miou"] for r in recs]),
+            "mdice": mean_std([r.get("mdice") for r in recs]),
             "iou": {c: mean_std([r["iou"].get(c) for r in recs]) for c in classes},
+            "dice": {c: mean_std([(r.get("dice") or {}).get(c) for r in recs]) for c in classes},
             "seconds": mean_std([r["seconds"] for r in recs]),
-            "per_seed": {r["seed"]: {"miou": r["miou"], "iou": r["iou"]} for r in recs},
+            "per_seed": {
+                r["seed"]: {
+                    "miou": r["miou"],
+                    "iou": r["iou"],
+                    **{k: r[k] for k in PER_IMAGE_RECORD_KEYS if k in r},
+                }
+                for r in recs
+            },
             **_surface_summary(recs, classes),
         }
+        counted = [r["volume_counts"] for r in recs if r.get("volume_counts")]
+        if counted:  # volumes scored with SSL4MIS's Dice 0 / HD95 0 for an empty prediction
+            row["empty_predictions"] = {
+                c: sum(vc[c]["empty_prediction"] for vc in counted) for c in counted[0]
+            }
         rows.append(row)
     return rows
+
+
+def headline_metric(records: list[dict]) -> str:
+    """``mdice`` when every record was evaluated by volume and carries ``mdice``, else ``miou``."""
+    by_volume = all(r.get("evaluation") == "volume" and r.get("mdice") is not None for r in records)
+    return "mdice" if records and by_volume else "miou"
 
 
 def _seed_note(group: list[dict]) -> list[str]:
@@ -128,7 +162,9 @@ def _fmt_px(mean: float, std: float, n: int) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
-def surface_table_lines(group: list[dict], dataset: str, fraction: float | int) -> list[str]:
+def surface_table_lines(
+    group: list[dict], dataset: str, fraction: float | int, by_volume: bool = False
+) -> list[str]:
     """HD95 / ASD (pixels) per foreground class, mean ± std over the seeds that have them, for one
     table block; no lines when no run of the block has surface distances. A method whose runs
     predate them shows ``–``."""
@@ -137,9 +173,14 @@ def surface_table_lines(group: list[dict], dataset: str, fraction: float | int) 
         return []
     means = len(classes) > 1
     header = [f"{c} {m}" for c in classes for m in ("HD95", "ASD")] + (["mean HD95", "mean ASD"] * means)
+    unit = (
+        "in voxels of the original volumes (spacing 1), per test volume in 3-D"
+        if by_volume
+        else "in pixels at the evaluated resolution, per test image"
+    )
     out = [
-        f"**{dataset}, {fraction_label(fraction)} labeled** (HD95 / ASD in pixels at the evaluated "
-        "resolution, per test image then averaged; mean ± std over seeds; lower is better)",
+        f"**{dataset}, {fraction_label(fraction)} labeled** (HD95 / ASD {unit}, then averaged; "
+        "mean ± std over seeds; lower is better)",
         "",
         "| method | seeds | " + " | ".join(header) + " |",
         "|---|---|" + "---|" * len(header),
@@ -152,32 +193,61 @@ def surface_table_lines(group: list[dict], dataset: str, fraction: float | int) 
         seeds = ", ".join(map(str, row.get("surface_seeds", []))) or "–"
         out.append(f"| {row['method']} | {seeds} | " + " | ".join(cells) + " |")
     out.append("")
+    empties = [
+        f"{row['method']}: " + ", ".join(f"{c} {n}" for c, n in row["empty_predictions"].items() if n)
+        for row in group
+        if any(row.get("empty_predictions", {}).values())
+    ]
+    if empties:
+        out += [
+            "Test volumes with an empty prediction of a class, summed over seeds (scored Dice 0 and "
+            "HD95 = ASD = 0, the SSL4MIS convention, which flatters the distances): " + "; ".join(empties),
+            "",
+        ]
     return out
 
 
-def table1_markdown(rows: list[dict], caption: str) -> str:
-    """Paper Table 1 style: per-class IoU ± std and mIoU ± std, per dataset and fraction; then, when
-    runs have them, HD95 / ASD per foreground class (:func:`surface_table_lines`)."""
+def table1_markdown(
+    rows: list[dict],
+    caption: str,
+    references: list[str] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> str:
+    """Paper Table 1 style: per-class IoU ± std and mIoU ± std (and mDice ± std for datasets evaluated
+    by volume), per dataset and fraction; the paired differences of the headline metric (mDice by
+    volume, else mIoU) against each of ``references`` (default: the block's first method) with 95 %
+    intervals (:func:`paired_table_lines`); then, when runs have them, HD95 / ASD per foreground
+    class (:func:`surface_table_lines`)."""
     out = [caption, ""]
     keyed: dict[tuple, list[dict]] = {}
     for row in rows:
         keyed.setdefault((row["dataset"], row["fraction"]), []).append(row)
     for (dataset, fraction), group in keyed.items():
         classes = list(group[0]["iou"])
-        out.append(f"**{dataset}, {fraction_label(fraction)} labeled** (IoU %, mean ± std over seeds)")
+        metric = _block_metric(group)
+        dice = metric == "mdice"
+        if dice:  # by volume: per-class 3-D Dice of the foreground classes, as the field reports
+            classes = [c for c in classes if any(row["dice"][c][2] for row in group)]
+            title = "per-class Dice per volume %, mean ± std over seeds; mDice = foreground mean"
+        else:
+            title = "IoU %, mean ± std over seeds"
+        out.append(f"**{dataset}, {fraction_label(fraction)} labeled** ({title})")
         out.append("")
-        out.append("| method | seeds | " + " | ".join(classes) + " | mIoU |")
-        out.append("|---|---|" + "---|" * (len(classes) + 1))
+        out.append("| method | seeds | " + " | ".join(classes) + " | mIoU |" + " mDice |" * dice)
+        out.append("|---|---|" + "---|" * (len(classes) + 1 + dice))
         for row in group:
-            cells = [_fmt(*row["iou"][c]) for c in classes]
+            cells = [_fmt(*row["dice" if dice else "iou"][c]) for c in classes]
             out.append(
                 f"| {row['method']} | {', '.join(map(str, row['seeds']))} | "
                 + " | ".join(cells)
                 + f" | **{_fmt(*row['miou'])}** |"
+                + f" **{_fmt(*row['mdice'])}** |" * dice
             )
         out.append("")
         out.extend(_seed_note(group))
-        out.extend(surface_table_lines(group, dataset, fraction))
+        pairs = _comparison_pairs(group, references or [])
+        out.extend(paired_table_lines(pairs, [(metric, None)], resamples))
+        out.extend(surface_table_lines(group, dataset, fraction, by_volume=dice))
     return "\n".join(out)
 
 
@@ -197,10 +267,134 @@ def paired_delta(row: dict, base: dict, cls: str | None) -> tuple[float, list[in
     return statistics.mean(diffs.values()), list(diffs)
 
 
-def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]], caption: str) -> str:
-    """Paper Table 2 style: rare-class IoU and mIoU (means over seeds), with the improvement over
+METRIC_NAMES = {"miou": "mIoU", "mdice": "mDice"}
+NO_PER_IMAGE = "n/a (records without per-image results)"
+
+
+def _seed_value(row: dict, seed: int, metric: str, cls: str | None) -> float | None:
+    rec = row["per_seed"][seed]
+    return rec["iou"].get(cls) if metric == "iou" else rec.get(metric)
+
+
+def paired_interval(
+    row: dict,
+    base: dict,
+    metric: str = "miou",
+    cls: str | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict | None:
+    """``row − base`` paired by seed, for ``metric`` (``miou``, ``mdice``, or ``iou`` of class ``cls``):
+    the mean over the seeds both rows have a value for, its 95 % Student t-interval over those seeds
+    (``d̄ ± t_{0.975, n−1} s_d / √n``; None for one seed) and the 95 % paired bootstrap over test images
+    within seeds (:func:`~semiseg.experiment.stats.paired_bootstrap`; None, with ``bootstrap_note``
+    saying why, unless every seed of both rows has ``per_image``). None when no seed pairs up."""
+    diffs = {}
+    for s in sorted(set(row["per_seed"]) & set(base["per_seed"])):
+        a, b = _seed_value(row, s, metric, cls), _seed_value(base, s, metric, cls)
+        if a is not None and b is not None and not (math.isnan(a) or math.isnan(b)):
+            diffs[s] = a - b
+    if not diffs:
+        return None
+    t = t_interval(list(diffs.values()))
+    t_bounds = (t.low, t.high) if t.n > 1 else None
+    per_image = [(row["per_seed"][s].get("per_image"), base["per_seed"][s].get("per_image")) for s in diffs]
+    bootstrap, note = None, None
+    if not any(a or b for a, b in per_image):
+        note = NO_PER_IMAGE
+    elif not all(a and b for a, b in per_image):
+        note = "n/a (some seeds without per-image results)"
+    else:
+        classes = list(base["per_seed"][next(iter(diffs))]["iou"])
+        if metric == "iou" and cls not in classes:
+            note = f"n/a (no class {cls!r} in the records)"
+        else:
+            class_index = classes.index(cls) if metric == "iou" else None
+            bootstrap = paired_bootstrap(per_image, metric, class_index, resamples, seed)
+            note = None if bootstrap is not None else "n/a (the rows share no test image)"
+    return {
+        "seeds": list(diffs),
+        "mean": t.mean,
+        "t": t_bounds,
+        "bootstrap": bootstrap,
+        "bootstrap_note": note,
+        "verdict": verdict([t_bounds, bootstrap]),
+    }
+
+
+def _fmt_interval(bounds: tuple[float, float] | None) -> str:
+    return f"[{100 * bounds[0]:+.2f}, {100 * bounds[1]:+.2f}]" if bounds else ""
+
+
+def paired_table_lines(
+    pairs: list[tuple[dict, dict]],
+    metrics: list[tuple[str, str | None]],
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> list[str]:
+    """A Markdown table of :func:`paired_interval` for every ``(row, reference)`` pair and every
+    ``(metric, class)`` in ``metrics``; no lines when nothing pairs up."""
+    lines = []
+    for row, base in pairs:
+        for metric, cls in metrics:
+            result = paired_interval(row, base, metric, cls, resamples)
+            if result is None:
+                continue
+            name = f"IoU {cls}" if metric == "iou" else METRIC_NAMES.get(metric, metric)
+            n = len(result["seeds"])
+            t_text = _fmt_interval(result["t"]) or "n/a (1 seed)"
+            boot_text = _fmt_interval(result["bootstrap"]) or result["bootstrap_note"]
+            lines.append(
+                f"| {row['method']} − {base['method']} | {name} | {', '.join(map(str, result['seeds']))} | "
+                f"{100 * result['mean']:+.2f} | {t_text} (t, {n} seed{'s' if n > 1 else ''}) | {boot_text} | "
+                f"{result['verdict']} |"
+            )
+    if not lines:
+        return []
+    return [
+        "Paired differences, row − reference in points, mean over the seeds both rows have; 95 % "
+        "intervals: Student t over seeds, and a bootstrap over test images within seeds "
+        f"({resamples} draws). *n.s.*: an interval contains 0, so the difference is neither a gain "
+        "nor a loss.",
+        "",
+        "| row − reference | metric | seeds | Δ | 95 % t-interval | 95 % bootstrap | verdict |",
+        "|---|---|---|---:|---|---|---|",
+        *lines,
+        "",
+    ]
+
+
+def _comparison_pairs(group: list[dict], references: list[str]) -> list[tuple[dict, dict]]:
+    """Every other row against each reference present in ``group`` (the first row when none is),
+    without repeating a pair the other way round."""
+    by_method = {row["method"]: row for row in group}
+    refs = [m for m in references if m in by_method] or [group[0]["method"]]
+    pairs, seen = [], set()
+    for ref in refs:
+        for row in group:
+            key = frozenset((row["method"], ref))
+            if row["method"] == ref or key in seen:
+                continue
+            seen.add(key)
+            pairs.append((row, by_method[ref]))
+    return pairs
+
+
+def _block_metric(group: list[dict]) -> str:
+    return "mdice" if group and all(row.get("metric") == "mdice" for row in group) else "miou"
+
+
+def table2_markdown(
+    rows: list[dict],
+    baseline: str,
+    rare: dict[str, list[str]],
+    caption: str,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> str:
+    """Paper Table 2 style: rare-class IoU and mIoU (means over seeds), with the difference from
     ``baseline`` in parentheses, paired by seed (:func:`paired_delta`); when the pair's seeds are not
-    all of both rows' seeds, the seeds used are named in the cell."""
+    all of both rows' seeds, the seeds used are named in the cell. Below each block, the same
+    differences (and mDice for datasets evaluated by volume) with 95 % intervals
+    (:func:`paired_table_lines`)."""
     out = [caption, ""]
     keyed: dict[tuple, dict[str, dict]] = {}
     for row in rows:
@@ -230,7 +424,14 @@ def table2_markdown(rows: list[dict], baseline: str, rare: dict[str, list[str]],
                 cells.append(text)
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
-        out.extend(_seed_note(list(by_method.values())))
+        group = list(by_method.values())
+        out.extend(_seed_note(group))
+        if base is not None:
+            pairs = _comparison_pairs(group, [baseline])
+            metrics = [("iou", c) for c in classes] + [("miou", None)]
+            if _block_metric(group) == "mdice":
+                metrics.append(("mdice", None))
+            out.extend(paired_table_lines(pairs, metrics, resamples))
     return "\n".join(out)
 
 
@@ -255,9 +456,16 @@ def rows_csv(rows: list[dict]) -> str:
 
 
 def write_reports(
-    grid: Grid, records: list[dict], out_dir: Path | None = None, figures: bool = True
+    grid: Grid,
+    records: list[dict],
+    out_dir: Path | None = None,
+    figures: bool = True,
+    references: list[str] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> dict[str, Path]:
-    """records.json, table1.md (+ table2.md with a baseline), summary.csv, split files used."""
+    """records.json, table1.md (+ table2.md with a baseline), summary.csv, split files used. Table 1's
+    paired intervals are against ``references`` (default: the grid's ``compare`` methods, else its
+    baseline, else each block's first method); ``resamples``: draws of the paired bootstrap."""
     out_dir = out_dir or grid.reports
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
@@ -272,12 +480,14 @@ def write_reports(
         "csv": out_dir / "summary.csv",
     }
     atomic_write_text(json.dumps(json_safe(records), indent=1), paths["records"])
-    atomic_write_text(table1_markdown(rows, caption) + "\n", paths["table1"])
+    references = references or grid.compare or ([grid.baseline] if grid.baseline else None)
+    atomic_write_text(table1_markdown(rows, caption, references, resamples) + "\n", paths["table1"])
     atomic_write_text(rows_csv(rows), paths["csv"])
     if grid.baseline:
         paths["table2"] = out_dir / "table2.md"
         atomic_write_text(
-            table2_markdown(rows, grid.baseline, grid.rare_classes, caption) + "\n", paths["table2"]
+            table2_markdown(rows, grid.baseline, grid.rare_classes, caption, resamples) + "\n",
+            paths["table2"],
         )
     paths.update(_write_split_copies(grid, out_dir))
     if figures and records:

@@ -1,4 +1,4 @@
-"""FixMatch for segmentation (Sohn et al. 2020, as in UniMatch's ``fixmatch.py``; DESIGN §3.2).
+"""FixMatch for segmentation (Sohn et al. 2020), as UniMatch's repository implements it (``fixmatch.py``).
 
 One strong view per unlabeled image, mixed by the configured mixer (``mix: cutmix`` by default)::
 
@@ -7,7 +7,7 @@ One strong view per unlabeled image, mixed by the configured mixer (``mix: cutmi
     loss_s    = Σ CE(f(x̃_s), ỹ)·[c̃ ≥ τ]·[not ignored] / #not-ignored   (x̃_s, ỹ, c̃: mixed, see below)
     total     = scale·(loss_x + λ_u·loss_s),   scale = ½, λ_u = 1, τ = 0.95
 
-The mix partner of sample ``i`` is sample ``N−1−i`` (the batch flipped, DESIGN §2); its label and
+The mix partner of sample ``i`` is sample ``N−1−i`` (the batch flipped, as UniMatch-V2); its label and
 confidence inside the mixed region come from a prediction on its weak view made in ``eval`` mode
 without gradient (UniMatch's ``pred_u_w_mix``). The unlabeled-loss recipe (pseudo-label policy,
 warm-up, ramp-up, loss kind) is :mod:`semiseg.methods.semi`'s; the shared machinery lives in

@@ -18,7 +18,8 @@ them), ``rampup_iters`` (when > 0) replaces the ``rampup`` fraction, ``labeled_w
 ``loss_x`` and ``unlabeled_loss`` applies to the ``ce`` consistency.
 
 BatchNorm running statistics (float buffers) are averaged like the weights; integer buffers are
-copied. The network evaluated and saved as the run's result is the teacher (``eval_teacher``) or the
+copied: the update is :func:`semiseg.ema.ema_update`, the EMA shared with weight-averaged evaluation.
+The network evaluated and saved as the run's result is the teacher (``eval_teacher``) or the
 student.
 """
 
@@ -31,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ..ema import decay_at, ema_update
 from ..errors import ConfigError
 from ..losses import masked_softmax_mse
 from ..models.base import Segmenter
@@ -66,19 +68,6 @@ class MeanTeacherConfig(SemiSupervisedConfig):
         self.validate_semi(prefix)
 
 
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """``teacher ← m·teacher + (1 − m)·student`` for parameters and float buffers; other buffers
-    (BatchNorm's ``num_batches_tracked``) are copied."""
-    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
-        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-    for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
-        if t.is_floating_point():
-            t.mul_(momentum).add_(s, alpha=1.0 - momentum)
-        else:
-            t.copy_(s)
-
-
 @register_method("mean_teacher")
 class MeanTeacher(PluginHost, Method):
     """Mean Teacher with an EMA teacher, ramped consistency and plug-in hooks (module docstring)."""
@@ -95,8 +84,8 @@ class MeanTeacher(PluginHost, Method):
             p.requires_grad_(False)
 
     def momentum_at(self, step: int) -> float:
-        m = self.cfg.ema_momentum
-        return min(m, 1.0 - 1.0 / (step + 1)) if self.cfg.ema_warmup else m
+        """``m_t = min(m, 1 − 1/(t+1))`` while ``ema_warmup``, else ``m``."""
+        return decay_at(self.cfg.ema_momentum, step, self.cfg.ema_warmup)
 
     def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
         cfg = self.cfg

@@ -1,4 +1,4 @@
-"""What every semi-supervised method shares: the unlabeled-loss recipe (DESIGN §3.7).
+"""What every semi-supervised method shares: the unlabeled-loss recipe.
 
 :class:`SemiSupervisedConfig` holds the options that FixMatch, UniMatch and Mean Teacher read
 alike, and :class:`UnlabeledRecipe` turns them into a step's numbers:

@@ -1,4 +1,5 @@
-"""Supervised baseline: labeled loss only, same augmentations and schedule (DESIGN §3.2)."""
+"""Supervised baseline: labeled loss only, with the same augmentations and schedule as the
+semi-supervised methods, so that it is the bar they have to clear."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""UniMatch (Yang et al., CVPR 2023), following the official training step (DESIGN §3.1).
+"""UniMatch (Yang et al., CVPR 2023), following the official training step (``unimatch.py``).
 
 Per iteration, with ``n_l`` labeled and ``n_u`` unlabeled images::
 

@@ -1,5 +1,6 @@
 """Machinery FixMatch and UniMatch share: the weak-to-strong consistency config, the mix-source
-(partner) prediction and the assembly of each strong view's target (DESIGN §3.1–3.3).
+(partner) prediction and the assembly of each strong view's target (UniMatch's training step,
+with CutMix, ClassMix or SupMix as the mixer).
 
 Pseudo-labels come from the method's :class:`~semiseg.methods.semi.UnlabeledRecipe` (its policy:
 fixed τ by default, FreeMatch / FlexMatch masks, distribution alignment): a pixel teaches iff its

@@ -11,14 +11,14 @@ experiments (``more-scenarios/medical/model/unet.py``, Yang et al., CVPR 2023):
   (``align_corners=True``) — the official code's path: UniMatch's medical ``Decoder`` never passes
   ``bilinear``, whose default in ``UpBlock`` is ``True`` (``model.upsample: bilinear``, the default);
   ``model.upsample: transpose`` uses a ``2×2`` stride-2 transposed convolution instead (semiseg's
-  default before 2026-12-01; the committed paper-recipe tables ran with it). Skip connections by
+  default of semiseg's first version; the committed paper-recipe tables ran with it). Skip connections by
   concatenation, a ``3×3`` output convolution;
 * widths ``16-32-64-128-256`` by default: 1,813,764 parameters (one input channel, 4 classes) with
   the bilinear up-path, the official count.
 
 :meth:`UNet.encode` returns the output of every encoder level (shallow to deep) and
 :meth:`UNet.decode` reads all of them, so UniMatch's feature perturbation is Dropout2d on every
-encoder level, as in the official medical code (DESIGN §3.1, medical variant).
+encoder level, as in the official medical UniMatch (``more-scenarios/medical/unimatch.py``).
 
 Sizes that are not multiples of ``2**(levels-1)`` work: max-pooling floors, and every up-sampling
 produces exactly the size of its skip connection (the transposed convolution's ``output_size``),

@@ -1,5 +1,6 @@
 """Multi-scale Patch-based Multi-label Classifier (MPMC; Howlader et al., "Beyond Pixels", §3.3, eq. 2–7;
-DESIGN §3.5) — the paper's method, on any host (FixMatch, UniMatch, Mean Teacher) and any mixer.
+implemented as the paper describes it, not as the released code does) — on any host (FixMatch,
+UniMatch, Mean Teacher) and any mixer.
 
 A small head ``g`` on an early encoder feature ``z = f_τ(x)`` (``tap``) predicts, at every location
 ``r`` of that feature map, which classes occur in the image patch the location sees::

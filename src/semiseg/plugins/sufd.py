@@ -1,4 +1,4 @@
-"""Sup-Unsup Feature Discriminator (SUFD; SupMix paper §3.2, eq. 12; DESIGN §3.4).
+"""Sup-Unsup Feature Discriminator (SUFD; SupMix paper §3.2, eq. 12).
 
 A discriminator ``D`` learns to tell the model's output on labeled images (``1``) from its output on
 weakly augmented unlabeled images (``0``); the segmenter, acting as generator, learns to make its
@@ -20,7 +20,8 @@ its channel count is found with one probe forward at construction.
 
 ``input_scale`` (default 1, the paper): ``D`` looks at ``p`` area-down-sampled by this factor, both
 players alike; 0.5 makes ``D`` 4× cheaper (D dominates SUFD's cost at cpu-small). Not the paper's: an option,
-off by default (its accuracy is not yet checked on seeds; benchmarks/README "Faster cells").
+off by default. Checked on 3 seeds (grids/sufd_input_scale_cpu_small, CHASE_DB1 1/8): +0.50 mIoU
+against the full input, 95 % interval [−3.34, +4.34], no difference beyond seed noise.
 
 ``D`` (Hung et al., BMVC 2018): 4×4 stride-2 padding-1 convolutions ``in→64→128→256→512→1`` with
 LeakyReLU 0.2 between them, output map ``o``. Each such conv halves the size (``⌊s/2⌋``); to keep
@@ -45,7 +46,8 @@ from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
 
 @dataclass
 class SUFDConfig(PluginConfig):
-    """``plugins.sufd`` options (paper silent on all of them; defaults from DESIGN §3.4)."""
+    """``plugins.sufd`` options. The paper is silent on all of them; the defaults follow Hung et al.'s
+    adversarial segmentation (BMVC 2018): λ_adv 0.01, Adam 1e-4 with β = (0.9, 0.99), poly decay."""
 
     input: Literal["probs", "features"] = "probs"
     feature_index: int = -1  # input: features — which encoder feature (shallow to deep)
