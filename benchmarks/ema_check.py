@@ -33,7 +33,6 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from semiseg.config import _deep_merge, apply_overrides, build_config, load_yaml_tree
-from semiseg.data.datasets import make_batch
 from semiseg.ema import ModelEma
 from semiseg.trainer import Trainer
 
@@ -53,19 +52,6 @@ class AveragingTrainer(Trainer):
         return values
 
 
-def training_inputs(trainer: Trainer, n: int):
-    """``n`` training input batches (weak views: labeled, and unlabeled when the method uses them)."""
-    labeled, unlabeled = trainer._data_iterators()
-    try:
-        for _ in range(n):
-            batch = make_batch(next(labeled), next(unlabeled) if unlabeled else None).to(trainer.device)
-            yield batch.x_l if batch.x_w is None else torch.cat((batch.x_l, batch.x_w))
-    finally:
-        labeled.close()
-        if unlabeled:
-            unlabeled.close()
-
-
 def summary(res: dict) -> dict:
     return {"miou": res["miou"], "iou": res["iou"]}
 
@@ -80,7 +66,7 @@ def evaluate_all(trainer: AveragingTrainer, bn_batches: list[int]) -> dict[str, 
             for n in bn_batches:
                 model = copy.deepcopy(average.module)
                 torch.manual_seed(trainer.cfg.seed)
-                update_bn(training_inputs(trainer, n), model)
+                update_bn(trainer._bn_batches(n), model)  # the trainer's own batches for it
                 model.eval()
                 res = trainer.evaluate_split(split, surface_metrics=False, model=model)
                 rows.append(
