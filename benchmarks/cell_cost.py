@@ -193,7 +193,8 @@ def cell_command(spec: str, args, run_dir: Path) -> list[str]:
 
 def real_cells(args, scratch: Path) -> dict[str, list[dict]]:
     """Run ``--cell-repeats`` rounds of real cells, one fresh process per cell; per variant the
-    list of ``{"wall_s", "fit_s", "test": {miou, iou, ...}}``."""
+    list of ``{"wall_s", "fit_s", "setup_s", "test": {miou, iou, ...}}`` (``wall_s``: process start
+    to exit; ``fit_s``: the child's own ``Trainer(cfg).fit()`` time, set-up included)."""
     out: dict[str, list[dict]] = {v: [] for v in args.variants}
     for r in range(args.cell_repeats):
         order = args.variants if r % 2 == 0 else list(reversed(args.variants))
@@ -205,39 +206,47 @@ def real_cells(args, scratch: Path) -> dict[str, list[dict]]:
             env = dict(os.environ)
             if args.fresh_compile_cache:
                 env["TORCHINDUCTOR_CACHE_DIR"] = str(scratch / f"inductor_cache_{index}")
-            cmd = cell_command(spec, args, run_dir / "run")
             log = open(run_dir / "log.txt", "w")  # noqa: SIM115 - closed below
             start = time.perf_counter()
+            cmd = cell_command(spec, args, run_dir / "run")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-            jobs.append((spec, run_dir, proc, start, log))
+            job = {"spec": spec, "dir": run_dir, "proc": proc, "start": start, "log": log, "wall": None}
+            jobs.append(job)
             if not args.concurrent:
                 proc.wait()
-                jobs[-1] = (spec, run_dir, proc, start, log, time.perf_counter() - start)
+                job["wall"] = time.perf_counter() - start
+        while any(job["wall"] is None for job in jobs):  # concurrent: each cell's own end time
+            for job in jobs:
+                if job["wall"] is None and job["proc"].poll() is not None:
+                    job["wall"] = time.perf_counter() - job["start"]
+            time.sleep(0.2)
         for job in jobs:
-            spec, run_dir, proc, start, log = job[:5]
-            proc.wait()
-            wall = job[5] if len(job) > 5 else time.perf_counter() - start
-            log.close()
-            text = (run_dir / "log.txt").read_text()
-            if proc.returncode != 0:
-                raise SystemExit(f"cell {spec} failed (log {run_dir / 'log.txt'}):\n{text[-3000:]}")
+            job["log"].close()
+            text = (job["dir"] / "log.txt").read_text()
+            if job["proc"].returncode != 0:
+                raise SystemExit(f"cell {job['spec']} failed (log {job['dir'] / 'log.txt'}):\n{text[-3000:]}")
             payload = json.loads(text.strip().splitlines()[-1])
-            out[spec].append({"wall_s": wall, **payload})
-            print(f"cell {spec}: {wall:.1f} s, test mIoU {100 * payload['test']['miou']:.2f}", flush=True)
+            out[job["spec"]].append({"wall_s": job["wall"], **payload})
+            print(
+                f"cell {job['spec']}: {job['wall']:.1f} s, test mIoU {100 * payload['test']['miou']:.2f}",
+                flush=True,
+            )
     return out
 
 
 def cell_summary(cells: list[dict], first_row: dict, first_cells: list[dict]) -> dict:
-    """Medians of the variant's real cells, its ratio to the first variant's, test metrics."""
+    """Medians of the variant's real cells, its ratio to the first variant's (``fit_s``: the cell
+    itself, without the interpreter's start), test metrics."""
     wall = statistics.median(c["wall_s"] for c in cells)
-    first = statistics.median(c["wall_s"] for c in first_cells)
+    fit = statistics.median(c["fit_s"] for c in cells)
+    first = statistics.median(c["fit_s"] for c in first_cells)
     test = cells[0]["test"]
     return {
         "cell_iters": cells[0]["iters"],
         "cell_wall_s": wall,
-        "cell_fit_s": statistics.median(c["fit_s"] for c in cells),
+        "cell_fit_s": fit,
         "cell_setup_s": statistics.median(c["setup_s"] for c in cells),
-        "cell_first_over_this": first / wall,
+        "cell_first_over_this": first / fit,
         "cell_test_miou": test["miou"],
         "cell_test_iou": test["iou"],
         "cell_test_miou_all": [c["test"]["miou"] for c in cells],
@@ -293,12 +302,12 @@ def to_markdown(result: dict, header: str) -> str:
             "Real cells (`Trainer(cfg).fit()` in a fresh process each: set-up and compilation, data, steps, "
             "checkpoints, final test evaluation); medians over the repeats:",
             "",
-            "| variant | iterations | wall (s) | set-up (s) | first ÷ this | "
+            "| variant | iterations | process wall (s) | fit (s) | set-up (s) | first ÷ this (fit) | "
             + ("real × (floor + eval) | " if over_floor else "")
             + "test mIoU | "
             + " | ".join(f"{n} IoU" for n in names)
             + " |",
-            "|---|" + "---:|" * (5 + over_floor + len(names)),
+            "|---|" + "---:|" * (6 + over_floor + len(names)),
         ]
         for r in rows:
             extra = f"{r['cell_wall_over_floor_plus_eval']:.2f} | " if over_floor else ""
@@ -307,7 +316,8 @@ def to_markdown(result: dict, header: str) -> str:
                 f"{100 * v:.2f}" if v is not None else "n/a" for v in r["cell_test_iou"].values()
             )
             lines.append(
-                f"| `{r['variant']}` | {r['cell_iters']} | {r['cell_wall_s']:.1f} | {r['cell_setup_s']:.1f} "
+                f"| `{r['variant']}` | {r['cell_iters']} | {r['cell_wall_s']:.1f} | {r['cell_fit_s']:.1f} "
+                f"| {r['cell_setup_s']:.1f} "
                 f"| {r['cell_first_over_this']:.3f} | {extra}{mious} | {ious} |"
             )
     return "\n".join(lines) + "\n"

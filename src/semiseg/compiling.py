@@ -6,9 +6,14 @@ keys stay what they are, and every call of it in a training step (the gradient p
 eval-mode no-grad pseudo-label pass) runs a compiled graph, its backward through AOTAutograd's
 compiled backward. Not the whole step: the methods draw boxes and masks with NumPy and read
 tensors in Python, so a whole-step graph would break into many pieces. Not the evaluation:
-:func:`eager` switches a compiled network back for a block (evaluation images are large and of
-several sizes, evaluated once per run: compiling them costs more than it saves; benchmarks/README
+:func:`eager` switches a compiled network back for a block (compiling a CHASE_DB1 test pass took
+11 s with static and 32 s with dynamic shapes and made the pass no faster; benchmarks/README
 "Faster cells").
+
+On CPU at cpu-small it does not pay, so it is off by default: a UniMatch step is 1.05× faster with
+one thread (1.15× with two; the convolutions, half the step, stay the same oneDNN kernels), and a
+whole one-thread cell runs at 0.99× the eager speed with inductor's kernel cache warm and 0.77× with
+a cold one.
 
 Same numbers: ``torch._inductor.config.fallback_random`` makes dropout draw from the eager random
 stream in the eager order, and ``layout_optimization`` is off so that every buffer keeps eager's

@@ -28,15 +28,21 @@ alpha=1 − d)`` loop Mean Teacher's committed runs used (``lerp`` rounds differ
 and Mean Teacher's: what a teacher forwards with during training). For *evaluation* that is not
 right for a long average: the averaged statistics mix activations of weights from the whole
 horizon, not those of the averaged weights. Measured on validation images only
-(``benchmarks/ema_check.py``; supervised cpu-small, mIoU, averaged vs recomputed over 50 batches):
-COVID all-labels split, ``d = 0.999``: 51.00 vs 58.88 (0.998: 58.66 vs 59.77; 0.99: 59.93 vs
-60.13); CHASE_DB1 1/8 split, ``d = 0.999``: 58.27 vs 59.60. So the evaluated average gets
-**statistics recomputed for its own weights**, ``torch.optim.swa_utils.update_bn``'s way
-(:func:`recompute_batchnorm`: a cumulative mean over N training batches forwarded in train mode,
-N = ``eval.ema_bn_batches``; 50 and 200 batches agreed within 0.6 mIoU), on a copy
-(:meth:`ModelEma.for_evaluation`), so the average itself goes on unchanged. The trainer draws those
-batches from a separate stream and restores every random state after, so evaluating the average
-cannot touch the training trajectory. ``eval.ema_bn_batches: 0`` evaluates the averaged statistics.
+(``benchmarks/ema_check.py``, benchmarks/README "Weight-averaged evaluation"; supervised cpu-small,
+mIoU with averaged vs recomputed statistics): ``d = 0.999``: 54.21 vs 59.75 (COVID, all labels,
+mean of 3 seeds), 58.27 vs 59.60 (CHASE_DB1 1/8); ``d = 0.99``: 60.29 vs 60.46 and 61.74 vs 62.40.
+So the evaluated average gets **statistics recomputed for its own weights**,
+``torch.optim.swa_utils.update_bn``'s way (:func:`recompute_batchnorm`: a cumulative mean over N
+training batches forwarded in train mode, N = ``eval.ema_bn_batches``; 50 and 200 batches agreed
+within 0.6 mIoU), on a copy (:meth:`ModelEma.for_evaluation`), so the average itself goes on
+unchanged. The trainer draws those batches (weak views) from streams of their own, seeds their
+dropout and restores every random state after, so evaluating the average cannot touch the training
+trajectory. ``eval.ema_bn_batches: 0`` evaluates the averaged statistics.
+
+Why not ``swa_utils.AveragedModel`` for the average itself: its EMA function is a fixed-decay
+``_foreach_lerp_`` (no warm-up ramp, and not bit-identical to Mean Teacher's multiply-add), and
+with ``use_buffers=True`` it also blends integer buffers; ``update_bn`` is the part of
+``swa_utils`` used here.
 
 **DDP.** After DDP's gradient all-reduce every rank steps identical parameters, so every rank's
 averaged parameters are identical. BatchNorm buffers are per rank (each rank's running statistics,
