@@ -47,6 +47,7 @@ args_for() {  # METHOD_CONFIG then overrides, per run name
     unimatch_fixed) echo unimatch ;;
     unimatch_warmup_fixed) echo unimatch "${WARM[@]}" ;;
     unimatch_warmup_freematch_da) echo unimatch "${WARM[@]}" "${ADAPT[@]}" ;;
+    unimatch_warmup_freematch_da_ema) echo unimatch "${WARM[@]}" "${ADAPT[@]}" --set method.teacher=ema ;;
     unimatch_warmup_freematch) echo unimatch "${WARM[@]}" --set method.pseudo.mask=freematch ;;
     unimatch_warmup_da) echo unimatch "${WARM[@]}" --set method.pseudo.align=labeled_prior ;;
     unimatch_warmup_flexmatch_da) echo unimatch "${WARM[@]}" --set method.pseudo.mask=flexmatch --set method.pseudo.align=labeled_prior ;;

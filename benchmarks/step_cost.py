@@ -11,7 +11,10 @@ in a separate process per method: resident set size sampled every 2 ms on CPU,
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
     python benchmarks/step_cost.py --dataset chase_db1 --rounds 15
-        -> benchmarks/results/step_cost_<dataset>.json and .md
+        -> benchmarks/results/step_cost_<dataset>.json and .md   (``--tag t``: step_cost_<dataset>_t)
+
+BCP runs two stages; ``bcp@method.stage1_iters=0`` times its stage-2 step (every timed step is past
+the boundary) and ``bcp@method.stage1_iters=1.0`` its stage-1 step.
 """
 
 from __future__ import annotations
@@ -67,9 +70,13 @@ def method_config(
 
 def passes_for(spec: str) -> list[tuple[str, str]]:
     """(kind, batch part) of the network passes a method needs; kind: grad | nograd | grad_fp."""
-    method = split_variant(spec)[0]
+    method, overrides = split_variant(spec)
     if method == "supervised":
         return [("grad", "l")]
+    if method.startswith("bcp"):  # teacher on the weak views, the student on two mixed halves
+        if "method.stage1_iters=1.0" in overrides:
+            return [("grad", "l/2")]  # stage 1: one mixed half of the labeled batch
+        return [("nograd", "u"), ("grad", "l/2"), ("grad", "l/2")]
     if method.startswith("mean_teacher"):
         return [("nograd", "u"), ("grad", "l+u")]
     if method.startswith("fixmatch"):
@@ -81,6 +88,7 @@ def floor_step(trainer: Trainer, batch, passes) -> None:
     model = trainer.model
     parts = {
         "l": lambda: batch.x_l,
+        "l/2": lambda: batch.x_l[: batch.x_l.shape[0] // 2],
         "u": lambda: batch.x_w,
         "l+u": lambda: torch.cat((batch.x_l, batch.x_w)),
         "2u": lambda: torch.cat((batch.x_s1, batch.x_s2)),
@@ -238,6 +246,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="config override for every method")
     p.add_argument("--scratch", default="runs/step_cost")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="results file suffix: step_cost_<dataset>_<tag>")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -267,7 +276,8 @@ def main() -> None:
         f"batch {s['batch_l']}+{s['batch_u']}, {s['threads']} threads, {s['device']}); medians of "
         f"{args.rounds} interleaved rounds. Command: `{s['command']}`"
     )
-    write_results(Path(args.out), f"step_cost_{args.dataset}", result, to_markdown(result, header))
+    name = f"step_cost_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
+    write_results(Path(args.out), name, result, to_markdown(result, header))
 
 
 def write_results(out: Path, name: str, result: dict, markdown: str) -> None:

@@ -387,7 +387,7 @@ class Recorder(Segmenter):
 def test_training_step_losses_and_gradients() -> None:
     torch.manual_seed(0)
     method = method_for()
-    losses = method.training_step(make_batch(), StepInfo(5, 10))
+    losses = method.training_step(make_batch(), StepInfo(5, 10)).named()
     for key in ("loss_x", "loss_u", "loss_dec", "loss_cla", "lambda", "consistency_weight", "total"):
         assert key in losses and bool(torch.isfinite(losses[key])), key
     assert 0 < float(losses["lambda"].detach()) < 0.5
@@ -407,7 +407,7 @@ def test_passes_total_and_ramp_by_hand() -> None:
     torch.manual_seed(0)
     rec = Recorder()
     method = method_for({"rampup": 0.5, "unsup_weight": 2.0, "dec_weight": 0.5}, model=rec, iters=100)
-    losses = method.training_step(make_batch(n_l=2, n_u=3), StepInfo(10, 100))
+    losses = method.training_step(make_batch(n_l=2, n_u=3), StepInfo(10, 100)).named()
     assert rec.calls == [(True, 5), (False, 3), (True, 2)]
     omega = 2.0 * math.exp(-5 * (1 - 10 / 50) ** 2)
     assert float(losses["consistency_weight"].detach()) == pytest.approx(omega)
@@ -415,10 +415,10 @@ def test_passes_total_and_ramp_by_hand() -> None:
     want = losses["loss_x"] + 0.5 * losses["loss_dec"] + omega * losses["loss_u"]
     assert torch.allclose(losses["total"], want)
     rec.calls.clear()
-    method_for({"unsup_target": "none"}, model=rec).training_step(make_batch(), StepInfo(0, 10))
+    method_for({"unsup_target": "none"}, model=rec).training_step(make_batch(), StepInfo(0, 10)).named()
     assert rec.calls == [(True, 5), (True, 5)]  # mixed unlabeled + labeled pairs in one pass with grad
     rec.calls.clear()
-    method_for({"dec_weight": 0.0}, model=rec).training_step(make_batch(n_l=1), StepInfo(0, 10))
+    method_for({"dec_weight": 0.0}, model=rec).training_step(make_batch(n_l=1), StepInfo(0, 10)).named()
     assert rec.calls == [(True, 4), (False, 3)]
 
 
@@ -430,7 +430,7 @@ def recorded_step(method_cfg: dict) -> tuple[Recorder, Batch, dict[str, Tensor]]
     method = method_for(method_cfg, model=rec)
     batch = make_batch(n_l=3, n_u=2)
     torch.manual_seed(7)
-    losses = method.training_step(batch, StepInfo(9, 10))
+    losses = method.training_step(batch, StepInfo(9, 10)).named()
     torch.manual_seed(7)
     return rec, batch, losses
 

@@ -63,6 +63,7 @@ from semiseg.inference import load_trained_model
 from semiseg.methods import Method, build_method
 from semiseg.models import Segmenter, SegOutput, build_model
 from semiseg.registry import METHODS, MIXERS, MODELS, PLUGINS
+from semiseg.step import StepResult
 from semiseg.trainer import Trainer
 
 ITERS = 2
@@ -193,7 +194,7 @@ def check_rejection(combo: Combo, exc: ConfigError) -> str:
 
 @dataclasses.dataclass
 class StepRecord:
-    loss_keys: set[str] = dataclasses.field(default_factory=set)
+    stepped: set[str] = dataclasses.field(default_factory=set)  # optimizers the result names
     expected: dict[str, list[torch.Tensor | None]] = dataclasses.field(default_factory=dict)
     seen: dict[str, list[torch.Tensor | None]] = dataclasses.field(default_factory=dict)
     logged: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -233,22 +234,24 @@ def train_recorded(combo: Combo, root: Path) -> Trained:
     method = trainer.method
     optimizers = {SEGMENTER: trainer.optimizer, **trainer.extra_optimizers}
     params = {name: params_of(opt) for name, opt in optimizers.items()}
-    on_total = set(method.extra_optimizers_on_total())
+    on_total: set[str] = set()
     steps: list[StepRecord] = []
 
-    def trained_on(name: str, losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        if name != SEGMENTER and f"total/{name}" not in losses:
-            return None  # not stepped at this step
-        return losses["total"] if name == SEGMENTER or name in on_total else losses[f"total/{name}"]
+    def trained_on(name: str, result: StepResult) -> torch.Tensor | None:
+        """The loss whose gradient optimizer ``name`` should step on (None: not stepped)."""
+        if name == SEGMENTER or name in result.steps_with_loss:
+            return result.loss
+        return result.optimizer_losses.get(name)
 
     training_step = method.training_step
 
     def recording_training_step(batch, info):
-        losses = training_step(batch, info)
+        result = training_step(batch, info)
         record = steps[-1]
-        record.loss_keys = set(losses)
+        record.stepped = {SEGMENTER, *result.optimizer_losses, *result.steps_with_loss}
+        on_total.update(result.steps_with_loss)
         for name, group in params.items():
-            loss = trained_on(name, losses)
+            loss = trained_on(name, result)
             if loss is None:
                 continue
             if not loss.requires_grad:
@@ -256,7 +259,7 @@ def train_recorded(combo: Combo, root: Path) -> Trained:
                 continue
             found = torch.autograd.grad(loss, group, retain_graph=True, allow_unused=True)
             record.expected[name] = [None if g is None else g.detach().clone() for g in found]
-        return losses
+        return result
 
     def spy(name: str, opt: torch.optim.Optimizer) -> None:
         original = opt.step
@@ -359,8 +362,7 @@ def test_each_step_has_finite_losses_and_finite_gradients_of_what_each_optimizer
         where = f"{trained.combo}, step {step}"
         bad = {k: v for k, v in record.logged.items() if not math.isfinite(v)}
         assert not bad and "total" in record.logged, (where, bad)
-        extra = {name for name in trained.optimizers if name != SEGMENTER}
-        stepped = {SEGMENTER} | {name for name in extra if f"total/{name}" in record.loss_keys}
+        stepped = record.stepped
         assert set(record.seen) == stepped == set(record.expected), where
         for name in stepped:
             seen, expected = record.seen[name], record.expected[name]

@@ -131,7 +131,15 @@ def test_bottom_layers_import_nothing_above_them():
     graph = import_graph()
     assert graph["semiseg.types"] == set()  # torch and the standard library only
     assert graph["semiseg.registry"] == {"semiseg.errors"}
-    assert graph["semiseg.config"] == {"semiseg.errors", "semiseg.registry"}
+    assert graph["semiseg.config_hashing"] == set()
+    assert graph["semiseg.config_schema"] == {"semiseg.config_hashing", "semiseg.registry"}
+    assert graph["semiseg.config_load"] == {"semiseg.config_schema", "semiseg.errors", "semiseg.registry"}
+    # the facade that re-exports the three
+    assert graph["semiseg.config"] == {
+        "semiseg.config_hashing",
+        "semiseg.config_load",
+        "semiseg.config_schema",
+    }
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -174,6 +182,9 @@ def test_semiseg_list_imports_no_torch():
         "semiseg.types",
         "semiseg.registry",
         "semiseg.config",
+        "semiseg.config_hashing",
+        "semiseg.config_schema",
+        "semiseg.config_load",
         "semiseg.inference",
         "semiseg.experiment.locks",
         "semiseg.experiment.report",

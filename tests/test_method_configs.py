@@ -18,6 +18,7 @@ METHOD_CONFIGS = CONFIGS / "methods"
 #: What each committed method config declares: (method.name, method.mix, plug-ins, model.name);
 #: mix None: the method has no mixer. guidedmix/network_cpu_small is only the network (so supervised).
 DECLARED = {
+    "bcp": ("bcp", None, (), "unet"),
     "fixmatch": ("fixmatch", "cutmix", (), "unet"),
     "guidedmix": ("guidedmix", None, (), "guidedmix"),
     "guidedmix/cpu_small": ("guidedmix", None, (), "guidedmix"),

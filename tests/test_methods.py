@@ -124,7 +124,7 @@ def test_training_step_returns_finite_named_losses_and_backward_works(method_cfg
 def test_unimatch_total_is_the_weighted_sum_over_two():
     torch.manual_seed(0)
     method = tiny_method({"name": "unimatch", "threshold": 0.0})
-    losses = method.training_step(make_batch(), StepInfo(0, 10))
+    losses = method.training_step(make_batch(), StepInfo(0, 10)).named()
     expect = (
         losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]
     ) / 2
@@ -135,7 +135,7 @@ def test_unimatch_total_is_the_weighted_sum_over_two():
 def test_plugin_losses_are_added_after_the_division():
     torch.manual_seed(0)
     method = tiny_method({"name": "unimatch"}, {"sufd": {"lambda_adv": 0.5}})
-    losses = method.training_step(make_batch(), StepInfo(0, 10))
+    losses = method.training_step(make_batch(), StepInfo(0, 10)).named()
     base = (
         losses["loss_x"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"] + 0.5 * losses["loss_fp"]
     ) / 2
@@ -157,7 +157,7 @@ def test_unimatch_step_matches_the_official_recipe_by_hand():
     method = tiny_method({"name": "unimatch", "threshold": tau}, model=model)
     method.train()
     batch = make_batch()
-    losses = method.training_step(batch, StepInfo(0, 10))
+    losses = method.training_step(batch, StepInfo(0, 10)).named()
     n_l, n_u = batch.x_l.shape[0], batch.x_w.shape[0]
 
     # Passes: partner weak images in eval mode without grad; cat(x_l, x_w); cat(x_s1, x_s2).
@@ -196,7 +196,7 @@ def test_unimatch_feature_perturbation_only_on_unlabeled_half():
 
     method = tiny_method({"name": "unimatch"}, model=Spy())
     batch = make_batch(n_l=2, n_u=3)
-    losses = method.training_step(batch, StepInfo(0, 10))
+    losses = method.training_step(batch, StepInfo(0, 10)).named()
     assert seen == [3]
     losses["total"].backward()
 
@@ -207,7 +207,7 @@ def test_unimatch_skips_partner_pass_when_nothing_is_mixed():
     batch = make_batch()
     batch.box1.zero_()
     batch.box2.zero_()
-    method.training_step(batch, StepInfo(0, 10))
+    method.training_step(batch, StepInfo(0, 10)).named()
     assert [c[0] for c in model.calls] == [True, True]
 
 
@@ -215,7 +215,7 @@ def test_pseudo_labels_are_detached_and_unlabeled_losses_reach_the_model():
     torch.manual_seed(0)
     model = Pointwise()
     method = tiny_method({"name": "unimatch", "threshold": 0.0, "mix": "none"}, model=model)
-    losses = method.training_step(make_batch(), StepInfo(0, 10))
+    losses = method.training_step(make_batch(), StepInfo(0, 10)).named()
     (g,) = torch.autograd.grad(losses["loss_s1"], model.conv.weight)
     assert bool(g.abs().sum() > 0)
 
@@ -228,7 +228,7 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
         {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "threshold": 1.0}, model=model
     )
     batch = make_batch()
-    losses = method.training_step(batch, StepInfo(0, 10))
+    losses = method.training_step(batch, StepInfo(0, 10)).named()
     assert losses["loss_s1"].item() > 0 and losses["loss_s2"].item() > 0
     assert losses["loss_fp"].item() == 0.0  # the weak pseudo-labels never reach confidence 1
 
@@ -257,7 +257,7 @@ def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
 def test_supmix_source_strong_without_labeled_strong_view_fails_clearly():
     method = tiny_method({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": "strong"})
     with pytest.raises(AssertionError, match="x_ls"):
-        method.training_step(make_batch(), StepInfo(0, 10))
+        method.training_step(make_batch(), StepInfo(0, 10)).named()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,8 +315,8 @@ def test_mean_teacher_consistency_ramps_up():
     method = tiny_method(
         {"name": "mean_teacher", "consistency_weight": 2.0, "rampup": 0.5}, model=Pointwise()
     )
-    early = method.training_step(make_batch(), StepInfo(0, 100))
-    late = method.training_step(make_batch(), StepInfo(60, 100))
+    early = method.training_step(make_batch(), StepInfo(0, 100)).named()
+    late = method.training_step(make_batch(), StepInfo(60, 100)).named()
     assert early["consistency_weight"].item() == pytest.approx(2.0 * sigmoid_rampup(0, 50))
     assert late["consistency_weight"].item() == pytest.approx(2.0)
     assert torch.allclose(late["total"], late["loss_x"] + 2.0 * late["loss_u"])

@@ -331,7 +331,7 @@ def test_one_pass_trains_the_encoder_and_the_head():
     torch.manual_seed(0)
     method = method_with({"name": "unimatch"})
     mpmc = method.plugins["mpmc"]
-    assert method.extra_optimizers_on_total() == {"mpmc"}
+    assert set(method.extra_optimizers()) == {"mpmc"} and mpmc.optimizer_on_total
     ctx = joint_context(method, make_batch())
     stats_before = [b.clone() for b in mpmc.head.buffers()]
 
@@ -359,10 +359,11 @@ def test_trainer_steps_the_head_on_the_gradient_of_total(tmp_path, monkeypatch):
     training_step, step = trainer.method.training_step, opt.step
 
     def recording_training_step(batch, info):
-        losses = training_step(batch, info)
-        terms = losses["mpmc/loss_l"] + losses["mpmc/loss_u"]
+        result = training_step(batch, info)
+        assert result.steps_with_loss == {"mpmc"} and not result.optimizer_losses
+        terms = result.logs["mpmc/loss_l"] + result.logs["mpmc/loss_u"]
         expected.append([g.clone() for g in torch.autograd.grad(terms, head, retain_graph=True)])
-        return losses
+        return result
 
     def recording_step(*args, **kwargs):
         seen.append([p.grad.clone() for p in opt.param_groups[0]["params"]])
@@ -387,7 +388,7 @@ def test_hosts_pass_their_step_multipliers():
     }.items():
         method = method_with({"name": host, "warmup_iters": 2, "rampup_iters": 10})
         seen = spy_state(method.plugins["mpmc"])
-        method.training_step(batch, StepInfo(6, 100))
+        method.training_step(batch, StepInfo(6, 100)).named()
         w = math.exp(-5.0 * (1.0 - 4 / 10) ** 2)  # sigmoid ramp-up, 4 steps after the warm-up
         assert seen["ctx"].labeled_scale == pytest.approx(labeled), host
         assert seen["ctx"].unlabeled_scale == pytest.approx(unlabeled(w)), host
@@ -396,7 +397,7 @@ def test_hosts_pass_their_step_multipliers():
 def test_strong_student_needs_a_host_with_strong_views():
     method = method_with({"name": "mean_teacher"}, {"student_input": "strong"})
     with pytest.raises(RuntimeError, match="student_input: strong"):
-        method.training_step(make_batch(), StepInfo(0, 100))
+        method.training_step(make_batch(), StepInfo(0, 100)).named()
 
 
 def spy_state(mpmc) -> dict:
@@ -419,7 +420,7 @@ def test_student_sees_the_mixed_strong_views_with_targets_from_their_source(mix)
     unimatch = method_with({"name": "unimatch", "mix": mix, "supmix_p": 1.0})
     mpmc = unimatch.plugins["mpmc"]
     seen = spy_state(mpmc)
-    losses = unimatch.training_step(batch, StepInfo(0, 100))
+    losses = unimatch.training_step(batch, StepInfo(0, 100)).named()
     st, ctx = seen["state"], seen["ctx"]
     assert st.dropout is None and len(ctx.features_s) == 2 and len(ctx.sources_s) == 2
     assert len(st.students) == 1 and st.students[0].shape[0] == 2 * 3  # both strong views, one batch
@@ -458,7 +459,7 @@ def test_student_input_is_perturbed_for_a_self_teacher_and_plain_for_mean_teache
 
     mt = method_with({"name": "mean_teacher"})
     seen = spy_state(mt.plugins["mpmc"])
-    mt.training_step(batch, StepInfo(0, 100))
+    mt.training_step(batch, StepInfo(0, 100)).named()
     assert seen["state"].dropout is None  # the student already sees another (strong) view
     ctx = seen["ctx"]
     assert ctx.teacher_features_w[1].data_ptr() != ctx.features_w[1].data_ptr()
@@ -511,7 +512,7 @@ def test_labeled_patch_loss_trains_in_the_hosts_warmup(host):
     torch.manual_seed(0)
     batch = make_batch()
     method = method_with({"name": host, "warmup_iters": 2, "rampup_iters": 4})
-    losses = method.training_step(batch, StepInfo(0, 100))
+    losses = method.training_step(batch, StepInfo(0, 100)).named()
     assert {"mpmc/loss_l", "total/mpmc"} <= set(losses) and "mpmc/loss_u" not in losses
     expected = losses["loss_x"].item() + losses["mpmc/loss_l"].item()  # L_x + L_l^M: ratio 1, as after it
     assert losses["total"].item() == pytest.approx(expected, rel=1e-6)
@@ -522,12 +523,12 @@ def test_labeled_patch_loss_trains_in_the_hosts_warmup(host):
     )
     assert any(g is not None and g.abs().sum() > 0 for g in enc)
     # After the warm-up: both terms, at the host's multipliers (UniMatch / FixMatch: ½ and ½·ramp).
-    after = method.training_step(batch, StepInfo(3, 100))
+    after = method.training_step(batch, StepInfo(3, 100)).named()
     assert {"mpmc/loss_l", "mpmc/loss_u"} <= set(after)
     without = method_with({"name": host, "warmup_iters": 2}, {"unlabeled": False, "labeled": True})
-    assert "total/mpmc" in without.training_step(batch, StepInfo(0, 100))
+    assert "total/mpmc" in without.training_step(batch, StepInfo(0, 100)).named()
     sufd_only = method_with({"name": host, "warmup_iters": 2}, {"labeled": False})
-    assert "total/mpmc" not in sufd_only.training_step(batch, StepInfo(0, 100))
+    assert "total/mpmc" not in sufd_only.training_step(batch, StepInfo(0, 100)).named()
 
 
 def test_perturbed_student_input_stays_out_of_the_running_statistics():
@@ -559,7 +560,7 @@ def test_any_classes_crop_batch_and_channels(channels, classes, size, n_l, n_u):
     torch.manual_seed(0)
     method = method_with({"name": "unimatch", "mix": "supmix"}, classes=classes, channels=channels)
     batch = make_batch(n_l=n_l, n_u=n_u, size=size, channels=channels, num_classes=classes)
-    losses = method.training_step(batch, StepInfo(0, 100))
+    losses = method.training_step(batch, StepInfo(0, 100)).named()
     assert {"mpmc/loss_l", "mpmc/loss_u", "total/mpmc"} <= set(losses)
     assert all(bool(torch.isfinite(v)) for v in losses.values())
     losses["total"].backward()

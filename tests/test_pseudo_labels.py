@@ -202,11 +202,11 @@ def test_warmup_step_is_the_supervised_step():
     m = tiny_method({"name": "unimatch", "warmup_iters": 3, "dice_weight": 1.0}, model=model)
     sup = tiny_method({"name": "supervised", "dice_weight": 1.0}, model=model)
     batch = make_batch()
-    warm = m.training_step(batch, StepInfo(2, 10))
-    plain = sup.training_step(batch, StepInfo(2, 10))
+    warm = m.training_step(batch, StepInfo(2, 10)).named()
+    plain = sup.training_step(batch, StepInfo(2, 10)).named()
     assert torch.equal(warm["total"], plain["total"]) and float(warm["loss_s1"]) == 0.0
     assert all(n == batch.x_l.shape[0] for *_, n in model.calls[-2:])  # labeled passes only
-    after = m.training_step(batch, StepInfo(3, 10))
+    after = m.training_step(batch, StepInfo(3, 10)).named()
     assert float(after["total"].detach()) != float(warm["total"].detach()) and "pl_used/0" in after
 
 
@@ -222,7 +222,7 @@ def test_every_policy_and_loss_trains_with_every_method(method, policy, loss):
     else:
         opts["mix"] = "supmix"
     m = tiny_method(opts, plugins={"sufd": {}} if method == "unimatch" else None)
-    losses = m.training_step(make_batch(), StepInfo(1, 10))
+    losses = m.training_step(make_batch(), StepInfo(1, 10)).named()
     assert torch.isfinite(losses["total"]) and losses["total"].requires_grad
     losses["total"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.model.parameters())

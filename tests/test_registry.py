@@ -162,9 +162,9 @@ class Toy(Supervised):
     Config = ToyConfig
 
     def training_step(self, batch, info):
-        losses = super().training_step(batch, info)
-        losses["total"] = losses["total"] * self.cfg.toy_weight
-        return losses
+        result = super().training_step(batch, info)
+        result.loss = result.loss * self.cfg.toy_weight
+        return result
 
 
 @dataclass

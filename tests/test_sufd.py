@@ -106,13 +106,13 @@ def test_trainer_steps_the_segmenter_on_total_and_d_on_the_d_loss_alone(monkeypa
     training_step = trainer.method.training_step
 
     def recording_training_step(batch, info):
-        losses = training_step(batch, info)
-        assert set(losses) >= {"total", "sufd/loss_adv", "total/sufd"}
+        result = training_step(batch, info)
+        assert "sufd/loss_adv" in result.logs and set(result.optimizer_losses) == {"sufd"}
         expected["segmenter"] = torch.autograd.grad(
-            losses["total"], segmenter, retain_graph=True, allow_unused=True
+            result.loss, segmenter, retain_graph=True, allow_unused=True
         )
-        expected["disc"] = torch.autograd.grad(losses["total/sufd"], disc, retain_graph=True)
-        return losses
+        expected["disc"] = torch.autograd.grad(result.optimizer_losses["sufd"], disc, retain_graph=True)
+        return result
 
     def recording(opt, name):
         step = opt.step
@@ -186,7 +186,7 @@ def test_features_input_uses_the_deepest_encoder_feature():
     sufd = method.plugins["sufd"]
     assert sufd.needs_features and method.plugins_need_features
     assert sufd.disc.convs[0].in_channels == 64  # widths [4, 8, 16, 32, 64]: deepest level
-    losses = method.training_step(make_batch(), StepInfo(0, 100))
+    losses = method.training_step(make_batch(), StepInfo(0, 100)).named()
     losses["total"].backward()
     assert bool(torch.isfinite(losses["total/sufd"]))
 

@@ -1,4 +1,4 @@
-"""HD95 / ASD / ASSD (metrics.py) against an independent brute force (explicit erosion loops and
+"""HD95 / ASD / ASSD (surface_metrics.py) against an independent brute force (explicit erosion loops and
 all-pairs distances), analytic cases, empty-mask conventions, evaluation (rank shards, two gloo
 processes) and the report tables."""
 
@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import semiseg.metrics as metrics
+import semiseg.surface_metrics as surface_metrics
 from semiseg.config import DataConfig, EvalConfig
 from semiseg.evaluate import evaluate, evaluate_to_results
 from semiseg.experiment import rows_csv, summarize, table1_markdown
@@ -89,7 +89,7 @@ def test_matches_brute_force(h, w, dp, dr, window, seed):
     pred, ref = random_mask(rng, h, w, dp), random_mask(rng, h, w, dr)
     np.testing.assert_array_equal(mask_surface(t(pred)).numpy(), bf_surface(pred))
     expected = bf_metrics(pred, ref)
-    saved, metrics._WINDOW = metrics._WINDOW, window  # the windowed search and its fallback
+    saved, surface_metrics._WINDOW = surface_metrics._WINDOW, window  # the windowed search and its fallback
     try:
         got = binary_surface_metrics(t(pred), t(ref))
         if ref.any() and pred.any():
@@ -98,7 +98,7 @@ def test_matches_brute_force(h, w, dp, dr, window, seed):
                 np.sort(directed_distances(t(sp), t(sr)).numpy()), np.sort(bf_directed(sp, sr)), atol=1e-12
             )
     finally:
-        metrics._WINDOW = saved
+        surface_metrics._WINDOW = saved
     if expected is None:
         assert got is None
     else:
@@ -110,8 +110,8 @@ def test_directed_distances_in_small_blocks_wide_and_tall(monkeypatch, window):
     """The block-wise search (forced to a few pixels per block), the ±window first pass with its
     whole-row fallback (sparse targets: many pixels farther than the window) and both orientations
     agree with the brute force."""
-    monkeypatch.setattr(metrics, "_CHUNK", 7)
-    monkeypatch.setattr(metrics, "_WINDOW", window)
+    monkeypatch.setattr(surface_metrics, "_CHUNK", 7)
+    monkeypatch.setattr(surface_metrics, "_WINDOW", window)
     rng = np.random.default_rng(3)
     for shape in ((9, 40), (40, 9), (25, 25)):
         a, b = random_mask(rng, *shape, 0.3), np.zeros(shape, bool)

@@ -18,14 +18,8 @@ from semiseg.checkpoint import atomic_save, load_checkpoint
 from semiseg.config import config_hash, load_config
 from semiseg.errors import SemisegError, TrainingError
 from semiseg.models import build_model
-from semiseg.trainer import (
-    Trainer,
-    build_optimizer,
-    model_state_from_checkpoint,
-    poly_lr,
-    set_poly_lr,
-    train,
-)
+from semiseg.optim import build_optimizer, poly_lr, set_poly_lr
+from semiseg.trainer import Trainer, model_state_from_checkpoint, train
 
 CONFIGS = REPO / "src" / "semiseg" / "configs"
 
@@ -207,10 +201,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     original = trainer.method.training_step
 
     def poisoned(batch, info):
-        losses = original(batch, info)
+        result = original(batch, info)
         if info.step == 3:
-            losses["total"] = losses["total"] * float("nan")
-        return losses
+            result.loss = result.loss * float("nan")
+        return result
 
     monkeypatch.setattr(trainer.method, "training_step", poisoned)
     with pytest.raises(TrainingError) as info:
@@ -263,9 +257,9 @@ def test_logged_losses_are_means_over_the_logging_window(tmp_path, monkeypatch):
     original = trainer.method.training_step
 
     def with_probe(batch, info):
-        losses = original(batch, info)
-        losses["probe"] = torch.tensor(float(info.step))
-        return losses
+        result = original(batch, info)
+        result.logs["probe"] = torch.tensor(float(info.step))
+        return result
 
     monkeypatch.setattr(trainer.method, "training_step", with_probe)
     trainer.fit()

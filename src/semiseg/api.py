@@ -39,6 +39,7 @@ from .config import (
     resolve_config_path,
 )
 from .errors import DataError, SemisegError
+from .modes import eval_mode
 from .registry import REGISTRIES
 
 if TYPE_CHECKING:  # annotations only: torch, the trainer and the export code load on first use
@@ -123,7 +124,7 @@ def train(
     ``seconds``). Raises :class:`~semiseg.errors.SemisegError` (one line, naming the key or file)
     on bad input.
     """
-    from .trainer import saved_run_config
+    from .run_dir import saved_run_config
     from .trainer import train as run_training
 
     saved = saved_run_config(run_dir) if resume and run_dir is not None and config is None else None
@@ -266,15 +267,10 @@ class Predictor:
         resized, _ = resize_pair(original, None, target_size(oh, ow, self.data_cfg))
         x = image_to_tensor(resized, self.data_cfg).unsqueeze(0).to(self.device)
         pad_value = pad_value_for(self.data_cfg, self.in_channels)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                logits = predict_logits(self.model, x, self.eval_cfg, pad_value)
-                probs = logits.float().softmax(1)[0]
-                pred = logits.argmax(1)[0]
-        finally:
-            self.model.train(was_training)
+        with eval_mode(self.model), torch.inference_mode():
+            logits = predict_logits(self.model, x, self.eval_cfg, pad_value)
+            probs = logits.float().softmax(1)[0]
+            pred = logits.argmax(1)[0]
         probs_np = probs.cpu().numpy().astype(np.float32)
         if self.num_classes <= 256:
             mask = pred.to(torch.uint8).cpu().numpy()

@@ -5,25 +5,25 @@ Bad input ends with a one-line ``error: ...`` naming the file or config key and 
 ``semiseg`` script path) for DistributedDataParallel; nothing else changes.
 
 Each command imports what it needs when it runs, so torch and the training code stay out of the
-CLI's start-up (``semiseg --help``, ``semiseg list``).
+CLI's start-up (``semiseg --help``, ``semiseg list``). The ``data`` commands live in
+:mod:`semiseg.cli_data`, ``reproduce`` in :mod:`semiseg.cli_reproduce`.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import re
-import subprocess
 import sys
-import threading
 import warnings
 from pathlib import Path
 
 import yaml
 
 from . import __version__
+from .cli_data import add_data_commands
+from .cli_reproduce import add_reproduce_command
+from .cli_reproduce import select_cells as select_cells  # re-exported
 from .config import BUILTIN_CONFIGS, config_to_dict, load_config_file, resolve_config_path
 from .errors import OutputExistsError, SemisegError
 
@@ -46,7 +46,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import apply_overrides, build_config
-    from .trainer import saved_run_config, train
+    from .run_dir import saved_run_config
+    from .trainer import train
 
     run_dir, resume = args.run_dir, args.resume is not None
     if isinstance(args.resume, str):  # --resume RUN_DIR
@@ -206,156 +207,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_split(args: argparse.Namespace) -> int:
-    from .data.folder import write_split
-
-    if args.dataset == "acdc":
-        return _split_acdc(args)
-
-    def number(text: str) -> float | int:
-        value = float(text)
-        return int(value) if value >= 1 and value.is_integer() and "." not in text else value
-
-    written = write_split(
-        args.root,
-        labeled=number(args.labeled),
-        seed=args.seed,
-        val=number(args.val),
-        test=number(args.test),
-        out_dir=args.out,
-        overwrite=args.overwrite,
-    )
-    for part, names in written.items():
-        print(f"{part}: {len(names)}")
-    return 0
-
-
-def _split_acdc(args: argparse.Namespace) -> int:
-    """``data split --dataset acdc``: a patient-wise random draw of labeled cases as split files."""
-    from .data.acdc import write_patient_split
-
-    if not args.labeled.isdigit() or int(args.labeled) < 1:
-        raise SemisegError(f"--labeled {args.labeled}: ACDC splits take a number of cases (patients), e.g. 3")
-    if args.val != "0" or args.test != "0":
-        raise SemisegError("--val/--test: ACDC keeps its own val and test volumes (val.list, test.list)")
-    if not args.out:
-        raise SemisegError("--out: required for ACDC (the data folder is usually read-only)")
-    counts = write_patient_split(args.root, int(args.labeled), args.seed, args.out, overwrite=args.overwrite)
-    for part, count in counts.items():
-        print(f"{part}: {count} slices")
-    print(f"train with: --set data.split_dir={Path(args.out).resolve()}")
-    return 0
-
-
-def cmd_example(args: argparse.Namespace) -> int:
-    from .data.folder import write_example
-
-    counts = write_example(
-        args.root, images=args.images, unlabeled=args.unlabeled, num_classes=args.classes, seed=args.seed
-    )
-    print(
-        f"wrote {counts['images']} images with masks, {counts['unlabeled']} unlabeled images and "
-        f"classes.yaml ({counts['classes']} classes) to {args.root}"
-    )
-    return 0
-
-
-def select_cells(grid, only: list[str]):
-    """A copy of ``grid`` restricted to the cells matching every ``KEY=VALUE`` of ``--only``."""
-    keys = {"dataset", "fraction", "method", "seed"}
-    wanted: dict[str, set[str]] = {}
-    for item in only:
-        key, _, value = item.partition("=")
-        if key not in keys or not value:
-            raise SemisegError(f"--only {item}: expected KEY=VALUE[,VALUE] with KEY one of {sorted(keys)}")
-        wanted.setdefault(key, set()).update(v.strip() for v in value.split(","))
-    if not wanted:
-        return grid
-    subset = copy.copy(grid)
-    subset.cells = [c for c in grid.cells if all(str(getattr(c, k)) in v for k, v in wanted.items())]
-    if not subset.cells:
-        raise SemisegError(f"--only {' '.join(only)}: matches no cell of {grid.path}")
-    return subset
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .experiment import collect_records, load_grid, run_grid, write_reports
-
-    if args.workers < 1:
-        raise SemisegError(f"--workers {args.workers}: must be at least 1")
-    grid = load_grid(resolve_config_path(args.grid), output=args.output, extra_overrides=args.overrides)
-    if not args.report_only:
-        selected = select_cells(grid, args.only)
-        if args.workers > 1 and not args.dry_run:
-            failed = _run_workers(args)
-            if failed:
-                raise SemisegError(f"{failed} of {args.workers} grid workers failed (their output is above)")
-        else:
-            run_grid(selected, dry_run=args.dry_run)
-        if args.dry_run:
-            return 0
-    if args.no_report:
-        return 0
-    paths = write_reports(grid, collect_records(grid))
-    for kind, path in paths.items():
-        print(f"{kind}: {path}")
-    return 0
-
-
-def _run_workers(args: argparse.Namespace) -> int:
-    """Start ``args.workers`` ``semiseg reproduce --no-report`` processes on the same grid (they
-    claim cells by lock file, see :mod:`semiseg.experiment`), relay their output line by line with
-    a ``[wK]`` prefix, and return how many failed. Without an explicit ``train.threads`` each
-    worker gets ``cpu_count // workers`` threads."""
-    command = [sys.executable, "-m", "semiseg", "reproduce", args.grid, "--no-report"]
-    if args.output:
-        command += ["--output", args.output]
-    for item in args.only:
-        command += ["--only", item]
-    overrides = list(args.overrides)
-    if not any(o.split("=", 1)[0].strip() == "train.threads" for o in overrides):
-        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // args.workers)}")
-    for item in overrides:
-        command += ["--set", item]
-
-    def relay(index: int, stream) -> None:
-        for line in stream:
-            print(f"[w{index}] {line}", end="", flush=True)
-
-    procs, relays = [], []
-    for index in range(1, args.workers + 1):
-        proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        procs.append(proc)
-        relays.append(threading.Thread(target=relay, args=(index, proc.stdout), daemon=True))
-        relays[-1].start()
-    try:
-        codes = [proc.wait() for proc in procs]
-    except KeyboardInterrupt:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait()
-        raise
-    for thread in relays:
-        thread.join()
-    return sum(code != 0 for code in codes)
-
-
-def cmd_remap_masks(args: argparse.Namespace) -> int:
-    from .data.folder import remap_masks
-
-    out, count = remap_masks(args.root, args.map, out_dir=args.out)
-    print(f"wrote {count} remapped masks to {out}")
-    print(f"check them, then replace {Path(args.root) / 'masks'} with {out}")
-    return 0
-
-
 def cmd_config_show(args: argparse.Namespace) -> int:
     cfg = load_config_file(resolve_config_path(args.config), args.overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
@@ -432,72 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("data", help="dataset utilities")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    s = data_sub.add_parser(
-        "split", help="write labeled/unlabeled/val/test lists for a folder dataset (or ACDC cases)"
-    )
-    s.add_argument("root", help="dataset root (images/, masks/, unlabeled/; or ACDC's SSL4MIS folder)")
-    s.add_argument(
-        "--dataset",
-        choices=["folder", "acdc"],
-        default="folder",
-        help="acdc: draw --labeled whole patients at random with --seed (labeled.txt / unlabeled.txt)",
-    )
-    s.add_argument(
-        "--labeled", required=True, help="fraction (0.125) or count (10) of labeled images; ACDC: cases"
-    )
-    s.add_argument("--val", default="0", help="fraction or count held out for validation")
-    s.add_argument("--test", default="0", help="fraction or count held out for testing")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="output folder (default: ROOT/splits)")
-    s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(func=cmd_split)
-    s = data_sub.add_parser(
-        "remap-masks", help="write a copy of ROOT/masks with mask values changed (e.g. 0/255 -> 0/1)"
-    )
-    s.add_argument("root", help="dataset root (masks/)")
-    s.add_argument(
-        "--map",
-        action="append",
-        required=True,
-        metavar="OLD=NEW",
-        help="value mapping (repeatable), e.g. 255=1",
-    )
-    s.add_argument("--out", help="output folder (default: ROOT/masks_remapped; never masks/ itself)")
-    s.set_defaults(func=cmd_remap_masks)
-    s = data_sub.add_parser(
-        "example", help="write a small synthetic dataset in the folder format (to try the commands)"
-    )
-    s.add_argument("root", help="new (or empty) folder to write images/, masks/, unlabeled/, classes.yaml")
-    s.add_argument("--images", type=int, default=40, help="images with masks (default 40)")
-    s.add_argument("--unlabeled", type=int, default=8, help="images without masks (default 8)")
-    s.add_argument("--classes", type=int, choices=[2, 3, 4], default=3, help="number of classes (default 3)")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_example)
+    add_data_commands(sub)
 
-    p = sub.add_parser("reproduce", help="run a grid of runs (cached, resumable) and write the tables")
-    p.add_argument("grid", help="grid YAML file or built-in grid name (grids/table1_cpu_small)")
-    p.add_argument("--output", help="grid output folder (default: the grid's 'output')")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
-    p.add_argument("--report-only", action="store_true", help="aggregate finished cells, run nothing")
-    p.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="run only matching cells, e.g. --only fraction=0.125 --only method=unimatch,fixmatch",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="processes training cells at once; each claims a cell by lock file "
-        "(default threads per worker: cores // workers)",
-    )
-    p.add_argument("--no-report", action="store_true", help="run cells but do not rewrite the tables")
-    _add_set_arg(p, "override applied to every cell (repeatable)")
-    p.set_defaults(func=cmd_reproduce)
+    add_reproduce_command(sub)
 
     p = sub.add_parser("config", help="config utilities")
     config_sub = p.add_subparsers(dest="config_command", required=True)

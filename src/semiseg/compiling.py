@@ -7,8 +7,8 @@ eval-mode no-grad pseudo-label pass) runs a compiled graph, its backward through
 compiled backward. Not the whole step: the methods draw boxes and masks with NumPy and read
 tensors in Python, so a whole-step graph would break into many pieces. Not the evaluation:
 :func:`eager` switches a compiled network back for a block (compiling a CHASE_DB1 test pass took
-11 s with static and 32 s with dynamic shapes and made the pass no faster; benchmarks/README
-"Faster cells").
+11 s with static and 32 s with dynamic shapes and made the pass no faster;
+docs/studies/step-cost.md).
 
 On CPU at cpu-small it does not pay, so it is off by default: a UniMatch step is 1.05× faster with
 one thread (1.15× with two; the convolutions, half the step, stay the same oneDNN kernels), and a
@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from .models.base import Segmenter
+from .modes import module_mode
 
 __all__ = ["compile_networks", "eager", "is_compiled"]
 
@@ -83,17 +84,15 @@ def _trial(model: Segmenter, sample: torch.Tensor) -> None:
     grads = {p: p.grad for p in model.parameters()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    was_training = model.training
     try:
-        model.train()
-        out = model(sample)
-        if out.requires_grad:  # a teacher's weights take no gradient
-            out.float().sum().backward()
-        model.eval()
-        with torch.no_grad():
-            model(sample)
+        with module_mode(model, True):  # the mode is restored first, as the weights after it
+            out = model(sample)
+            if out.requires_grad:  # a teacher's weights take no gradient
+                out.float().sum().backward()
+            model.eval()
+            with torch.no_grad():
+                model(sample)
     finally:
-        model.train(was_training)
         with torch.no_grad():
             for key, value in model.state_dict().items():
                 value.copy_(saved[key])

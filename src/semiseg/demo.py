@@ -11,7 +11,8 @@ from .config import RunConfig
 from .data.io import image_to_tensor, read_record
 from .evaluate import pad_value_for, predict_logits
 from .plots import plot_training_curves, prediction_figure
-from .trainer import Trainer, fresh_run_dir
+from .run_dir import fresh_run_dir
+from .trainer import Trainer
 
 __all__ = ["fresh_run_dir", "run_demo", "write_overlays"]
 

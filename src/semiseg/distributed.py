@@ -116,3 +116,21 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def broadcast_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Start every rank's copy of the parameters ``optimizer`` steps (modules outside DDP) from
+    rank 0's values."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            dist.broadcast(p.data, src=0)
+
+
+def average_gradients(optimizer: torch.optim.Optimizer, world_size: int) -> None:
+    """Average the gradients of the parameters ``optimizer`` steps over the ``world_size`` ranks
+    (modules outside DDP, before their optimizer's step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world_size

@@ -28,7 +28,7 @@ alpha=1 − d)`` loop Mean Teacher's committed runs used (``lerp`` rounds differ
 and Mean Teacher's: what a teacher forwards with during training). For *evaluation* that is not
 right for a long average: the averaged statistics mix activations of weights from the whole
 horizon, not those of the averaged weights. Measured on validation images only
-(``benchmarks/ema_check.py``, benchmarks/README "Weight-averaged evaluation"; supervised cpu-small,
+(``benchmarks/ema_check.py``, docs/studies/weight-averaging.md; supervised cpu-small,
 mIoU with averaged vs recomputed statistics): ``d = 0.999``: 54.21 vs 59.75 (COVID, all labels,
 mean of 3 seeds), 58.27 vs 59.60 (CHASE_DB1 1/8); ``d = 0.99``: 60.29 vs 60.46 and 61.74 vs 62.40.
 So the evaluated average gets **statistics recomputed for its own weights**,

@@ -47,14 +47,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DataConfig, EvalConfig
+from .config import DataConfig, EvalConfig, RunConfig
 from .data.base import Record
 from .data.io import image_to_tensor, normalization, read_record, resize_pair, target_size
 from .errors import DataError
 from .metrics import ConfusionMatrix, SurfaceDistances
+from .modes import eval_mode
 from .volume_metrics import VolumeMetrics, confusion_counts
 
 EVAL_UNITS = ("image", "volume")
+
+
+def effective_eval_every(cfg: RunConfig, num_val: int) -> int:
+    """Validation interval in steps (0: never). ``train.eval_every: 0`` (the default) means auto:
+    every ``ceil(iters / 10)`` steps when the run has a validation split, never without one; ``-1``:
+    never."""
+    if not num_val or cfg.train.eval_every < 0:
+        return 0
+    return cfg.train.eval_every or max(1, math.ceil(cfg.train.iters / 10))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -276,19 +286,14 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, device)
     if surface_metrics is None:
         surface_metrics = eval_cfg.surface_metrics
-    was_training = net.training
-    net.eval()
     predict = _Predictor(net, data_cfg, eval_cfg, in_channels, device, amp)
-    try:
-        with torch.inference_mode():
-            if unit == "volume":
-                cm.volumes = _evaluate_volumes(predict, records, cm, surface_metrics, rank, world_size)
-            else:
-                cm.surface, cm.per_image = _evaluate_images(
-                    predict, records, cm, surface_metrics, rank, world_size
-                )
-    finally:
-        net.train(was_training)
+    with eval_mode(net), torch.inference_mode():
+        if unit == "volume":
+            cm.volumes = _evaluate_volumes(predict, records, cm, surface_metrics, rank, world_size)
+        else:
+            cm.surface, cm.per_image = _evaluate_images(
+                predict, records, cm, surface_metrics, rank, world_size
+            )
     if world_size > 1:
         cm.all_reduce()
         if cm.surface is not None:

@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import BEST, LATEST, load_checkpoint, previous_path
 from .config import RunConfig, apply_overrides, build_config
-from .errors import SemisegError, TrainingError
+from .errors import ConfigError, SemisegError, TrainingError
 from .models.base import Segmenter
 from .models.registry import build_model
 
@@ -45,6 +45,21 @@ def model_state_from_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
     """The evaluated network's state dict out of a checkpoint's method state (``eval_prefix``)."""
     prefix = ckpt.get("eval_prefix", "model.")
     return {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_init_weights(model: Segmenter, source: str | Path) -> None:
+    """``train.init_from``: load the evaluated network of another run into ``model`` (strictly)."""
+    ckpt_path = resolve_checkpoint(source)
+    if not ckpt_path.is_file():
+        raise ConfigError(f"train.init_from: {ckpt_path}: no such checkpoint (a run directory or a .pt file)")
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        model.load_state_dict(model_state_from_checkpoint(ckpt))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(
+            f"train.init_from: {ckpt_path}: its network does not match this run's model ({first})"
+        ) from None
 
 
 def load_trained_model(
@@ -119,6 +134,7 @@ __all__ = [
     "LATEST",
     "eval_prefix",
     "json_safe",
+    "load_init_weights",
     "load_trained_model",
     "method_label",
     "model_state_from_checkpoint",

@@ -3,11 +3,16 @@ per-pixel cross-entropy, divided by the number of non-ignored pixels (UniMatch's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .types import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from .mix_ops import CopyPaste
 
 
 def supervised_ce(logits: Tensor, target: Tensor) -> Tensor:
@@ -125,3 +130,26 @@ def masked_softmax_mse(
     mse = (logits.softmax(dim=1) - target_probs.detach()).pow(2).mean(dim=1)
     weight, not_ignored = confident_weights(confidence, ignore, threshold, pixel_weight)
     return (mse * weight).sum() / not_ignored.sum().clamp_min(1.0)
+
+
+DICE_EPS = 1e-10  # the released DiceLoss's smoothing
+
+
+def mix_loss(
+    logits: Tensor, mix: CopyPaste, mask: Tensor, dice_weight: float = 1.0, squared: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(L_mix, Σ_R w_R·CE_R, Σ_R w_R·Dice_R)`` of ``logits`` (N×C×H×W) against a mixed half batch,
+    the two regions of ``mask`` (H×W, 1 outside the box) scored apart (:mod:`semiseg.methods.bcp`; the
+    released ``mix_loss``): ``L_mix = (CE + w·Dice)/(1 + w)``, ``w = dice_weight``."""
+    logits = logits.float()
+    num_classes = logits.shape[1]
+    target = mix.target.long().masked_fill(~mix.valid, 0).clamp_max(num_classes - 1)
+    ce_map = F.cross_entropy(logits, target, reduction="none")
+    outside = mask.bool().expand_as(mix.valid)
+    ce = dice = logits.new_zeros(())
+    for region, weight in ((outside, mix.weight_out), (~outside, mix.weight_in)):
+        used = region & mix.valid
+        q = mix.teach.float() * used
+        ce = ce + weight * (ce_map * q).sum() / used.sum().clamp_min(1)
+        dice = dice + weight * weighted_dice_loss(logits, target, q, eps=DICE_EPS, squared=squared)
+    return (ce + dice_weight * dice) / (1.0 + dice_weight), ce, dice

@@ -21,174 +21,65 @@ own). :class:`StrongMixer` applies the configured mixer to a strong view for the
 (FixMatch, UniMatch) and keeps the running per-class statistics that the non-uniform SupMix
 class-selection strategies read (saved in ``state_dict`` as buffers). Randomness comes from torch's
 global RNG, which the trainer seeds and restores on resume.
+
+The tensor functions (:class:`MixSample`, :func:`paste`, the mask builders, :func:`labeled_source`)
+live in :mod:`semiseg.mix_ops` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import HASH_NEUTRAL, registered_name
 from .errors import ConfigError
+from .mix_ops import (
+    MixSample,
+    choose_classes,
+    class_mask,
+    classmix_count,
+    classmix_mask,
+    cutmix_mask,
+    labeled_source,
+    match_size,
+    paste,
+    present_classes,
+    supmix_count,
+    supmix_mask,
+)
 from .registry import MIXERS
 from .types import IGNORE_INDEX
 
+__all__ = [
+    "ClassMix",
+    "ClassStatistics",
+    "CutMix",
+    "MixConfig",
+    "MixName",
+    "MixSample",
+    "Mixer",
+    "NoMix",
+    "Strategy",
+    "StrongMixer",
+    "SupMix",
+    "choose_classes",
+    "class_mask",
+    "classmix_count",
+    "classmix_mask",
+    "cutmix_mask",
+    "labeled_source",
+    "match_size",
+    "paste",
+    "present_classes",
+    "supmix_count",
+    "supmix_mask",
+]
+
 MixName = str  # a mixer registered in semiseg.registry.MIXERS (cutmix, classmix, supmix, none, ...)
 Strategy = Literal["paper", "inverse_frequency", "difficulty"]
-
-
-class MixSample(NamedTuple):
-    """One side of a mix. ``image`` N×C×H×W; ``label`` N×H×W class indices; ``confidence`` N×H×W in
-    [0, 1]; ``ignore`` N×H×W (255 = ignored pixel, anything else = used); ``weight`` an optional N×H×W
-    per-pixel loss weight (``None`` = all ones); ``source`` an optional N×H×W uint8 provenance map
-    (:data:`~semiseg.types.SOURCE_OWN` / ``SOURCE_PARTNER`` / ``SOURCE_LABELED``) that the mix
-    carries like the label, so plug-ins can tell which image each pixel of a mixed view came from."""
-
-    image: Tensor
-    label: Tensor
-    confidence: Tensor
-    ignore: Tensor
-    weight: Tensor | None = None
-    source: Tensor | None = None
-
-    def flip(self) -> MixSample:
-        """The mix partner of every sample: the same batch in reverse order (``flip(0)``, as UniMatch-V2;
-        UniMatch's official code draws a second, independent unlabeled batch instead)."""
-        return MixSample(*(t.flip(0) if t is not None else None for t in self))
-
-    def select(self, index: Tensor) -> MixSample:
-        """Samples ``index`` (a LongTensor of batch indices) of every field."""
-        return MixSample(*(t[index] if t is not None else None for t in self))
-
-
-def paste(target: MixSample, source: MixSample, mask: Tensor) -> MixSample:
-    """Where ``mask`` (N×H×W, bool or {0,1}) is set every field comes from ``source``, elsewhere from
-    ``target`` (SupMix paper eq. 5–6 / 10–11, applied to image, label, confidence, ignore and weight).
-
-    Dtypes follow ``target``. A missing ``weight`` counts as ones on the side where it is missing;
-    the result has a weight when either side has one. ``source`` is mixed when both sides have one
-    (a provenance map on one side only is an error: the other side's origin would be unknown).
-    """
-    m = mask.bool()
-    if m.shape != target.label.shape or m.shape != source.label.shape:
-        raise ValueError(
-            f"paste: mask {tuple(m.shape)}, target {tuple(target.label.shape)} and source "
-            f"{tuple(source.label.shape)} must have the same N×H×W shape"
-        )
-    image = torch.where(m.unsqueeze(1), source.image.to(target.image.dtype), target.image)
-    label = torch.where(m, source.label.to(target.label.dtype), target.label)
-    confidence = torch.where(m, source.confidence.to(target.confidence.dtype), target.confidence)
-    ignore = torch.where(m, source.ignore.to(target.ignore.dtype), target.ignore)
-    weight = None
-    if target.weight is not None or source.weight is not None:
-        t_w = target.weight if target.weight is not None else torch.ones_like(target.confidence)
-        s_w = source.weight if source.weight is not None else torch.ones_like(t_w)
-        weight = torch.where(m, s_w.to(t_w.dtype), t_w)
-    if (target.source is None) != (source.source is None):
-        raise ValueError("paste: a provenance map (source) on one side only")
-    origin = None if target.source is None else torch.where(m, source.source, target.source)
-    return MixSample(image, label, confidence, ignore, weight, origin)
-
-
-# ----------------------------------------------------------------------------------------------
-# Mask builders
-# ----------------------------------------------------------------------------------------------
-
-
-def cutmix_mask(box: Tensor) -> Tensor:
-    """CutMix: the data pipeline's box (N×H×W, 1 inside, all zero when no box was drawn)."""
-    return box == 1
-
-
-def present_classes(label: Tensor, ignore: Tensor | None = None, exclude: tuple[int, ...] = ()) -> Tensor:
-    """Sorted classes occurring in one H×W ``label`` at non-ignored pixels, minus ``exclude``.
-
-    ``IGNORE_INDEX`` is never a class. ``ignore`` (H×W, 255 = ignored) masks pixels out."""
-    values = label if ignore is None else label[ignore != IGNORE_INDEX]
-    classes = torch.unique(values)
-    drop = torch.tensor([IGNORE_INDEX, *exclude], dtype=classes.dtype, device=classes.device)
-    return classes[~torch.isin(classes, drop)]
-
-
-def choose_classes(candidates: Tensor, k: int, weights: Tensor | None = None) -> Tensor:
-    """``k`` distinct classes out of ``candidates``: uniformly (``weights`` None) or with probability
-    proportional to ``weights[c]`` (``weights`` indexed by class id, sampled without replacement)."""
-    n = candidates.numel()
-    k = min(k, n)
-    if k <= 0:
-        return candidates[:0]
-    if weights is None:
-        return candidates[torch.randperm(n, device=candidates.device)[:k]]
-    w = weights.to(candidates.device)[candidates.long()].float().clamp_min(0)
-    if not bool((w > 0).any()):
-        w = torch.ones_like(w)
-    return candidates[torch.multinomial(w, k, replacement=False)]
-
-
-def classmix_count(n: int, rounding: Literal["ceil", "floor"] = "ceil") -> int:
-    """How many of ``n`` present classes ClassMix pastes: half of them, rounded up (the official
-    ClassMix code, ``(n + n % 2) / 2``) or down (the SupMix paper's eq. 3 description of ClassMix)."""
-    return math.ceil(n / 2) if rounding == "ceil" else n // 2
-
-
-def supmix_count(n: int) -> int:
-    """SupMix's ``k = max(1, ⌊n/2⌋)`` of ``n`` candidate classes (SupMix paper eq. 8); 0 when n = 0."""
-    return max(1, n // 2) if n > 0 else 0
-
-
-def class_mask(label: Tensor, chosen: list[Tensor]) -> Tensor:
-    """``M[i] = label[i] ∈ chosen[i]`` (SupMix eq. 9 / ClassMix eq. 4), N×H×W bool."""
-    return torch.stack([torch.isin(label[i], c.to(label.dtype)) for i, c in enumerate(chosen)])
-
-
-def classmix_mask(
-    label: Tensor, ignore: Tensor | None = None, rounding: Literal["ceil", "floor"] = "ceil"
-) -> Tensor:
-    """ClassMix mask from the partner's pseudo-labels ``label`` (N×H×W): per sample, a uniformly random
-    half (:func:`classmix_count`) of the classes present at its non-ignored pixels; ``M = label ∈ chosen``."""
-    chosen = []
-    for i in range(label.shape[0]):
-        cands = present_classes(label[i], None if ignore is None else ignore[i])
-        chosen.append(choose_classes(cands, classmix_count(cands.numel(), rounding)))
-    return class_mask(label, chosen)
-
-
-def supmix_mask(
-    label: Tensor, exclude: tuple[int, ...] = (0,), class_weights: Tensor | None = None
-) -> tuple[Tensor, list[Tensor]]:
-    """SupMix mask from ground truth ``label`` (N×H×W, 255 = ignore) of labeled weak views (eq. 8–9).
-
-    Per sample: candidates ``C_selected`` = classes present minus ``exclude`` (default background 0)
-    minus ignore; choose ``k = max(1, ⌊n/2⌋)`` of them — uniformly (the paper) or proportionally to
-    ``class_weights`` (indexed by class id); ``M = label ∈ chosen``. A sample with no candidate class
-    gets an all-zero mask. Returns ``(mask, chosen classes per sample)``."""
-    chosen = []
-    for i in range(label.shape[0]):
-        cands = present_classes(label[i], exclude=exclude)
-        chosen.append(choose_classes(cands, supmix_count(cands.numel()), class_weights))
-    return class_mask(label, chosen), chosen
-
-
-def match_size(sample: MixSample, size: tuple[int, int]) -> MixSample:
-    """Resize a labeled source to the target's H×W (image bilinear, the rest nearest) when the two crops
-    differ; a no-op in the usual case where labeled and unlabeled crops have the same size."""
-    if tuple(sample.label.shape[-2:]) == tuple(size):
-        return sample
-
-    def nearest(t: Tensor) -> Tensor:
-        return F.interpolate(t.unsqueeze(1).float(), size=size, mode="nearest").squeeze(1).to(t.dtype)
-
-    image = F.interpolate(sample.image, size=size, mode="bilinear", align_corners=False)
-    weight = None if sample.weight is None else nearest(sample.weight)
-    source = None if sample.source is None else nearest(sample.source)
-    return MixSample(
-        image, nearest(sample.label), nearest(sample.confidence), nearest(sample.ignore), weight, source
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,14 +390,3 @@ def _need(sample: MixSample | None, what: str) -> MixSample:
     if sample is None:
         raise ValueError(f"StrongMixer: this mix needs the {what} sample")
     return sample
-
-
-def labeled_source(x_l: Tensor, y_l: Tensor, n_u: int, with_weight: bool) -> MixSample:
-    """SupMix's source for unlabeled sample ``i``: labeled sample ``i mod n_l`` with its ground truth,
-    confidence 1 (SupMix paper eq. 11: pasted pixels are ground truth) and weight 1; 255 pixels
-    marked ignored."""
-    index = torch.arange(n_u, device=x_l.device) % x_l.shape[0]
-    y = y_l[index]
-    ones = torch.ones(y.shape, device=x_l.device)
-    ignore = torch.where(y == IGNORE_INDEX, IGNORE_INDEX, 0).to(torch.uint8)
-    return MixSample(x_l[index], y, ones, ignore, ones if with_weight else None)

@@ -47,6 +47,7 @@ from .data.io import (
 )
 from .errors import DataError, OutputExistsError, SemisegError
 from .evaluate import pad_value_for, predict_logits, unwrap_model
+from .modes import eval_mode
 from .visualize import overlay, save_png
 
 MaskFormat = Literal["index", "visible", "color"]
@@ -154,30 +155,29 @@ def predict_folder(
         names = ", ".join(display_path(p.name) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         log(f"note: skipped {len(skipped)} file(s) of {input_dir} that are not images: {names}")
     net = unwrap_model(model)
-    was_training = net.training
-    net.eval()
     use_amp = amp and device.type == "cuda"
     pad_value = pad_value_for(data_cfg, in_channels)
     created = not out_dir.exists()
-    try:
-        # a failure leaves no temp file, and no empty folder where there was none
-        with staged_writes(out_dir, created, "predictions", DataError) as stage, torch.inference_mode():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for img_path, mask_path, overlay_path in plan:
-                record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
-                image, _ = read_record(record, data_cfg, num_classes, in_channels)
-                x = image_to_tensor(image, data_cfg).unsqueeze(0).to(device)
-                with torch.autocast(device_type=device.type, enabled=use_amp):
-                    logits = predict_logits(net, x, eval_cfg, pad_value)
-                pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-                original = pil_to_float(open_image(img_path))
-                oh, ow = original.shape[:2]
-                if pred.shape != (oh, ow):
-                    pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
-                mask_tmp = stage(mask_path.with_name(f".{mask_path.name}.partial.png"), mask_path)
-                mask_image(pred, num_classes, palette, mask_format).save(mask_tmp, "PNG")
-                overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)
-                save_png(overlay(original, pred, palette), overlay_tmp)
-    finally:
-        net.train(was_training)
+    # a failure leaves no temp file, and no empty folder where there was none
+    with (
+        eval_mode(net),
+        staged_writes(out_dir, created, "predictions", DataError) as stage,
+        torch.inference_mode(),
+    ):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for img_path, mask_path, overlay_path in plan:
+            record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
+            image, _ = read_record(record, data_cfg, num_classes, in_channels)
+            x = image_to_tensor(image, data_cfg).unsqueeze(0).to(device)
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                logits = predict_logits(net, x, eval_cfg, pad_value)
+            pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            original = pil_to_float(open_image(img_path))
+            oh, ow = original.shape[:2]
+            if pred.shape != (oh, ow):
+                pred = np.asarray(Image.fromarray(pred).resize((ow, oh), Image.NEAREST))
+            mask_tmp = stage(mask_path.with_name(f".{mask_path.name}.partial.png"), mask_path)
+            mask_image(pred, num_classes, palette, mask_format).save(mask_tmp, "PNG")
+            overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)
+            save_png(overlay(original, pred, palette), overlay_tmp)
     return [final for _, mask_path, overlay_path in plan for final in (mask_path, overlay_path)]

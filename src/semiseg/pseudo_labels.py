@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -346,3 +347,44 @@ def pseudo_label_diagnostics(
             out[f"pl_right/{k}"] = right[k] / n_true[k]
             out[f"pl_wrong/{k}"] = wrong[k] / n_true[k]
     return out
+
+
+#: 8-connectivity within each 2-D image of an N×H×W stack, nothing across images.
+_STACKED_8 = np.zeros((3, 3, 3), dtype=bool)
+_STACKED_8[1] = True
+
+
+def largest_component(label: Tensor, num_classes: int, ignore: Tensor | None = None) -> Tensor:
+    """Per image of ``label`` (N×H×W class indices) and per foreground class ``c ∈ 1..C−1``: pixels
+    of ``c`` outside the largest 8-connected component of ``{label = c}`` become background (0).
+
+    Ties go to the component whose first pixel comes first in raster order (the released
+    ``argmax(bincount(labels)[1:])``). Pixels where ``ignore`` is 255 belong to no component (they
+    become 0 when their class is filtered). ``scipy.ndimage.label`` on the CPU, all images of a class
+    at once (a device round trip per call)."""
+    from scipy import ndimage  # imported here: semiseg imports without scipy loaded
+
+    labels = label.detach().cpu().numpy()
+    usable = (
+        np.ones_like(labels, dtype=bool)
+        if ignore is None
+        else (ignore.detach().cpu().numpy() != IGNORE_INDEX)
+    )
+    out = labels.copy()
+    n = labels.shape[0]
+    for c in range(1, num_classes):
+        region = (labels == c) & usable
+        if not region.any():
+            out[labels == c] = 0
+            continue
+        comps, count = ndimage.label(region, structure=_STACKED_8)
+        sizes = np.bincount(comps.ravel(), minlength=count + 1)
+        owner = np.full(count + 1, -1, dtype=np.int64)  # the image of each component
+        owner[comps.ravel()] = np.repeat(np.arange(n), comps[0].size)
+        keep = np.zeros(count + 1, dtype=bool)
+        for i in range(n):  # components are numbered in raster order, image after image
+            ids = np.flatnonzero(owner[1:] == i) + 1
+            if ids.size:
+                keep[ids[np.argmax(sizes[ids])]] = True  # the first of the largest
+        out[(labels == c) & ~keep[comps]] = 0
+    return torch.from_numpy(out).to(label.device)

@@ -230,6 +230,7 @@ METHODS: Registry[Any] = Registry(
         "unimatch": "semiseg.methods.unimatch:UniMatch",
         "mean_teacher": "semiseg.methods.mean_teacher:MeanTeacher",
         "guidedmix": "semiseg.methods.guidedmix:GuidedMix",
+        "bcp": "semiseg.methods.bcp:BCP",
     },
 )
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -43,20 +39,28 @@ from .checkpoint import (
     previous_path,
     remove_start_leftovers,
     stale_temp_files,
-    start_leftovers,
 )
 from .compiling import compile_networks, eager
-from .config import RunConfig, build_config, config_hash, config_to_dict, hashed_tree
+from .config import RunConfig, config_hash, config_to_dict
 from .data.base import DataSplits, build_splits
-from .data.datasets import InfiniteBatches, LabeledDataset, UnlabeledDataset, make_batch
+from .data.datasets import InfiniteBatches, make_batch, training_streams
 from .data.validate import check_crop_size, check_data, check_eval_splits
-from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_flag, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_mean,
+    average_gradients,
+    barrier,
+    broadcast_flag,
+    broadcast_parameters,
+    init_distributed,
+)
 from .ema import ModelEma, broadcast_buffers
-from .errors import ConfigError, SemisegError, TrainingError
-from .evaluate import evaluate, primary_metric, resolve_unit
+from .errors import SemisegError, TrainingError
+from .evaluate import effective_eval_every, evaluate, primary_metric, resolve_unit
 from .inference import (
     eval_prefix,
     json_safe,
+    load_init_weights,
     load_trained_model,
     method_label,
     model_state_from_checkpoint,
@@ -65,277 +69,11 @@ from .inference import (
 from .methods import Method, build_method
 from .metrics import format_table
 from .models import Segmenter, build_model
+from .optim import build_optimizer, set_poly_lr
+from .run_dir import Interrupted, RunLogger, prepare_run_dir, resolve_run_dir
+from .seeding import rng_state, seed_everything, set_rng_state
+from .step import apply_update
 from .types import StepInfo
-
-# ---------------------------------------------------------------------------------------------
-# Seeding and RNG state
-# ---------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), np_state[2], np_state[3], np_state[4]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_to_tuple(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimiser and schedule
-# ---------------------------------------------------------------------------------------------
-
-
-def build_optimizer(model: Segmenter, cfg: RunConfig) -> torch.optim.SGD:
-    """SGD with two groups: backbone at ``lr``, everything else at ``lr × lr_multi``.
-
-    ``foreach=True`` (multi-tensor update) on every device: bit-identical to the per-parameter loop
-    PyTorch uses on CPU by default (tested), and fewer kernel launches."""
-    backbone_ids = {id(p) for p in model.backbone_parameters()}
-    backbone = [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad]
-    head = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
-    o = cfg.optim
-    groups = [{"params": backbone, "lr": o.lr, "lr_scale": 1.0}]
-    if head:
-        groups.append({"params": head, "lr": o.lr * o.lr_multi, "lr_scale": o.lr_multi})
-    return torch.optim.SGD(
-        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, foreach=True
-    )
-
-
-def poly_lr(base_lr: float, step: int, total: int, power: float) -> float:
-    """``lr · (1 − step/total)^power`` (DeepLab / UniMatch poly schedule, per iteration)."""
-    return base_lr * (1.0 - step / total) ** power
-
-
-def set_poly_lr(optimizer: torch.optim.Optimizer, cfg: RunConfig, step: int) -> float:
-    lr = poly_lr(cfg.optim.lr, step, cfg.train.iters, cfg.optim.poly_power)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
-
-
-# ---------------------------------------------------------------------------------------------
-# Run directory
-# ---------------------------------------------------------------------------------------------
-
-
-def fresh_run_dir(base: str | Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``, ...: the first that does not exist yet."""
-    base = Path(base)
-    if not base.exists():
-        return base
-    i = 2
-    while Path(f"{base}-{i}").exists():
-        i += 1
-    return Path(f"{base}-{i}")
-
-
-def resolve_run_dir(cfg: RunConfig, run_dir: str | None, resume: bool = False) -> Path:
-    """The run directory: ``run_dir``, else ``cfg.run_dir``, else a new ``runs/<name>`` (``-2``,
-    ``-3``, ... when taken), so a run started without one never collides with an earlier one. Resuming
-    needs the directory named (a TrainingError otherwise)."""
-    chosen = run_dir or cfg.run_dir
-    if chosen:
-        return Path(chosen)
-    if resume:
-        raise TrainingError(
-            "--resume: name the run directory to continue (semiseg train --resume runs/<run>; "
-            "semiseg.train(..., run_dir=..., resume=True))"
-        )
-    return fresh_run_dir(Path("runs") / cfg.name)
-
-
-def saved_run_config(run_dir: str | Path) -> dict | None:
-    """The config a run directory was started with, as a raw mapping: its ``config.yaml``, or the
-    config saved in its checkpoint when that file is unreadable; ``None`` when neither is there."""
-    run_dir = Path(run_dir)
-    try:
-        tree = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if isinstance(tree, dict):
-            return tree
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        pass
-    for ckpt in (run_dir / LATEST, previous_path(run_dir / LATEST)):
-        if ckpt.is_file():
-            try:
-                tree = load_checkpoint(ckpt).get("config")
-            except SemisegError:
-                continue
-            if isinstance(tree, dict):
-                return tree
-    return None
-
-
-def config_differences(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``(dotted key, saved value, current value)`` for every leaf where two hashed config trees
-    (:func:`semiseg.config.hashed_tree`) differ; a key missing on one side shows as ``None``."""
-    out: list[tuple[str, Any, Any]] = []
-    for key in sorted(set(saved) | set(now), key=str):
-        a, b = saved.get(key), now.get(key)
-        dotted = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{dotted}.")
-        elif a != b:
-            out.append((dotted, a, b))
-    return out
-
-
-def _describe_differences(diffs: list[tuple[str, Any, Any]], limit: int = 4) -> str:
-    shown = ", ".join(f"{key} (run: {a!r}, now: {b!r})" for key, a, b in diffs[:limit])
-    return shown + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; on resume return the checkpoint to continue from. Creates nothing.
-
-    * new directory (or empty): fine, nothing to resume;
-    * a run that never reached its first checkpoint (only the files semiseg writes at the start):
-      replaced by the same command without ``resume`` (see ``fit``); with ``resume``, an error
-      saying so;
-    * existing run and ``resume``: the saved config must match (hash), continue from ``latest.pt``
-      (``latest.prev.pt`` when ``latest.pt`` is missing);
-    * existing run without ``resume``: error (never silently overwrite).
-    """
-    ckpt = run_dir / LATEST
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"{run_dir}: run directory path exists and is not a directory")
-    has_content = run_dir.exists() and any(run_dir.iterdir())
-    if not has_content:
-        if resume:
-            raise TrainingError(f"{run_dir}: nothing to resume (no {LATEST})")
-        return None
-    if not ckpt.is_file() and not previous_path(ckpt).is_file() and start_leftovers(run_dir) is not None:
-        if resume:
-            raise TrainingError(
-                f"{run_dir}: its run never reached its first checkpoint, so there is nothing to resume; "
-                "the same command without --resume starts it again"
-            )
-        return None
-    if not resume:
-        raise TrainingError(
-            f"{run_dir}: run directory exists; pass --resume to continue it or choose another --run-dir"
-        )
-    if not ckpt.is_file():
-        if not previous_path(ckpt).is_file():
-            raise TrainingError(f"{ckpt}: nothing to resume from (run directory has no checkpoint)")
-        ckpt = previous_path(ckpt)
-    saved = run_dir / "config.yaml"
-    if saved.is_file():
-        saved_cfg = None
-        try:
-            saved_cfg = build_config(yaml.safe_load(saved.read_text()))
-            saved_hash = config_hash(saved_cfg)
-        except (yaml.YAMLError, SemisegError, OSError, ValueError, TypeError, AttributeError):
-            saved_hash = load_checkpoint(ckpt).get("config_hash")  # unreadable config.yaml: the checkpoint's
-        if saved_hash != config_hash(cfg):
-            diffs = config_differences(hashed_tree(saved_cfg), hashed_tree(cfg)) if saved_cfg else []
-            which = f" in {_describe_differences(diffs)}" if diffs else ""
-            raise TrainingError(
-                f"{saved}: the config differs from the one this run was started with{which}; "
-                f"resume with the same config (semiseg train --resume {run_dir} uses the saved one) "
-                "or start a new run directory"
-            )
-    return ckpt
-
-
-# ---------------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------------
-
-
-class RunLogger:
-    """JSONL + TensorBoard + progress bar or log lines (main rank only)."""
-
-    def __init__(self, run_dir: Path, cfg: RunConfig, start: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total = cfg.train.iters
-        self.jsonl = None
-        self.tb = None
-        self.bar = None
-        if not enabled:
-            return
-        self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start)
-        except Exception:  # tensorboard missing or broken: JSONL is the record
-            self.tb = None
-        mode = cfg.train.progress
-        if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "log"
-        self.mode = mode
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, initial=start, dynamic_ncols=True, desc=cfg.name)
-
-    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, "kind": kind, **values}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
-
-    def progress(self, step: int, values: dict[str, float], every: int) -> None:
-        if not self.enabled:
-            return
-        shown = {k: values[k] for k in ("total", "lr", "it/s") if k in values}
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
-        elif self.mode == "log" and (step % every == 0 or step == self.total):
-            text = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
-            print(f"[{step}/{self.total}] {text}", flush=True)
-
-    def message(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.mode != "none":
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-
 
 # ---------------------------------------------------------------------------------------------
 # Trainer
@@ -348,51 +86,6 @@ class TrainResult:
     results: dict[str, dict]  # split -> metrics
     steps: int
     seconds: float
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during training, with what it takes to continue: :meth:`advice` names the
-    exact ``semiseg train --resume`` command (or says that no checkpoint was reached yet)."""
-
-    def __init__(self, run_dir: Path, step: int, iters: int, checkpoint_step: int | None) -> None:
-        super().__init__(f"interrupted at step {step}")
-        self.run_dir, self.step, self.iters = Path(run_dir), step, iters
-        self.checkpoint_step = checkpoint_step
-
-    def advice(self) -> str:
-        if self.checkpoint_step is None:
-            return (
-                f"stopped at step {self.step} of {self.iters}, before the first checkpoint: nothing to "
-                f"resume; start the run again (--run-dir {shlex.quote(str(self.run_dir))} reuses its folder)"
-            )
-        return (
-            f"stopped at step {self.step} of {self.iters}; {self.run_dir / LATEST} holds step "
-            f"{self.checkpoint_step}. Continue with: semiseg train --resume {shlex.quote(str(self.run_dir))}"
-        )
-
-
-def effective_eval_every(cfg: RunConfig, num_val: int) -> int:
-    """Validation interval in steps (0: never). ``train.eval_every: 0`` (the default) means auto:
-    every ``ceil(iters / 10)`` steps when the run has a validation split, never without one; ``-1``:
-    never."""
-    if not num_val or cfg.train.eval_every < 0:
-        return 0
-    return cfg.train.eval_every or max(1, math.ceil(cfg.train.iters / 10))
-
-
-def load_init_weights(model: Segmenter, source: str | Path) -> None:
-    """``train.init_from``: load the evaluated network of another run into ``model`` (strictly)."""
-    ckpt_path = resolve_checkpoint(source)
-    if not ckpt_path.is_file():
-        raise ConfigError(f"train.init_from: {ckpt_path}: no such checkpoint (a run directory or a .pt file)")
-    ckpt = load_checkpoint(ckpt_path)
-    try:
-        model.load_state_dict(model_state_from_checkpoint(ckpt))
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConfigError(
-            f"train.init_from: {ckpt_path}: its network does not match this run's model ({first})"
-        ) from None
 
 
 class Trainer:
@@ -435,7 +128,8 @@ class Trainer:
                 self.method.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             self.method.use_net(ddp)
-            self._broadcast_extra_parameters()
+            for opt in self.method.extra_optimizers().values():  # e.g. a discriminator
+                broadcast_parameters(opt)
         self.model: Segmenter = self.method.model
         # Weight-averaged evaluation: an EMA of the segmenter, updated after every step; it reads
         # the weights only, so the training trajectory is the same with or without it.
@@ -454,22 +148,10 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _broadcast_extra_parameters(self) -> None:
-        """Start every rank's extra modules (e.g. a discriminator) from rank 0's weights."""
-        for opt in self.method.extra_optimizers().values():
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    dist.broadcast(p.data, src=0)
-
     def _sync_extra_grads(self, opt: torch.optim.Optimizer) -> None:
         """Average gradients of modules outside DDP over ranks."""
-        if not self.dist.enabled:
-            return
-        for group in opt.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= self.dist.world_size
+        if self.dist.enabled:
+            average_gradients(opt, self.dist.world_size)
 
     def _compile(self) -> list[Segmenter]:
         """``train.compile``: compile the networks a training step calls (semiseg/compiling.py),
@@ -488,33 +170,11 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _data_iterators(self) -> tuple[InfiniteBatches, InfiniteBatches | None]:
-        cfg, d = self.cfg, self.cfg.data
-        C, ch = self.splits.num_classes, self.splits.in_channels
-        labeled = InfiniteBatches(
-            LabeledDataset(self.splits.labeled, d, C, ch, with_strong=self.method.needs_labeled_strong),
-            batch_size=d.batch_size,
-            seed=cfg.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            num_workers=d.num_workers,
-            start_batch=self.step,
+        """The labeled (and, for methods that use them, unlabeled) batch streams from ``self.step``."""
+        m = self.method
+        return training_streams(
+            self.splits, self.cfg, m.needs_labeled_strong, m.uses_unlabeled, self.dist, self.step
         )
-        unlabeled = None
-        if self.method.uses_unlabeled:
-            if not self.splits.unlabeled:
-                raise SemisegError(
-                    f"method.name={cfg.method.name}: needs unlabeled images but the unlabeled split is empty"
-                )
-            unlabeled = InfiniteBatches(
-                UnlabeledDataset(self.splits.unlabeled, d, C, ch),
-                batch_size=d.unlabeled_batch_size,
-                seed=cfg.seed + 1,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                num_workers=d.num_workers,
-                start_batch=self.step,
-            )
-        return labeled, unlabeled
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -629,37 +289,25 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
 
     def train_step(self, batch, info: StepInfo) -> dict[str, float]:
+        """One step: the method's :class:`~semiseg.step.StepResult`, a finite-loss check, the
+        optimizer updates (:func:`~semiseg.step.apply_update`), schedulers, hooks, the weight
+        average; returns the logged values (with ``lr``)."""
         lr = set_poly_lr(self.optimizer, self.cfg, info.step)
         with self._autocast():
-            losses = self.method.training_step(batch, info)
-        total = losses["total"]
-        if broadcast_flag(not bool(torch.isfinite(total.detach())), self.device):
-            shown = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+            result = self.method.training_step(batch, info)
+        if broadcast_flag(not bool(torch.isfinite(result.loss.detach())), self.device):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in result.logged().items())
             raise TrainingError(
                 f"non-finite loss at step {info.step} ({shown}); stopped. "
                 f"Last good checkpoint: {self.run_dir / LATEST} (try a lower optim.lr)"
             )
-        on_total = self.method.extra_optimizers_on_total()
-        self.optimizer.zero_grad(set_to_none=True)
-        for name in on_total:  # their gradient comes from total's backward
-            self.extra_optimizers[name].zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        for name, opt in self.extra_optimizers.items():
-            if f"total/{name}" not in losses:  # e.g. a labeled-only warm-up step: nothing to train
-                continue
-            if name not in on_total:
-                opt.zero_grad(set_to_none=True)
-                self.scaler.scale(losses[f"total/{name}"]).backward()
-            self._sync_extra_grads(opt)
-            self.scaler.step(opt)
+        apply_update(result, self.optimizer, self.extra_optimizers, self.scaler, self._sync_extra_grads)
         for fn in self.method.extra_schedulers().values():
             fn(info.step)
-        self.scaler.update()
         self.method.after_step(info)
         if self.ema is not None and info.step >= self.cfg.eval.ema_start:
             self.ema.update(self.model)
-        logged = {k: float(v.detach()) for k, v in losses.items()}
+        logged = result.logged()
         logged["lr"] = lr
         return logged
 

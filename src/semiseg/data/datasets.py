@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,10 +19,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..config import DataConfig
+from ..errors import SemisegError
 from ..types import IGNORE_INDEX, Batch
 from .base import Record
 from .io import normalization, normalize, read_record
 from .transforms import cutmix_box, strong_view, weak_view
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..distributed import DistInfo
+    from .base import DataSplits
 
 _MASK64 = (1 << 64) - 1
 # Domain tags keep the permutation seeds and the per-sample seeds in separate streams.
@@ -272,6 +278,45 @@ class InfiniteBatches:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def training_streams(
+    splits: DataSplits,
+    cfg: RunConfig,
+    labeled_strong: bool,
+    uses_unlabeled: bool,
+    dist: DistInfo,
+    start_batch: int = 0,
+) -> tuple[InfiniteBatches, InfiniteBatches | None]:
+    """A run's batch streams from batch ``start_batch``: labeled crops (with a strong view of them
+    when ``labeled_strong``) seeded by ``cfg.seed``, and, when ``uses_unlabeled``, unlabeled views
+    seeded by ``cfg.seed + 1``; each rank reads its own shard."""
+    d, classes, channels = cfg.data, splits.num_classes, splits.in_channels
+    labeled = InfiniteBatches(
+        LabeledDataset(splits.labeled, d, classes, channels, with_strong=labeled_strong),
+        batch_size=d.batch_size,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=d.num_workers,
+        start_batch=start_batch,
+    )
+    if not uses_unlabeled:
+        return labeled, None
+    if not splits.unlabeled:
+        raise SemisegError(
+            f"method.name={cfg.method.name}: needs unlabeled images but the unlabeled split is empty"
+        )
+    unlabeled = InfiniteBatches(
+        UnlabeledDataset(splits.unlabeled, d, classes, channels),
+        batch_size=d.unlabeled_batch_size,
+        seed=cfg.seed + 1,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=d.num_workers,
+        start_batch=start_batch,
+    )
+    return labeled, unlabeled
 
 
 def make_batch(labeled: dict[str, Tensor], unlabeled: dict[str, Tensor] | None = None) -> Batch:

@@ -51,15 +51,13 @@ from .grid import (
     seed_major,
 )
 from .locks import claim_cell, lock_holder, release_cell
+from .paired import paired_delta, paired_interval, paired_table_lines
 from .report import (
     PER_IMAGE_RECORD_KEYS,
     SURFACE_RECORD_KEYS,
     collect_records,
     headline_metric,
     mean_std,
-    paired_delta,
-    paired_interval,
-    paired_table_lines,
     rows_csv,
     summarize,
     surface_table_lines,

@@ -10,7 +10,8 @@ from ..config import RunConfig
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..plugins.base import PLUGINS, PluginHost
-from .base import METHODS, Batch, Method, MethodConfig, StepInfo, register_method
+from .base import METHODS, Batch, Method, MethodConfig, StepInfo, StepResult, register_method
+from .bcp import BCP, BCPConfig
 from .fixmatch import FixMatch, FixMatchConfig
 from .guidedmix import GuidedMix, GuidedMixConfig
 from .mean_teacher import MeanTeacher, MeanTeacherConfig
@@ -52,6 +53,8 @@ def build_method(cfg: RunConfig, model: Segmenter, num_classes: int) -> Method:
 
 __all__ = [
     "METHODS",
+    "BCP",
+    "BCPConfig",
     "Batch",
     "FixMatch",
     "FixMatchConfig",
@@ -63,6 +66,7 @@ __all__ = [
     "MethodConfig",
     "SemiSupervisedConfig",
     "StepInfo",
+    "StepResult",
     "Supervised",
     "SupervisedConfig",
     "UniMatch",

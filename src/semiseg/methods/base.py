@@ -2,11 +2,11 @@
 
 A method is an ``nn.Module`` that owns the segmenter (``self.model``, possibly DDP-wrapped as
 ``self.net``) plus whatever else it needs (an EMA teacher, plug-ins). The trainer calls
-:meth:`Method.training_step` once per iteration and gets a dict of named losses; ``"total"`` is
-back-propagated into the segmenter. A method or plug-in that owns another optimizer (SUFD's
-discriminator) returns its loss under ``"total/<optimizer name>"`` and lists the optimizer in
-:meth:`Method.extra_optimizers`; the trainer zeroes, back-propagates and steps it after the
-segmenter's step. :meth:`after_step` runs after all optimizer steps (EMA updates).
+:meth:`Method.training_step` once per iteration and gets a :class:`~semiseg.step.StepResult`:
+the loss back-propagated into the segmenter, the losses of extra optimizers the method lists in
+:meth:`Method.extra_optimizers` (SUFD's discriminator), and values to log;
+:func:`semiseg.step.apply_update` applies it. :meth:`after_step` runs after all optimizer steps
+(EMA updates).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..models.base import Segmenter
 from ..registry import METHODS
+from ..step import StepResult
 from ..types import Batch, StepInfo
 
 if TYPE_CHECKING:
@@ -69,17 +70,12 @@ class Method(nn.Module):
         """
         self.__dict__["_net"] = module
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
+        """One training step on ``batch``: the loss, extra optimizers' losses and logged values."""
         raise NotImplementedError
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {}
-
-    def extra_optimizers_on_total(self) -> set[str]:
-        """Extra optimizers whose parameters get their whole gradient from ``total`` (the trainer
-        zeroes them with the segmenter's and steps them after ``total``'s backward, without a
-        backward of their own ``total/<name>``, which is then only logged)."""
-        return set()
 
     def extra_schedulers(self) -> dict[str, Callable[[int], None]]:
         """Per-step lr updates of extra optimizers: name -> fn(step)."""
@@ -99,4 +95,4 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return METHODS.register(name)
 
 
-__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StepInfo", "register_method"]
+__all__ = ["METHODS", "Batch", "Method", "MethodConfig", "StepInfo", "StepResult", "register_method"]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
+from ..step import StepResult
 from .base import Batch, StepInfo, register_method
 from .weak_strong import ConsistencyConfig, WeakStrongMethod, eval_mode
 
@@ -41,7 +41,7 @@ class FixMatch(WeakStrongMethod):
     cfg: FixMatchConfig
     unlabeled_terms = ("loss_s",)
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
         warm = self.warmup_step(batch, info)
         if warm is not None:
             return warm

@@ -95,6 +95,7 @@ from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
+from ..step import StepResult
 from ..types import IGNORE_INDEX
 from .base import Batch, Method, StepInfo, register_method
 from .mean_teacher import sigmoid_rampup
@@ -344,7 +345,7 @@ class GuidedMix(PluginHost, Method):
             return sample_lambda(cfg.alpha, cfg.lambda_max, n)
         return sample_lambda(cfg.alpha, cfg.lambda_max, 1).expand(n)
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
         cfg = self.cfg
         x_l, y_l, x_u = batch.x_l, batch.y_l, batch.x_w
         assert x_u is not None, "guidedmix needs unlabeled data (x_w)"
@@ -416,6 +417,5 @@ class GuidedMix(PluginHost, Method):
             "loss_cla": loss_cla,
             "lambda": lam_u.mean().to(loss_x.device),
             "consistency_weight": torch.tensor(omega, device=loss_x.device),
-            "total": total,
         }
-        return self.add_plugin_losses(ctx, losses)
+        return self.add_plugin_losses(ctx, StepResult(loss=total, logs=losses))

@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..ema import decay_at, ema_update
 from ..errors import ConfigError
 from ..losses import masked_softmax_mse
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
+from ..step import StepResult
 from .base import Batch, Method, StepInfo, register_method
 from .semi import SemiSupervisedConfig, UnlabeledRecipe, sigmoid_rampup
 from .weak_strong import eval_mode, labeled_only_step
@@ -87,7 +88,7 @@ class MeanTeacher(PluginHost, Method):
         """``m_t = min(m, 1 − 1/(t+1))`` while ``ema_warmup``, else ``m``."""
         return decay_at(self.cfg.ema_momentum, step, self.cfg.ema_warmup)
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
         cfg = self.cfg
         x_l, y_l, x_w = batch.x_l, batch.y_l, batch.x_w
         assert x_w is not None, "mean_teacher needs unlabeled data"
@@ -137,10 +138,9 @@ class MeanTeacher(PluginHost, Method):
             "loss_x": loss_x,
             "loss_u": loss_u,
             "consistency_weight": torch.tensor(ramp, device=loss_x.device),
-            "total": total,
         }
         losses.update(self.recipe.diagnostics(pl, ignore, logits_l, y_l))
-        return self.add_plugin_losses(ctx, losses)
+        return self.add_plugin_losses(ctx, StepResult(loss=total, logs=losses))
 
     def after_step(self, info: StepInfo) -> None:
         """EMA update of the teacher from the student just stepped, then plug-in hooks."""

@@ -36,6 +36,7 @@ from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..losses import class_balance_weights, masked_pseudo_ce, masked_pseudo_dice
 from ..pseudo_labels import PseudoLabelConfig, PseudoLabeler, PseudoLabels, pseudo_label_diagnostics
+from ..step import StepResult
 from .supervised import SupervisedConfig
 
 UnlabeledLoss = Literal["ce", "dice", "balanced_ce"]
@@ -113,10 +114,10 @@ class UnlabeledRecipe(nn.Module):
         labeled = scale * loss_x if self.cfg.labeled_weight is None else self.cfg.labeled_weight * loss_x
         return labeled + scale * w * unlabeled
 
-    def warmup_losses(self, loss_x: Tensor, names: list[str]) -> dict[str, Tensor]:
-        """A labeled-only step: ``total = loss_x``; the unlabeled terms are logged as 0."""
+    def warmup_result(self, loss_x: Tensor, names: list[str]) -> StepResult:
+        """A labeled-only step: the loss is ``loss_x``; the unlabeled terms are logged as 0."""
         zero = loss_x.detach() * 0.0
-        return {"loss_x": loss_x, **{name: zero for name in names}, "total": loss_x}
+        return StepResult(loss=loss_x, logs={"loss_x": loss_x, **{name: zero for name in names}})
 
     def loss(
         self,

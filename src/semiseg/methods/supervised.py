@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..config import HASH_NEUTRAL
 from ..losses import dice_loss, supervised_ce
-from .base import Batch, Method, MethodConfig, StepInfo, register_method
+from .base import Batch, Method, MethodConfig, StepInfo, StepResult, register_method
 
 
 @dataclass
@@ -37,6 +37,6 @@ class Supervised(Method):
     Config = SupervisedConfig
     uses_unlabeled = False
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
         loss_x = self.cfg.labeled_loss(self.net(batch.x_l), batch.y_l)
-        return {"loss_x": loss_x, "total": loss_x}
+        return StepResult(loss=loss_x, logs={"loss_x": loss_x})

@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
+from ..step import StepResult
 from .base import Batch, StepInfo, register_method
 from .weak_strong import ConsistencyConfig, WeakStrongMethod
 
@@ -48,7 +48,7 @@ class UniMatch(WeakStrongMethod):
     cfg: UniMatchConfig
     unlabeled_terms = ("loss_s1", "loss_s2", "loss_fp")
 
-    def training_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
         warm = self.warmup_step(batch, info)
         if warm is not None:
             return warm

@@ -5,36 +5,39 @@ with CutMix, ClassMix or SupMix as the mixer).
 Pseudo-labels come from the method's :class:`~semiseg.methods.semi.UnlabeledRecipe` (its policy:
 fixed τ by default, FreeMatch / FlexMatch masks, distribution alignment): a pixel teaches iff its
 ``score ≥ threshold`` (for the fixed policy: confidence ≥ τ, exactly UniMatch's rule).
+
+**Which network labels** (``method.teacher``). ``self`` (default, the methods' own): the student's
+weak pass labels the weak view (train mode, in the joint ``cat(x_l, x_w)`` forward) and the student
+in eval mode predicts the mix partner. ``ema``: a :class:`~semiseg.ema.ModelEma` of the student
+(decay ``teacher_decay``, Mean Teacher's ``min(d, 1 − 1/(k+1))`` warm-up; eval mode, no gradient;
+updated after every optimizer step in :meth:`WeakStrongMethod.after_step`, warm-up steps included;
+saved in ``state_dict`` as ``teacher.*``) predicts both: the weak view's pseudo-labels, the policy's
+running statistics and the partner's prediction. The student's joint pass stays, since its gradient
+is needed (the labeled loss, UniMatch's feature-perturbation branch, plug-ins reading
+``ctx.logits_w`` / ``features_w``); plug-ins see the teacher's encoder features as
+``ctx.teacher_features_w``. Both options are hash-neutral at their defaults.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..config import HASH_NEUTRAL
+from ..ema import ModelEma
 from ..errors import ConfigError
 from ..mixers import MixConfig, MixSample, StrongMixer, labeled_source
 from ..models.base import Segmenter
+from ..modes import eval_mode
 from ..plugins.base import PluginHost, StepContext
 from ..pseudo_labels import PseudoLabels
+from ..step import StepResult
 from ..types import IGNORE_INDEX, SOURCE_LABELED, SOURCE_OWN, SOURCE_PARTNER
 from .base import Batch, Method, StepInfo
 from .semi import SemiSupervisedConfig, UnlabeledRecipe
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Run ``module`` in eval mode inside the block, restoring its previous mode after."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(was_training)
 
 
 @dataclass
@@ -43,10 +46,16 @@ class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
 
     threshold: float = 0.95  # τ: pseudo-labels with confidence ≥ τ are used (the `fixed` policy)
     scale: float = 0.5  # total = scale·(loss_x + weighted unlabeled losses)  (UniMatch's "/2")
+    # Which network makes the pseudo-labels, the policy's statistics and the mix partner's
+    # prediction: the student itself (self) or an EMA of it (ema; module docstring).
+    teacher: Literal["self", "ema"] = field(default="self", metadata={HASH_NEUTRAL: True})
+    teacher_decay: float = field(default=0.99, metadata={HASH_NEUTRAL: True})  # d of the ema teacher
 
     def validate(self, prefix: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"{prefix}.threshold: must be in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.teacher_decay < 1.0:
+            raise ConfigError(f"{prefix}.teacher_decay: must be in [0, 1), got {self.teacher_decay}")
         if self.scale <= 0:
             raise ConfigError(f"{prefix}.scale: must be > 0, got {self.scale}")
         for name, value in vars(self).items():
@@ -58,19 +67,19 @@ class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
 
 def labeled_only_step(
     host: PluginHost, recipe: UnlabeledRecipe, batch: Batch, info: StepInfo, names: list[str]
-) -> dict[str, Tensor]:
-    """A labeled-only warm-up step of ``host`` (a :class:`Method` with plug-ins): ``total =
-    labeled_loss(f(x_l), y_l)`` with the unlabeled ``names`` logged as 0, plus the terms of the
+) -> StepResult:
+    """A labeled-only warm-up step of ``host`` (a :class:`Method` with plug-ins): the loss is
+    ``labeled_loss(f(x_l), y_l)`` with the unlabeled ``names`` logged as 0, plus the terms of the
     plug-ins that train in the warm-up (MPMC's L_l^M) on a :meth:`StepContext.labeled_only`."""
     assert isinstance(host, Method)
     features = host.plugins_train_in_warmup and host.plugins_need_features
     out = host.net(batch.x_l, return_features=features)
     logits = out.logits if features else out
-    losses = recipe.warmup_losses(host.cfg.labeled_loss(logits, batch.y_l), names)
+    result = recipe.warmup_result(host.cfg.labeled_loss(logits, batch.y_l), names)
     if not host.plugins_train_in_warmup:
-        return losses
+        return result
     ctx = StepContext.labeled_only(batch, info, logits, out.features if features else None)
-    return host.add_plugin_losses(ctx, losses)
+    return host.add_plugin_losses(ctx, result)
 
 
 class WeakStrongMethod(PluginHost, Method):
@@ -85,6 +94,8 @@ class WeakStrongMethod(PluginHost, Method):
         super().__init__(model, cfg, num_classes)
         self.mixer = StrongMixer(cfg, num_classes)
         self.recipe = UnlabeledRecipe(cfg, num_classes, cfg.threshold)
+        # method.teacher: ema — the labelling network (module docstring); None: the student labels
+        self.teacher: ModelEma | None = ModelEma(model, cfg.teacher_decay) if cfg.teacher == "ema" else None
 
     @property
     def needs_labeled_strong(self) -> bool:
@@ -99,7 +110,7 @@ class WeakStrongMethod(PluginHost, Method):
         n, _, h, w = batch.x_w.shape
         return torch.zeros(n, h, w, dtype=torch.uint8, device=batch.x_w.device)
 
-    def warmup_step(self, batch: Batch, info: StepInfo) -> dict[str, Tensor] | None:
+    def warmup_step(self, batch: Batch, info: StepInfo) -> StepResult | None:
         """During ``warmup_iters``: the supervised step (labeled pass only), plus the labeled terms
         of plug-ins that train in the warm-up (MPMC's L_l^M); else ``None``."""
         if not self.recipe.in_warmup(info.step):
@@ -114,8 +125,17 @@ class WeakStrongMethod(PluginHost, Method):
         (its running statistics updated from this step's labeled truth and weak prediction)."""
         n_l = batch.x_l.shape[0]
         self.recipe.observe_labeled(batch.y_l)
-        pl = self.recipe.labeler(logits[n_l:], ignore, update=True)
+        weak, teacher_features = logits[n_l:], None
+        if self.teacher is not None:  # method.teacher: ema labels the weak view
+            assert batch.x_w is not None
+            with torch.no_grad():
+                out = self.teacher(batch.x_w, return_features=features is not None)
+            weak, teacher_features = (out.logits, out.features) if features is not None else (out, None)
+        pl = self.recipe.labeler(weak, ignore, update=True)
         ctx = StepContext.from_joint_pass(batch, info, logits, features, n_l, ignore, (pl.label, pl.score))
+        if self.teacher is not None:
+            ctx.teacher_features_w = teacher_features
+            ctx.extras["teacher_logits_w"] = weak
         ctx.extras["threshold"] = pl.threshold
         ctx.labeled_scale, ctx.unlabeled_scale = self.recipe.scales(info.step, self.cfg.scale)
         if self.plugins_need_strong_features:
@@ -125,10 +145,22 @@ class WeakStrongMethod(PluginHost, Method):
     def partner_prediction(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
         """Pseudo-label and score of each sample's mix partner, predicted on the partner's weak
         image ``x_w.flip(0)`` in eval mode without gradient (UniMatch's ``pred_u_w_mix``), through
-        the same policy (statistics not updated: it is the same batch)."""
+        the same policy (statistics not updated: it is the same batch). With ``teacher: ema`` the
+        EMA teacher predicts it."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                pl = self.recipe.labeler(self.teacher(x_w.flip(0)))
+            return pl.label, pl.score
         with torch.no_grad(), eval_mode(self.model):
             pl = self.recipe.labeler(self.model(x_w.flip(0)))
         return pl.label, pl.score
+
+    def after_step(self, info: StepInfo) -> None:
+        """The EMA teacher's update from the student just stepped (``teacher: ema``), then plug-in
+        hooks."""
+        if self.teacher is not None:
+            self.teacher.update(self.model)
+        super().after_step(info)
 
     def mix_weights(
         self, ctx: StepContext, partner: tuple[Tensor, Tensor] | None
@@ -201,14 +233,14 @@ class WeakStrongMethod(PluginHost, Method):
         losses: dict[str, Tensor],
         loss_x: Tensor,
         terms: list[Tensor],
-    ) -> dict[str, Tensor]:
-        """``total`` from ``loss_x`` and the weighted unlabeled ``terms``, mixer statistics, the
-        mask ratio, pseudo-label diagnostics and plug-in terms."""
-        losses["total"] = self.recipe.total(loss_x, terms, self.cfg.scale, ctx.info.step)
+    ) -> StepResult:
+        """The step's result: the loss from ``loss_x`` and the weighted unlabeled ``terms``; logged
+        ``losses``, mixer statistics, the mask ratio and pseudo-label diagnostics; plug-in terms."""
+        loss = self.recipe.total(loss_x, terms, self.cfg.scale, ctx.info.step)
         self.mixer.observe(ctx.logits_l, ctx.batch.y_l, ctx.pseudo_w, ctx.conf_w, ctx.ignore)
         losses["mask_ratio"] = self.mask_ratio(ctx, pl.threshold)
         losses.update(self.recipe.diagnostics(pl, ctx.ignore, ctx.logits_l, ctx.batch.y_l))
-        return self.add_plugin_losses(ctx, losses)
+        return self.add_plugin_losses(ctx, StepResult(loss=loss, logs=losses))
 
     def mask_ratio(self, ctx: StepContext, threshold: float | None = None) -> Tensor:
         """Fraction of non-ignored weak pixels whose pseudo-label passes the mask (logged)."""

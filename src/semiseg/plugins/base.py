@@ -21,14 +21,15 @@ ignore map, encoder features when a plug-in asks for them, the batch) and calls,
    (e.g. ``λ_adv·BCE``); each is added to ``total`` (after the method's own normalisation, e.g.
    outside UniMatch's ``/2``) and logged as ``<plugin>/<name>``.
 3. :meth:`Plugin.optimizer_losses` ``(ctx) -> {optimizer name: loss}`` — losses of modules the
-   plug-in trains with its own optimizer (SUFD's discriminator), returned to the trainer as
-   ``total/<optimizer name>``; :meth:`Plugin.optimizers` / :meth:`Plugin.schedulers` expose the
-   optimizer and its per-step lr update through the method's ``extra_optimizers()`` /
-   ``extra_schedulers()``. The trainer zeroes that optimizer's gradients before back-propagating the
-   loss, so gradients a module picked up from ``total`` never reach its step — unless the plug-in
-   sets ``optimizer_on_total``: its module appears in ``total`` only through the plug-in's own
-   terms, whose gradient is exactly the module's (MPMC's head), so the trainer zeroes it with the
-   segmenter's, steps it after ``total``'s backward, and ``total/<name>`` is only logged.
+   plug-in trains with its own optimizer (SUFD's discriminator), handed to the trainer in the step's
+   :class:`~semiseg.step.StepResult` ``optimizer_losses``; :meth:`Plugin.optimizers` /
+   :meth:`Plugin.schedulers` expose the optimizer and its per-step lr update through the method's
+   ``extra_optimizers()`` / ``extra_schedulers()``. The update zeroes that optimizer's gradients
+   before back-propagating its loss, so gradients a module picked up from the segmenter's loss
+   never reach its step — unless the plug-in sets ``optimizer_on_total``: its module appears in the
+   segmenter's loss only through the plug-in's own terms, whose gradient is exactly the module's
+   (MPMC's head), so the optimizer goes to ``steps_with_loss`` (zeroed with the segmenter's,
+   stepped after that loss's backward) and its loss is only logged, as ``total/<name>``.
 4. :meth:`Plugin.after_step` ``(info)`` — after all optimizer steps (EMA statistics, ...).
 
 ``needs_unlabeled`` (default True) makes :func:`semiseg.methods.build_method` reject the plug-in on a
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from ..models.base import Segmenter
 from ..registry import PLUGINS
+from ..step import StepResult
 from ..types import StepContext, StepInfo
 
 
@@ -214,22 +216,29 @@ class PluginHost:
                 partner = pw if partner is None else partner * pw
         return own, partner
 
-    def add_plugin_losses(self, ctx: StepContext, losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Add plug-in terms to ``losses["total"]`` and their optimizer losses as ``total/<name>``
-        (in a labeled-only warm-up step, ``ctx.warmup``, only those of plug-ins that train in it)."""
-        total = losses["total"]
+    def add_plugin_losses(self, ctx: StepContext, result: StepResult) -> StepResult:
+        """Add plug-in terms to ``result.loss`` (logged as ``<plugin>/<term>``) and their
+        optimizers to the result: an optimizer loss to ``optimizer_losses``, or, for a plug-in with
+        ``optimizer_on_total``, the optimizer to ``steps_with_loss`` (its loss only logged, as
+        ``total/<optimizer>``). In a labeled-only warm-up step (``ctx.warmup``) only plug-ins that
+        train in it take part."""
+        loss = result.loss
         for name, plugin in self.plugins.items():
             if ctx.warmup and not plugin.trains_in_warmup:
                 continue
             for key, value in plugin.losses(ctx).items():
-                losses[f"{name}/{key}"] = value
-                total = total + value
+                result.logs[f"{name}/{key}"] = value
+                loss = loss + value
             for opt_name, value in plugin.optimizer_losses(ctx).items():
-                losses[f"total/{opt_name}"] = value
+                if plugin.optimizer_on_total:
+                    result.steps_with_loss.add(opt_name)
+                    result.logs[f"total/{opt_name}"] = value.detach()
+                else:
+                    result.optimizer_losses[opt_name] = value
             for key, value in plugin.diagnostics(ctx).items():
-                losses[f"{name}/{key}"] = value.detach()
-        losses["total"] = total
-        return losses
+                result.logs[f"{name}/{key}"] = value.detach()
+        result.loss = loss
+        return result
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         out: dict[str, torch.optim.Optimizer] = {}
@@ -239,9 +248,6 @@ class PluginHost:
                     raise ValueError(f"two plug-ins define an optimizer named {name!r}")
                 out[name] = opt
         return out
-
-    def extra_optimizers_on_total(self) -> set[str]:
-        return {name for p in self.plugins.values() if p.optimizer_on_total for name in p.optimizers()}
 
     def extra_schedulers(self) -> dict[str, Callable[[int], None]]:
         out: dict[str, Callable[[int], None]] = {}

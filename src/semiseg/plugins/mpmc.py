@@ -1,107 +1,28 @@
-"""Multi-scale Patch-based Multi-label Classifier (MPMC; Howlader et al., "Beyond Pixels", §3.3, eq. 2–7;
-implemented as the paper describes it, not as the released code does) — on any host (FixMatch,
-UniMatch, Mean Teacher) and any mixer.
+"""Multi-scale Patch-based Multi-label Classifier (MPMC; Howlader et al., "Beyond Pixels", §3.3,
+eq. 2–7), as the paper describes it, as a plug-in on any host (FixMatch, UniMatch, Mean Teacher)
+and any mixer.
 
-A small head ``g`` on an early encoder feature ``z = f_τ(x)`` (``tap``) predicts, at every location
-``r`` of that feature map, which classes occur in the image patch the location sees::
+A small head ``g`` (:class:`MPMCHead`, eq. 2) on an early encoder feature ``z = f_τ(x)`` (``tap``)
+predicts, at every location ``r`` of that feature map, which classes occur in the image patch the
+location sees:
 
-    q_r   = σ(W·M(concat(z, AvgPool_7(z), AvgPool_19(z))) + b)                             (eq. 2)
-    l_r^M = −1/C Σ_c [y_rc·(1 − q_rc)^γ+·log q_rc + (1 − y_rc)·q_rc^γ−·log(1 − q_rc)]      (eq. 3)
-    L_l^M = mean over labeled images and locations of l_r^M                                (eq. 4)
+* ``L_l^M`` (eq. 3–4): the head's asymmetric loss on labeled patches, whose targets are a max-pool
+  of the one-hot ground truth over each location's patch;
+* ``γ_r = softmax_c`` of the teacher head's logits on the weak view: λ_s (eq. 5) weights each
+  pixel's unlabeled host losses by γ at its pseudo-label class and nearest location
+  (:meth:`MPMC.pixel_weights`); λ_m = γ weights ``L_u^M`` (eq. 6), the student head's BCE on the
+  strong view against the teacher's ``q``;
+* ``L = L_l + L_l^M + α·L_u + β·L_u^M`` (eq. 7): the plug-in adds ``s_l·weight_labeled·L_l^M +
+  s_u·β·L_u^M`` to the host's ``total`` (``s_l, s_u``: the host's own multipliers at that step).
 
-    γ_r   = softmax_c(teacher head logits on the weak view)     (λ_m = γ; teacher = weak pass / EMA)
-    λ_s(p) = γ_{r(p), ŷ(p)}   r(p): the location whose patch is centred nearest to pixel p,
-                              ŷ(p): p's pseudo-label → multiplies the host's unlabeled losses   (eq. 5)
-    L_u^M = mean over unlabeled images and locations of 1/C Σ_c γ_rc·BCE(q̂_rc, q_rc)        (eq. 6)
-    L     = L_l + L_l^M + α·L_u + β·L_u^M                                                    (eq. 7)
-
-**Head** (eq. 2, §4.1): ``concat(z, AvgPool_k(z) for k in pool_sizes)`` (stride 1, "same" padding,
-``count_include_pad=False`` so border locations average real values only; the released code counts
-the zero padding), then ``len(channels)`` blocks (paper: three) of ``3×3 → 3×3 → 1×1`` convolutions,
-each followed by BatchNorm + ReLU, then a ``1×1`` linear layer to ``C`` logits per location. The
-head is a submodule of the plug-in (saved with the method, moved with it); it is *not* part of the
-segmenter, so inference and exported networks never contain it.
-
-**Patches** (eq. 3 targets): location ``i`` of the tap sees pixels ``[s·i + o, s·i + o + k)`` per axis,
-with stride ``s``, size ``k`` (the tap's receptive field) and offset ``o`` measured once at
-construction by back-propagating from one tap location to a random input (eval mode, a private RNG,
-nothing trained); ``patch_size`` overrides the size (the window stays centred on the location; the
-stride is always the tap's, since location ``i`` of the feature map *is* at ``s·i``). Class ``c``
-is positive at ``r`` when some pixel of the patch has ground truth ``c``: a max-pool of the one-hot
-mask; ignore pixels (255) belong to no class and patches made only of
-ignore pixels (padding) are left out of every mean. ``tap: null`` picks the first encoder feature
-with stride > 1: U-Net level index 1 (stride 2), DeepLabV3+ index 0 (ResNet layer1, stride 4).
-
-**Teacher and student** (§3.3, "teacher g and student ĝ share the same parameters"): the teacher
-MPMC is this head in eval mode, without gradient, on ``ctx.teacher_features_w`` — the weak forward
-for UniMatch / FixMatch, the EMA network for Mean Teacher. The student MPMC sees the strong view,
-``q̂ = ĝ(f̂_τ(A^s(x)))``: with ``student_input: auto`` (or ``strong``) on UniMatch / FixMatch it reads
-the encoder features of the mixed strong views (``ctx.features_s``; UniMatch's two views are pooled
-into one mean), and each location's target, γ and validity come from the teacher at the image the
-location's centre pixel was taken from (``ctx.sources_s``): its own weak view, or the mix partner's
-(the flipped batch); locations whose centre is a pasted SupMix ground-truth pixel are left out (the
-labeled loss already sees those images' patches). A patch straddling a mix boundary keeps its
-centre's target — an approximation the released code shares (it max-pools the mixed pseudo-label).
-On Mean Teacher ``auto`` reads ``ctx.features_w`` (its student view is the strong view).
-``perturbed`` instead feeds Dropout2d (``fp_dropout``) of the weak features, as the released code's
-``c1s_u_w_fp`` term does (that input is kept out of the head's BatchNorm running statistics, which
-the eval-mode teacher uses); ``features`` feeds the weak features unperturbed (on UniMatch /
-FixMatch a student equal to its teacher, up to BatchNorm's train/eval difference: almost no
-gradient). Eq. 6's target is the teacher's probability ``q`` (``soft``) or ``[q ≥ ½]`` (``hard``).
-γ is the softmax of the teacher head's *logits*: the paper writes ``softmax(q)`` of the sigmoid
-outputs, which would bound every weight to ``[1/(1+(C−1)e), e/(e+C−1)]``
-(0.27–0.73 for two classes) and never reach 1; ``confidence_from: probs`` is that literal reading.
-λ_s of eq. 5 is biased against thin classes: a class that never fills a patch shares γ with the
-patch's other classes, so even an ideal teacher gives a vessel pixel ≤ ½ while background in
-background-only patches gets 1 (measured: benchmarks/mpmc_confidence.py). ``lambda_s: presence``
-(ours, not the paper; eq. 6's λ_m stays γ) reads σ(q) of the pixel's class instead — the teacher's
-belief that the class occurs in the patch at all, which an ideal teacher gives 1 for every class
-present.
-
-**Weights** (eq. 7): the plug-in adds ``s_l·weight_labeled·L_l^M + s_u·β·L_u^M`` to the host's
-``total``, where ``(s_l, s_u)`` are what the host multiplies its own labeled and unlabeled losses by
-at that step (``ctx.labeled_scale`` / ``ctx.unlabeled_scale``: UniMatch / FixMatch ``½`` and
-``½·w(t)`` with the recipe's ramp-up ``w``, ``1`` and ``0`` in a labeled-only warm-up step; Mean
-Teacher ``1`` and its ramp), so eq. 7's ratios ``L_l : L_l^M : α·L_u : β·L_u^M`` hold at every step;
-``scale: <number>`` fixes ``s_l = s_u`` instead. α is the host's own unlabeled weight relative to its
-labeled loss: UniMatch ``weight_s1 + weight_s2 + weight_fp`` (1 by default, the released code's α;
-the paper's main text says α = 0.1 and its supplement 0.25), FixMatch ``weight_s``, Mean Teacher
-``consistency_weight``. β = 0.25 is the main text's value (the supplement's best is 0.15), so α and β
-come from different sources. ``λ_s`` reaches the host through :meth:`MPMC.pixel_weights` and the
-mixers carry it: pasted partner pixels get the partner's γ *at the label the mix pastes* (the
-partner's eval-mode pseudo-label, :meth:`MPMC.partner_pixel_weights`), SupMix's ground-truth pixels
-weight 1. L_l^M also trains in the host's labeled-only warm-up (as the released code's first,
-labeled-only epoch trains ``(L_x + L_l^M)/2``); λ_s and L_u^M start after it (and after
-``warmup_iters`` of the plug-in's own).
-
-**Training the head**: the trainer's SGD holds only the segmenter's parameters, so the head has its
-own SGD (``lr``, momentum, weight decay, poly decay — set them to the run's ``optim`` values; the
-defaults are the cpu-small protocol's). The MPMC terms are computed once per step, in
-:meth:`MPMC.losses`, and added to ``total``; the head appears in ``total`` only through them, so
-``total``'s backward gives every parameter — encoder and head — exactly eq. 7's gradient, and the
-trainer steps the head's SGD on it (``optimizer_on_total``; ``total/mpmc`` is only logged).
-
-**Differences from the released code** (github.com/cvlab-stonybrook/Beyond-Pixels, ``unimatch.py``,
-``model/semseg/deeplabv3plus.py``, ``util/new_multilabel.py``), where we follow the paper:
-
-* labeled loss: plain BCE, re-weighted by a softmax of the patch class frequencies — not eq. 3's
-  asymmetric loss;
-* no γ-based λ_s / λ_m at all: a "large-loss rejection" zeroes the losses of (and ignores the
-  pixels under) entries above the top-``⌈n·δ⌉`` loss, with ``δ = 1e-5`` and its update commented out,
-  so it keeps only entries strictly above the maximum — none: it never fires;
-* unlabeled MPMC targets are max-pooled thresholded pseudo-labels on the CutMix-ed weak view, the
-  student sees the two strong views and the feature-perturbed weak view (three BCE terms × 0.1);
-  total ``(L_x + L_l^M + 0.25·s1 + 0.25·s2 + 0.5·fp + 0.1·Σ L_u^M)/3.3`` (α = 1) and the first epoch is
-  labeled-only with ``(L_x + L_l^M)/2`` (the host's ``warmup_iters`` here: L_l^M trains in it);
-* head: ten convolutions 768→256→128→64 plus a two-layer MLP with dropout, fed both clean and
-  Dropout2d-perturbed features; AvgPool counts padding;
-* 19 classes, 801-pixel crops / 201×201 maps and layer1's 39-pixel receptive field are hard-coded,
-  and ``torch.squeeze`` makes it batch-size-1 only. Here: any ``C``, crop, batch size, channel count.
+The head has its own SGD, stepped on ``total``'s gradient (``optimizer_on_total``). Patch geometry,
+targets, losses and the tap probe are in :mod:`semiseg.plugins.mpmc_ops`. The full description
+(head, patches, teacher and student, weights, options, differences from the released code) is
+docs/methods/mpmc.md.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,16 +36,52 @@ from torch import Tensor, nn
 from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
+from ..modes import eval_mode
 from ..types import IGNORE_INDEX, SOURCE_LABELED, SOURCE_PARTNER, StepInfo
 from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
+from .mpmc_ops import (
+    PROBE_SIZES,
+    PatchGeometry,
+    TapProbe,
+    asymmetric_loss,
+    labeled_patch_loss,
+    location_sources,
+    masked_location_mean,
+    nearest_location,
+    patch_geometry,
+    patch_targets,
+    pixel_confidence,
+    pool_patches,
+    probe_tap,
+    unlabeled_patch_loss,
+)
 
-#: Probe sizes (pixels) tried in turn until the tap's receptive field fits inside the probe.
-PROBE_SIZES: tuple[int, ...] = (64, 128, 256, 512)
+__all__ = [
+    "MPMC",
+    "PROBE_SIZES",
+    "MPMCConfig",
+    "MPMCHead",
+    "PatchGeometry",
+    "SeparableAvgPool2d",
+    "TapProbe",
+    "asymmetric_loss",
+    "conv_bn_relu",
+    "labeled_patch_loss",
+    "location_sources",
+    "masked_location_mean",
+    "nearest_location",
+    "patch_geometry",
+    "patch_targets",
+    "pixel_confidence",
+    "pool_patches",
+    "probe_tap",
+    "unlabeled_patch_loss",
+]
 
 
 @dataclass
 class MPMCConfig(PluginConfig):
-    """``plugins.mpmc`` options (paper values where it gives them; see the module docstring)."""
+    """``plugins.mpmc`` options (paper values where it gives them; see docs/methods/mpmc.md)."""
 
     tap: int | None = None  # encoder feature index; null: the first one with stride > 1
     pool_sizes: list[int] = field(default_factory=lambda: [7, 19])  # s_0, s_1 (odd, stride 1)
@@ -174,123 +131,6 @@ class MPMCConfig(PluginConfig):
             raise ConfigError(f"{prefix}.warmup_iters: must be >= 0, got {self.warmup_iters}")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr: must be > 0, got {self.lr}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Patch geometry and targets
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatchGeometry:
-    """Per axis, tap location ``i`` sees input pixels ``[stride·i + offset, stride·i + offset + size)``."""
-
-    size: int
-    stride: int
-    offset: int
-
-    @property
-    def center(self) -> float:
-        """Centre (in pixels) of location 0's patch; location ``i``'s is ``center + stride·i``."""
-        return self.offset + (self.size - 1) / 2
-
-
-def pool_patches(x: Tensor, geom: PatchGeometry, out_size: tuple[int, int]) -> Tensor:
-    """Max of ``x`` (N×C×H×W) over every location's patch → N×C×h×w (``out_size``); pixels outside
-    the image count as 0 (the padding / cropping of F.pad makes window ``i`` start at ``s·i``)."""
-    k, s, o = geom.size, geom.stride, geom.offset
-    (h, w), (H, W) = out_size, x.shape[-2:]
-    pad = (-o, s * (w - 1) + o + k - W, -o, s * (h - 1) + o + k - H)  # negative = crop
-    return F.max_pool2d(F.pad(x, pad), kernel_size=k, stride=s)
-
-
-def patch_targets(
-    labels: Tensor, num_classes: int, geom: PatchGeometry, out_size: tuple[int, int]
-) -> tuple[Tensor, Tensor]:
-    """Multi-label patch targets of eq. 3: ``(y N×C×h×w in {0,1}, valid N×h×w bool)``.
-
-    ``y[n, c, i, j] = 1`` when class ``c`` occurs in location ``(i, j)``'s patch of ``labels[n]``
-    (N×H×W, 255 = ignore: no class); ``valid`` is False where the patch holds only ignore pixels."""
-    ignored = labels == IGNORE_INDEX
-    index = labels.long().masked_fill(ignored, num_classes).clamp(0, num_classes).unsqueeze(1)
-    n, h, w = labels.shape
-    one_hot = torch.zeros(n, num_classes + 2, h, w, device=labels.device).scatter_(1, index, 1.0)
-    one_hot[:, num_classes + 1] = (~ignored).float()  # channel C: ignore (dropped); C + 1: "present"
-    pooled = pool_patches(one_hot, geom, out_size)
-    return pooled[:, :num_classes], pooled[:, num_classes + 1] > 0
-
-
-def nearest_location(length: int, geom: PatchGeometry, n_locations: int, device: torch.device) -> Tensor:
-    """For each pixel ``0..length−1`` along one axis, the location whose patch is centred nearest."""
-    pixels = torch.arange(length, device=device, dtype=torch.float32)
-    return torch.floor((pixels - geom.center) / geom.stride + 0.5).long().clamp(0, n_locations - 1)
-
-
-def pixel_confidence(gamma: Tensor, pseudo: Tensor, geom: PatchGeometry) -> Tensor:
-    """λ_s of eq. 5: ``gamma`` N×C×h×w, ``pseudo`` N×H×W class indices → N×H×W, the confidence of the
-    pixel's pseudo-label class at the location covering it (the nearest patch centre)."""
-    (h, w), (H, W) = gamma.shape[-2:], pseudo.shape[-2:]
-    rows = nearest_location(H, geom, h, gamma.device)
-    cols = nearest_location(W, geom, w, gamma.device)
-    images = torch.arange(gamma.shape[0], device=gamma.device)[:, None, None]
-    classes = pseudo.long().clamp(0, gamma.shape[1] - 1)
-    return gamma[images, classes, rows[None, :, None], cols[None, None, :]]  # N×H×W, no N×C×H×W copy
-
-
-def location_sources(sources: Tensor, geom: PatchGeometry, out_size: tuple[int, int]) -> Tensor:
-    """Provenance (``SOURCE_*``) of each location's centre pixel: ``sources`` N×H×W → N×h×w."""
-    (h, w), (H, W) = out_size, sources.shape[-2:]
-
-    def centres(n: int, size: int) -> Tensor:  # rounded half up, as nearest_location
-        positions = geom.center + geom.stride * torch.arange(n, device=sources.device, dtype=torch.float32)
-        return torch.floor(positions + 0.5).long().clamp(0, size - 1)
-
-    rows, cols = centres(h, H), centres(w, W)
-    return sources[:, rows][:, :, cols]
-
-
-# ----------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------
-
-
-def asymmetric_loss(
-    logits: Tensor, targets: Tensor, gamma_pos: float = 0.0, gamma_neg: float = 1.0
-) -> Tensor:
-    """Element-wise asymmetric focal loss (eq. 3, Ridnik et al. 2021), as a positive loss:
-    ``−(1 − q)^γ+·log q`` where the target is 1, ``−q^γ−·log(1 − q)`` where it is 0, ``q = σ(logits)``.
-
-    Powers are computed as ``exp(γ·log σ(·))``, finite with finite gradients for saturated logits."""
-    logits = logits.float()
-    log_q, log_not_q = F.logsigmoid(logits), F.logsigmoid(-logits)
-    pos = torch.exp(gamma_pos * log_not_q) * log_q
-    neg = torch.exp(gamma_neg * log_q) * log_not_q
-    return -(targets * pos + (1.0 - targets) * neg)
-
-
-def masked_location_mean(per_location: Tensor, valid: Tensor) -> Tensor:
-    """Mean of an N×h×w map over the valid locations (0 when there is none)."""
-    v = valid.to(per_location.dtype)
-    return (per_location * v).sum() / v.sum().clamp_min(1.0)
-
-
-def labeled_patch_loss(
-    logits: Tensor, targets: Tensor, valid: Tensor, gamma_pos: float, gamma_neg: float
-) -> Tensor:
-    """``L_l^M`` (eq. 3–4): eq. 3's class mean per location, averaged over valid locations and images
-    (eq. 4 sums over locations; the mean keeps the weight independent of the crop size)."""
-    return masked_location_mean(asymmetric_loss(logits, targets, gamma_pos, gamma_neg).mean(1), valid)
-
-
-def unlabeled_patch_loss(
-    student_logits: Tensor, teacher_logits: Tensor, gamma: Tensor, valid: Tensor, hard: bool = False
-) -> Tensor:
-    """``L_u^M`` (eq. 6): ``1/C Σ_c λ_m·BCE(q̂, q)`` per location, averaged over valid locations and
-    images; ``λ_m = gamma`` (N×C×h×w), target ``q = σ(teacher)`` or ``[q ≥ ½]`` when ``hard``."""
-    teacher = teacher_logits.detach().float()
-    target = (teacher >= 0).float() if hard else torch.sigmoid(teacher)
-    bce = F.binary_cross_entropy_with_logits(student_logits.float(), target, reduction="none")
-    return masked_location_mean((gamma.detach() * bce).mean(1), valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,92 +200,6 @@ class MPMCHead(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.classifier(self.blocks(torch.cat([z, *(pool(z) for pool in self.pools)], dim=1)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Probing the tap
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TapProbe:
-    """What one encoder feature is: its ``index``, ``channels``, ``stride`` and receptive ``field``
-    ``(first, last)`` pixel of location 0 (relative offsets; None if larger than every probe)."""
-
-    index: int
-    channels: int
-    stride: int
-    field: tuple[int, int] | None
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def probe_tap(model: Segmenter, tap: int | None, sizes: tuple[int, ...] = PROBE_SIZES) -> TapProbe:
-    """Find the tap's index, width, stride and receptive field: encode random ``size²`` inputs (eval
-    mode, a private generator) and back-propagate from the central location to the input; the
-    non-zero rows of the input gradient are the location's receptive field (rows and columns are
-    assumed alike). Sizes grow until the field no longer touches the probe's border."""
-    param = next(model.parameters())
-    gen = torch.Generator().manual_seed(0)
-    probe: TapProbe | None = None
-    smallest = int(getattr(model, "min_size", 1))  # e.g. a deep U-Net's 2^levels
-    usable = tuple(size for size in sizes if size >= smallest) or (smallest, 2 * smallest)
-    with _eval_mode(model), torch.enable_grad():
-        for size in usable:
-            x = torch.randn(2, model.in_channels, size, size, generator=gen).to(param).requires_grad_(True)
-            feats = model.encode(x)
-            index = _resolve_tap(tap, feats, size)
-            f = feats[index]
-            h, w = f.shape[-2:]
-            stride = max(1, round(size / h))
-            (grad,) = torch.autograd.grad(f[:, :, h // 2, w // 2].sum(), x)
-            rows = (grad.abs().sum(dim=(0, 1, 3)) > 0).nonzero().flatten()
-            if rows.numel() == 0:
-                raise ConfigError(f"plugins.mpmc.tap: encoder feature {index} does not depend on the input")
-            first, last = int(rows.min()), int(rows.max())
-            inside = first > 0 and last < size - 1
-            field = (first - stride * (h // 2), last - stride * (h // 2)) if inside else None
-            probe = TapProbe(index, int(f.shape[1]), stride, field)
-            if inside:
-                break
-    assert probe is not None
-    return probe
-
-
-def _resolve_tap(tap: int | None, feats: list[Tensor], size: int) -> int:
-    """``tap`` as a non-negative index; ``None``: the first feature with stride > 1 (else 0)."""
-    if tap is None:
-        strides = [size / f.shape[-2] for f in feats]
-        return next((i for i, s in enumerate(strides) if s > 1), 0)
-    if not -len(feats) <= tap < len(feats):
-        raise ConfigError(f"plugins.mpmc.tap: {tap} is out of range (the model has {len(feats)} features)")
-    return tap % len(feats)
-
-
-def patch_geometry(probe: TapProbe, patch_size: int | None) -> PatchGeometry:
-    """Patch of each tap location: the measured receptive field, or ``patch_size`` centred on the
-    field's centre (the stride cell's centre when the field is larger than every probe); the stride
-    is the tap's (location ``i`` of the feature map is at ``stride·i``)."""
-    stride = probe.stride
-    if probe.field is None:
-        if patch_size is None:
-            raise ConfigError(
-                f"plugins.mpmc.patch_size: the receptive field of encoder feature {probe.index} exceeds "
-                f"{PROBE_SIZES[-1]} pixels; set patch_size"
-            )
-        center = (probe.stride - 1) / 2
-    else:
-        center = (probe.field[0] + probe.field[1]) / 2
-    size = patch_size or probe.field[1] - probe.field[0] + 1  # type: ignore[index]
-    return PatchGeometry(size, stride, math.floor(center - (size - 1) / 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,7 +344,7 @@ class MPMC(OwnOptimizerPlugin):
     @torch.no_grad()
     def teacher(self, z: Tensor) -> Tensor:
         """Teacher MPMC logits (eval mode, no gradient, float32) on a teacher feature."""
-        with _eval_mode(self.head):
+        with eval_mode(self.head):
             return self.head(z.detach()).float()
 
     def confidence(self, teacher_logits: Tensor) -> Tensor:
@@ -644,8 +398,9 @@ class MPMC(OwnOptimizerPlugin):
         return terms
 
     def optimizer_losses(self, ctx: StepContext) -> dict[str, Tensor]:
-        """``total/mpmc``: the MPMC terms of this step, logged (and telling the trainer to step the
-        head, whose gradient came from ``total``); nothing when no term trains it."""
+        """The MPMC terms of this step (``optimizer_on_total``: the host logs them as
+        ``total/mpmc`` and steps the head, whose gradient came from the segmenter's loss); nothing
+        when no term trains it."""
         st = self.state(ctx)
         return {} if st.logged is None else {self.name: st.logged}
 
@@ -718,7 +473,7 @@ class MPMC(OwnOptimizerPlugin):
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             nesterov=cfg.nesterov,
-            foreach=True,  # bit-identical to the per-parameter loop (see trainer.build_optimizer)
+            foreach=True,  # bit-identical to the per-parameter loop (see optim.build_optimizer)
         )
 
     def after_step(self, info: StepInfo) -> None:

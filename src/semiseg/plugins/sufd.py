@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..config import HASH_NEUTRAL, volatile
 from ..errors import ConfigError
 from ..models.base import Segmenter
+from ..modes import eval_mode
 from .base import OwnOptimizerPlugin, PluginConfig, StepContext, register_plugin
 
 
@@ -62,7 +63,7 @@ class SUFDConfig(PluginConfig):
     input_scale: float = field(default=1.0, metadata={HASH_NEUTRAL: True})  # D sees p down-sampled ×this
     # false (default): Adam's multi-tensor update, bit-identical to the per-parameter loop; true: its
     # fused kernel, the same update up to float rounding (volatile, like ``train.threads``). The fused
-    # optimizer step alone is ≈ 5× faster on CPU, a whole step was not measurably (benchmarks/README).
+    # optimizer step alone is ≈ 5× faster on CPU, a whole step was not measurably (docs/studies/step-cost.md).
     fused: bool = volatile(False)
 
     def validate(self, prefix: str) -> None:
@@ -184,15 +185,10 @@ class SUFD(OwnOptimizerPlugin):
 
 def _feature_channels(model: Segmenter, index: int) -> int:
     """Channel count of ``model.encode(x)[index]``, from one small probe forward (eval, no grad)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            param = next(model.parameters())
-            probe = torch.zeros(1, model.in_channels, 64, 64, device=param.device, dtype=param.dtype)
-            feats = model.encode(probe)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        param = next(model.parameters())
+        probe = torch.zeros(1, model.in_channels, 64, 64, device=param.device, dtype=param.dtype)
+        feats = model.encode(probe)
     try:
         return int(feats[index].shape[1])
     except IndexError:
