@@ -312,3 +312,53 @@ class Pointwise(Segmenter):
 
     def decode(self, feats: list[Tensor], size: tuple[int, int]) -> Tensor:
         return self.conv(feats[0])
+
+
+def exact_trainer(method: dict, run_dir: Path, iters: int, resume: bool = False, **extra: object) -> Trainer:
+    """A deterministic CPU :class:`~semiseg.trainer.Trainer` of :func:`tiny_overrides` for
+    ``method`` that checkpoints every step and evaluates nothing: for exact-resume tests."""
+    from semiseg.config import apply_overrides, build_config
+    from semiseg.trainer import Trainer
+
+    values = {
+        "deterministic": True,
+        "train.device": "cpu",
+        "train.eval_every": -1,
+        "eval.splits": "[]",
+        "train.ckpt_every": 1,
+        **extra,
+    }
+    tree = apply_overrides({}, tiny_overrides(iters, **values))
+    tree["method"] = method
+    return Trainer(build_config(tree), run_dir, resume)
+
+
+def torchrun_train(run_dir: Path, overrides: list[str]):
+    """``semiseg train`` as two gloo processes under torchrun (one thread each) with ``--set``
+    ``overrides``; skips the test when torchrun is not installed. Returns the finished process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if shutil.which("torchrun") is None and not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed")
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "semiseg",
+        "train",
+        "--run-dir",
+        str(run_dir),
+    ]
+    for o in overrides:
+        cmd += ["--set", o]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )

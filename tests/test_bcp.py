@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Pointwise, fit_interrupted, make_batch, tiny_method, tiny_overrides
+from helpers import Pointwise, exact_trainer, fit_interrupted, make_batch, tiny_method
 from scipy import ndimage
 
 from semiseg.checkpoint import load_checkpoint
-from semiseg.config import apply_overrides, build_config, config_hash, load_config
+from semiseg.config import build_config, config_hash, load_config
 from semiseg.errors import ConfigError
 from semiseg.methods import METHODS, build_method
 from semiseg.methods.bcp import (
@@ -482,19 +482,7 @@ STAGE1 = 2
 
 
 def _trainer(run_dir: Path, resume: bool = False, **extra):
-    from semiseg.trainer import Trainer
-
-    values = {
-        "deterministic": True,
-        "train.device": "cpu",
-        "train.eval_every": -1,
-        "eval.splits": "[]",
-        "train.ckpt_every": 1,
-        **extra,
-    }
-    tree = apply_overrides({}, tiny_overrides(ITERS, **values))
-    tree["method"] = {"name": "bcp", "stage1_iters": STAGE1}
-    return Trainer(build_config(tree), run_dir, resume)
+    return exact_trainer({"name": "bcp", "stage1_iters": STAGE1}, run_dir, ITERS, resume, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import tiny_overrides
+from helpers import tiny_overrides, torchrun_train
 from torch import nn
 
 from semiseg.checkpoint import average_state_from_checkpoint, load_checkpoint
@@ -301,9 +297,6 @@ def test_interrupted_and_resumed_run_has_the_uninterrupted_average(tmp_path, mon
 def test_torchrun_two_gloo_processes_evaluate_rank_zeros_average(tmp_path):
     """Under DDP the averaged parameters agree on every rank; the evaluated (and saved) average is
     rank 0's: one process evaluating the saved average gets the two ranks' confusion matrix."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if shutil.which("torchrun") is None and not os.path.exists(torchrun):
-        pytest.skip("torchrun not installed")
     run = tmp_path / "ddp"
     # ema_bn_batches=0: the averaged BatchNorm statistics, so the saved average alone decides the
     # evaluation (recomputed statistics would come from a different data stream in one process)
@@ -311,12 +304,7 @@ def test_torchrun_two_gloo_processes_evaluate_rank_zeros_average(tmp_path):
         *EMA_ON,
         "eval.ema_bn_batches=0",
     ]
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "semiseg", "train", "--run-dir", str(run)]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = torchrun_train(run, overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp_average = json.loads((run / "results.json").read_text())["results"]["test"]["ema"]
     cfg = load_config(None, overrides)

@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Pointwise, fit_interrupted, make_batch, tiny_method, tiny_overrides
+from helpers import (
+    Pointwise,
+    exact_trainer,
+    fit_interrupted,
+    make_batch,
+    tiny_method,
+    tiny_overrides,
+    torchrun_train,
+)
 
 from semiseg.checkpoint import load_checkpoint
-from semiseg.config import apply_overrides, build_config, config_hash, hashed_tree
+from semiseg.config import build_config, config_hash, hashed_tree
 from semiseg.ema import ModelEma
 from semiseg.errors import ConfigError
 from semiseg.methods import UniMatch
@@ -168,18 +176,7 @@ def test_plugins_see_the_teachers_features() -> None:
 
 
 def _trainer(run_dir: Path, resume: bool = False):
-    from semiseg.trainer import Trainer
-
-    values = {
-        "deterministic": True,
-        "train.device": "cpu",
-        "train.eval_every": -1,
-        "eval.splits": "[]",
-        "train.ckpt_every": 1,
-    }
-    tree = apply_overrides({}, tiny_overrides(4, **values))
-    tree["method"] = {"name": "unimatch", "teacher": "ema"}
-    return Trainer(build_config(tree), run_dir, resume)
+    return exact_trainer({"name": "unimatch", "teacher": "ema"}, run_dir, 4, resume)
 
 
 def test_resume_with_an_ema_teacher_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,22 +203,9 @@ def test_torchrun_two_gloo_processes_keep_the_teacher_identical(tmp_path: Path, 
     """Under DDP (two gloo processes) an EMA teacher is updated from synchronised weights, so it is
     the same on every rank: the trainer compares every parameter of the method (the teacher's
     included) across ranks at the end and fails the run otherwise."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if shutil.which("torchrun") is None and not os.path.exists(torchrun):
-        pytest.skip("torchrun not installed")
     run = tmp_path / "ddp"
     overrides = tiny_overrides(iters=4, **{"data.synthetic.num_test": 2, "train.device": "cpu"}) + method
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "semiseg", "train", "--run-dir", str(run)]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    proc = torchrun_train(run, overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = load_checkpoint(run / "latest.pt")["model"]
     assert any(key.startswith("teacher") or ".teacher" in key for key in state), sorted(state)[:8]
