@@ -7,7 +7,6 @@ in the dataset's colour map with a legend.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -16,13 +15,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from .data.base import build_splits  # noqa: E402
 from .data.io import image_to_tensor, read_record  # noqa: E402
 from .evaluate import pad_value_for, predict_logits  # noqa: E402
 from .inference import load_trained_model  # noqa: E402
-from .plots import plot_pseudo_label_curves, plot_training_curves  # noqa: E402
+from .plots import plot_pseudo_label_curves, plot_training_curves, save_compact  # noqa: E402
 from .visualize import colorize, legend_patches  # noqa: E402
 
 
@@ -123,12 +121,3 @@ def qualitative_figure(
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_compact(fig, out_png, dpi=100)
     return out_png
-
-
-def save_compact(fig, out_png: Path, dpi: int) -> None:
-    """Save a figure as a 256-colour palette PNG (photographic panels stay small enough to commit)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=dpi, format="png")
-    plt.close(fig)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    Image.open(buffer).convert("RGB").quantize(colors=256).save(out_png, optimize=True)

@@ -93,13 +93,24 @@ def _plot_steps(ax, records: list[dict], key: str, *fmt: str, percent: bool = Fa
         )
 
 
-def _save(fig, out_png: str | Path, dpi: int) -> Path:
-    fig.tight_layout()
+def save_compact(fig, out_png: str | Path, dpi: int) -> Path:
+    """Save a figure as a 256-colour palette PNG (committed figures stay small) and close it."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    plt.close(fig)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=dpi)
-    plt.close(fig)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(out_png, optimize=True)
     return out_png
+
+
+def _save(fig, out_png: str | Path, dpi: int) -> Path:
+    fig.tight_layout()
+    return save_compact(fig, out_png, dpi)
 
 
 def plot_training_curves(
@@ -165,7 +176,7 @@ def plot_pseudo_label_curves(
     )
     if not classes:
         return None
-    fig, axes = plt.subplots(2, len(classes), figsize=(4.5 * len(classes), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(classes), figsize=(3.5 * len(classes), 6), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for col, c in enumerate(classes):
         name = class_names[c] if class_names and c < len(class_names) else f"class {c}"
@@ -184,4 +195,4 @@ def plot_pseudo_label_curves(
             ylabel="% of its pixels",
         )
         axes[0][col].legend(fontsize=7)
-    return _save(fig, out_png, dpi=100)
+    return _save(fig, out_png, dpi=80)
