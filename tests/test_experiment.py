@@ -465,11 +465,20 @@ def test_fraction_methods_restrict_cells_and_compare_names_grid_methods(tmp_path
         (1.0, "supervised"),
     ]
     assert grid.compare == ["supervised"]
+    (tmp_path / "seeds").mkdir()
+    per_method = load_grid(write_grid(tmp_path / "seeds", extra="method_seeds: {fixmatch: [1]}\n"))
+    assert sorted((c.method, c.seed) for c in per_method.cells) == [
+        ("fixmatch", 1),
+        ("supervised", 0),
+        ("supervised", 1),
+    ]
     for number, (bad, match) in enumerate(
         (
             ("fraction_methods: {0.25: [supervised]}\n", "not in 'fractions'"),
             ("fraction_methods: {0.5: [nope]}\n", "unknown method 'nope'"),
             ("compare: [nope]\n", "compare names unknown method"),
+            ("method_seeds: {nope: [0]}\n", "method_seeds names unknown method 'nope'"),
+            ("method_seeds: {fixmatch: 0}\n", "must be a list of integer seeds"),
         ),
     ):
         folder = tmp_path / f"bad{number}"

@@ -97,6 +97,7 @@ GRID_KEYS = {
     "rare_classes",
     "fraction_methods",
     "compare",
+    "method_seeds",
 }
 
 
@@ -125,6 +126,7 @@ def load_grid(
     per_dataset = raw.get("dataset_overrides", {}) or {}
     chain = raw.get("init_from", {}) or {}
     only = _fraction_methods(raw.get("fraction_methods") or {}, raw["fractions"], methods, path)
+    seeds_of = _method_seeds(raw.get("method_seeds") or {}, raw["seeds"], methods, path)
     if not isinstance(chain, dict) or any(
         str(v) not in methods or str(k) not in methods for k, v in chain.items()
     ):
@@ -151,7 +153,7 @@ def load_grid(
                 if fraction in only and m_name not in only[fraction]:
                     continue
                 m_tree = load_yaml_tree(_resolve(m_ref, grid_dir))
-                for seed in raw["seeds"]:
+                for seed in seeds_of.get(m_name, raw["seeds"]):
                     tree = _merge_all(protocol_tree, ds_tree, m_tree)
                     run_dir = out / ds_name / fraction_label(fraction) / m_name / f"seed{seed}"
                     base_dir = (
@@ -199,6 +201,18 @@ def _fraction_methods(raw, fractions: list, methods: dict[str, str], path: Path)
             raise ConfigError(f"{path}: fraction_methods[{fraction}] names unknown method {unknown[0]!r}")
         only[fraction] = set(names or [])
     return only
+
+
+def _method_seeds(raw, seeds: list, methods: dict[str, str], path: Path) -> dict[str, list]:
+    """``method_seeds``: grid method -> the seeds it runs (other methods run the grid's ``seeds``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'method_seeds' must map grid methods to lists of seeds")
+    for name, chosen in raw.items():
+        if name not in methods:
+            raise ConfigError(f"{path}: method_seeds names unknown method {name!r}")
+        if not isinstance(chosen, list) or not all(isinstance(s, int) for s in chosen):
+            raise ConfigError(f"{path}: method_seeds[{name}] must be a list of integer seeds")
+    return {str(name): list(chosen) for name, chosen in raw.items()}
 
 
 def _merge_all(*trees: dict) -> dict:
