@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 
 import torch
-from step_cost import floor_step, method_config, passes_for, peak_memory, write_results
+from common import method_config, write_results
+from step_cost import floor_step, passes_for, peak_memory
 
 from semiseg.checkpoint import atomic_save
 from semiseg.data.datasets import make_batch

@@ -25,14 +25,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from step_cost import write_results
+from common import write_results
 
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-sys.path.insert(0, str(Path(sys.argv[1]) / "benchmarks"))
-from step_cost import method_config
+from step_cost import method_config  # the arm's own benchmarks/ (on PYTHONPATH, see run_arm)
 from semiseg.data.datasets import make_batch
 from semiseg.methods import StepInfo
 from semiseg.trainer import Trainer
@@ -63,7 +62,10 @@ def parse_arm(text: str) -> tuple[str, Path, list[str]]:
 
 def run_arm(arm, args, scratch: Path) -> list[float]:
     label, root, overrides = arm
-    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": str(args.threads)}
+    # The arm's own code and scripts: its src/ and benchmarks/ (whose step_cost.py builds the method's
+    # config; a current checkout's imports its sibling common.py from there too).
+    path = os.pathsep.join([str(root / "src"), str(root / "benchmarks")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [
         sys.executable, "-c", CHILD, str(root), args.method, args.dataset, str(args.threads),
         str(args.steps), str(args.warmup), str(scratch), json.dumps([*args.set, *overrides]),

@@ -25,5 +25,5 @@ $PY benchmarks/step_cost.py --protocol paper --dataset synthetic --threads 8 --r
 #    every GPU the machine has, a short synthetic run of the paper method.
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 $PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m semiseg train \
-  --config cpu_small/synthetic/unimatch_supmix_sufd --run-dir "$OUT/ddp_run" \
+  -c protocols/cpu_small -c datasets/synthetic -c methods/unimatch_supmix_sufd --run-dir "$OUT/ddp_run" \
   --set train.iters=30 --set train.amp=true --set train.device=cuda --set train.progress=log 2>&1 | tail -12

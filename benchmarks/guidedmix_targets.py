@@ -26,19 +26,16 @@ mixed crops); eval mode here is the closest whole-image reading.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import command_line, split_records, write_outputs
 
 from semiseg.data.io import image_to_tensor, read_record
 from semiseg.evaluate import pad_value_for, predict_logits
 from semiseg.inference import load_trained_model
 from semiseg.methods.guidedmix import decouple, lupi_mix, nearest_pairs, pair_embedding
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pseudo_label_stats import command_line, split_records, write_outputs  # noqa: E402  (a sibling script)
 
 MODES = ("soft", "hard")
 DEFAULT_LAMBDAS = [0.1, 0.25, 0.4]

@@ -21,8 +21,9 @@ checkpoint a resume starts from). Writes ``<out>/kill_resume_<name>.json`` and `
 
     python benchmarks/kill_resume.py                                   # tiny synthetic run, 20 kills
     python benchmarks/kill_resume.py --kills 3 --name smoke            # a quick smoke test
-    python benchmarks/kill_resume.py --config cpu_small/chase_db1/unimatch_supmix_sufd \\
-        --set train.iters=300 --set train.ckpt_every=50 --set train.log_every=10 --name chase
+    python benchmarks/kill_resume.py --config protocols/cpu_small --config datasets/chase_db1 \\
+        --config methods/unimatch_supmix_sufd --set train.iters=300 --set train.ckpt_every=50 \\
+        --set train.log_every=10 --name chase
 """
 
 from __future__ import annotations
@@ -67,9 +68,9 @@ TINY = [  # a synthetic FixMatch run of ~20 s on 2 CPU cores: 6 validations, che
 FORCED = ["deterministic=true", "train.progress=log", "train.threads=1"]
 
 
-def command(config: str | None, overrides: list[str], run_dir: Path, resume: bool) -> list[str]:
+def command(configs: list[str], overrides: list[str], run_dir: Path, resume: bool) -> list[str]:
     cmd = [sys.executable, "-m", "semiseg", "train", "--run-dir", str(run_dir)]
-    if config:
+    for config in configs:  # several: merged in order, as `semiseg train` does
         cmd += ["--config", config]
     for item in overrides:
         cmd += ["--set", item]
@@ -152,7 +153,12 @@ def compare(a: dict, b: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file or built-in name (default: a tiny synthetic run)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="config file or built-in name, repeatable: merged in order (default: a tiny synthetic run)",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs before the final resume (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
@@ -260,7 +266,7 @@ def main() -> int:
         "after the run had finished": finished_early,
     }
     payload = {
-        "config": args.config or "tiny synthetic (benchmarks/kill_resume.py TINY)",
+        "config": " ".join(args.config) or "tiny synthetic (benchmarks/kill_resume.py TINY)",
         "overrides": overrides,
         "kills": args.kills,
         "seed": args.seed,
@@ -282,7 +288,7 @@ def main() -> int:
         f"# kill -9 and resume: {args.name}",
         "",
         f"`python benchmarks/kill_resume.py --kills {args.kills} --seed {args.seed}"
-        + (f" --config {args.config}" if args.config else "")
+        + "".join(f" --config {c}" for c in args.config)
         + "".join(f" --set {o}" for o in args.overrides)
         + f"` ({payload['date']}, {payload['machine']})",
         "",

@@ -19,12 +19,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-
-def load(path: Path) -> list[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"error: {path}: {error}") from None
+from common import load_records
 
 
 def headroom(table: list[dict], full: list[dict], baseline: str, margin: float) -> list[dict]:
@@ -85,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=3.0)
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
-    rows = headroom(load(args.table), load(args.full), args.baseline, args.margin)
+    rows = headroom(load_records(args.table), load_records(args.full), args.baseline, args.margin)
     if not rows:
         raise SystemExit(f"error: no (dataset, seed) has both a '{args.baseline}' cell and a full-label cell")
     command = "python benchmarks/label_ceiling.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -17,19 +17,16 @@ Whole images, eval mode, the run's final weights (``latest.pt``) and its ``split
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import command_line, split_records, write_outputs
 
 from semiseg.data.io import image_to_tensor, read_record
 from semiseg.inference import load_trained_model
 from semiseg.methods import build_method
 from semiseg.plugins.mpmc import patch_targets, pixel_confidence
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pseudo_label_stats import command_line, split_records, write_outputs  # noqa: E402  (a sibling script)
 
 #: λ_s read as eq. 5's γ or as σ(q) (``lambda_s: presence``), over all / correct / wrong pseudo-labels.
 WEIGHT_KEYS = tuple(f"{w}_{part}" for w in ("gamma", "presence") for part in ("all", "correct", "wrong"))

@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from statistics import fmean
 
+from common import load_records
+
 from semiseg.experiment.stats import min_detectable_difference, pooled_sd, t_quantile
 
 KINDS = ("init", "draw")
@@ -49,16 +51,6 @@ def fraction_text(fraction: float | int) -> str:
         return f"{fraction} labeled"
     inverse = 1 / fraction
     return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{fraction:g}"
-
-
-def load(path: Path) -> list[dict]:
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise SystemExit(f"error: {path}: {error}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise SystemExit(f"error: {path}: not a list of run records")
-    return records
 
 
 def labeled_set(record: dict, init_file: Path | None) -> tuple[str, str | None]:
@@ -78,7 +70,7 @@ def classify(files: list[tuple[Path, bool]], metric: str) -> list[dict]:
     """Every record with ``metric``, tagged with its kind and labeled set; one record per run."""
     seen: dict[tuple, dict] = {}
     for path, init in files:
-        for record in load(path):
+        for record in load_records(path):
             value = record.get(metric)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue

@@ -25,45 +25,15 @@ images) can be checked; images without a mask are skipped.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import command_line, split_records, write_outputs
 
-from semiseg.data import formats  # noqa: F401  (registers the dataset builders)
-from semiseg.data.base import DATASETS
 from semiseg.data.io import image_to_tensor, read_record
 from semiseg.evaluate import pad_value_for, predict_logits
 from semiseg.trainer import load_trained_model
-
-
-def split_records(cfg, run_dir: Path, split: str = "unlabeled") -> list:
-    """The run's training images of ``split`` (``splits/<split>.txt``: unlabeled, labeled) with a mask."""
-    source = DATASETS[cfg.data.name](cfg.data)
-    by_name = {r.name: r for r in source.train_pool}
-    names = (run_dir / "splits" / f"{split}.txt").read_text().split()
-    return [by_name[n] for n in names if n in by_name and by_name[n].mask is not None]
-
-
-def command_line(script: str, runs: list[Path], out: Path | None, **options: list | None) -> str:
-    """The command that made a result file: ``python benchmarks/SCRIPT RUNS [--OPTION ...] [--out OUT]``."""
-    parts = [f"python benchmarks/{script}", *map(str, runs)]
-    for name, values in options.items():
-        if values:
-            parts += [f"--{name}", *map(str, values)]
-    if out:
-        parts += ["--out", str(out)]
-    return " ".join(parts)
-
-
-def write_outputs(out: Path | None, command: str, rows: list[dict], text: str) -> None:
-    """Print the Markdown table; with ``out``, write OUT.json (command and rows) and OUT.md."""
-    print(text)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"command": command, "runs": rows}, indent=2))
-        out.with_suffix(".md").write_text(text)
 
 
 def run_stats(run_dir: Path, thresholds: list[float] | None) -> list[dict]:

@@ -14,10 +14,10 @@ cd "$(dirname "$0")/.."
 SEMISEG=${SEMISEG:-.venv/bin/semiseg}
 DATASET=$1; shift
 case $DATASET in
-  chase) CFG=configs/cpu_small/chase_db1; SPLIT=$PWD/benchmarks/calibration_split_chase_s0 ;;
-  covid) CFG=configs/cpu_small/covid_infnet; SPLIT=$PWD/benchmarks/calibration_split_covid_s0 ;;
-  chase_s2) CFG=configs/cpu_small/chase_db1; SPLIT=$PWD/benchmarks/calibration_split_chase_s2 ;;
-  covid_s2) CFG=configs/cpu_small/covid_infnet; SPLIT=$PWD/benchmarks/calibration_split_covid_s2 ;;
+  chase) DS=chase_db1; SPLIT=$PWD/benchmarks/calibration_split_chase_s0 ;;
+  covid) DS=covid_infnet; SPLIT=$PWD/benchmarks/calibration_split_covid_s0 ;;
+  chase_s2) DS=chase_db1; SPLIT=$PWD/benchmarks/calibration_split_chase_s2 ;;
+  covid_s2) DS=covid_infnet; SPLIT=$PWD/benchmarks/calibration_split_covid_s2 ;;
   *) echo "error: DATASET must be chase, covid, chase_s2 or covid_s2" >&2; exit 2 ;;
 esac
 OUT=runs/selection/$DATASET
@@ -70,7 +70,8 @@ for name in "$@"; do
   resume=(); [ -f "$OUT/$name/latest.pt" ] && resume=(--resume)
   [ -d "$OUT/$name" ] && [ ! -f "$OUT/$name/latest.pt" ] && rm -rf "$OUT/$name"
   echo "start: $name $(date -u +%H:%M:%S)"
-  $SEMISEG train --config "$CFG/${spec[0]}.yaml" --run-dir "$OUT/$name" "${resume[@]}" "${COMMON[@]}" \
+  $SEMISEG train -c configs/protocols/cpu_small.yaml -c "configs/datasets/$DS.yaml" \
+    -c "configs/methods/${spec[0]}.yaml" --run-dir "$OUT/$name" "${resume[@]}" "${COMMON[@]}" \
     "${spec[@]:1}" > "$LOGS/$name.log" 2>&1
   echo "end: $name rc=$? $(date -u +%H:%M:%S)"
 done

@@ -20,7 +20,6 @@ the boundary) and ``bcp@method.stage1_iters=1.0`` its stage-1 step.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -30,13 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import method_config, split_variant, write_results
 
-from semiseg.config import RunConfig, _deep_merge, apply_overrides, build_config, load_yaml_tree
 from semiseg.data.datasets import make_batch
 from semiseg.methods import StepInfo
 from semiseg.trainer import Trainer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "semiseg" / "configs"
 METHODS = [
     "supervised",
     "fixmatch",
@@ -47,25 +45,6 @@ METHODS = [
     "unimatch_supmix_sufd",
     "mean_teacher",
 ]
-
-
-def split_variant(spec: str) -> tuple[str, list[str]]:
-    """``"unimatch@train.channels_last=true,plugins.sufd.input_scale=0.5"`` -> (method, overrides)."""
-    method, _, rest = spec.partition("@")
-    return method, [o for o in rest.split(",") if o]
-
-
-def method_config(
-    spec: str, dataset: str, extra: list[str], iters: int | None = 1000, protocol: str = "cpu_small"
-) -> RunConfig:
-    """Config of ``spec`` (a method file of configs/methods, optionally ``@overrides``) at ``protocol``
-    (configs/protocols); ``iters`` replaces the protocol's iteration count unless None."""
-    method, overrides = split_variant(spec)
-    extra = [*([f"train.iters={iters}"] if iters is not None else []), *extra, *overrides]
-    tree: dict = {}
-    for part in (f"protocols/{protocol}.yaml", f"datasets/{dataset}.yaml", f"methods/{method}.yaml"):
-        tree = _deep_merge(tree, load_yaml_tree(CONFIGS / part))
-    return build_config(apply_overrides(tree, ["train.progress=none", *extra]))
 
 
 def passes_for(spec: str) -> list[tuple[str, str]]:
@@ -263,7 +242,7 @@ def main() -> None:
         "batch_l": cfg.data.batch_size,
         "batch_u": cfg.data.unlabeled_batch_size,
         "model": cfg.model.name,
-        "widths": cfg.model.widths,
+        "widths": getattr(cfg.model, "widths", None),
         "threads": args.threads,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "machine": platform.processor() or platform.machine(),
@@ -278,14 +257,6 @@ def main() -> None:
     )
     name = f"step_cost_{args.dataset}" + (f"_{args.tag}" if args.tag else "")
     write_results(Path(args.out), name, result, to_markdown(result, header))
-
-
-def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
-    """``out/<name>.json`` and ``out/<name>.md``; the Markdown is printed too."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{name}.md").write_text(markdown)
-    print(markdown)
 
 
 if __name__ == "__main__":

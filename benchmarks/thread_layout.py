@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from cell_cost import build, next_batch
-from step_cost import write_results
+from common import write_results
 
 from semiseg.methods import StepInfo
 

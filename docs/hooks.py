@@ -1,6 +1,6 @@
 """MkDocs hook: the results pages, generated from the committed records on every build.
 
-For every grid file in ``src/semiseg/configs/grids/``, :func:`on_pre_build` writes
+For every grid file in ``benchmarks/grids/``, :func:`on_pre_build` writes
 ``docs/generated/<grid>.md``: what the grid compares, the command that reproduces it, and its tables
 built from ``<reports>/records.json`` by :func:`semiseg.experiment.report.summarize`,
 :func:`~semiseg.experiment.report.table1_markdown` and, for ablation grids,
@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-GRIDS = ROOT / "src" / "semiseg" / "configs" / "grids"
+GRIDS = ROOT / "benchmarks" / "grids"
 OUT = ROOT / "docs" / "generated"
 FIGURES = "generated/figures"  # where the results folders' PNGs appear in the site
 
@@ -110,7 +110,7 @@ def grid_page(grid_file: Path) -> str:
     rel = reports.relative_to(ROOT) if reports.is_relative_to(ROOT) else reports
     out = [f"# {name}", "", ABOUT.get(grid_file.stem) or _header_comment(grid_file), ""]
     out += [
-        f"Reproduce: `semiseg reproduce grids/{grid_file.stem}` (`--dry-run` lists the cells and their "
+        f"Reproduce: `semiseg reproduce benchmarks/grids/{grid_file.stem}.yaml` (`--dry-run` lists the cells and their "
         f"state, `--report-only` rebuilds the committed tables). Results folder: `{rel}/`.",
         "",
         '!!! note "Generated page"',

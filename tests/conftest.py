@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
+# benchmarks/common.py, which the benchmark scripts tests load by path import (as `python
+# benchmarks/SCRIPT.py` finds it beside the script)
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(autouse=True)

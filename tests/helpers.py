@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 NO_SHARED = "../shared/data not present: real-data tests need the shared datasets beside the repo"
+BUILTIN_CONFIGS = REPO / "src" / "semiseg" / "configs"
+
+
+def composed(protocol: str, dataset: str, method: str) -> list[Path]:
+    """The built-in files ``semiseg train -c protocols/P.yaml -c datasets/D.yaml -c methods/M.yaml``
+    merges, in that order (``load_config`` takes the list as it is)."""
+    return [
+        BUILTIN_CONFIGS / "protocols" / f"{protocol}.yaml",
+        BUILTIN_CONFIGS / "datasets" / f"{dataset}.yaml",
+        BUILTIN_CONFIGS / "methods" / f"{method}.yaml",
+    ]
 
 
 def tiny_overrides(iters: int = 4, **extra: object) -> list[str]:
@@ -41,6 +52,8 @@ def tiny_overrides(iters: int = 4, **extra: object) -> list[str]:
         "eval.size_divisor": 16,
     }
     values.update(extra)
+    if "model.widths" not in extra and values.get("model.name", "unet") != "unet":
+        del values["model.widths"]  # a U-Net option: other models have their own sections
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -142,9 +155,10 @@ def fit_interrupted(trainer, monkeypatch, at_step: int = 3) -> None:
 # Tiny networks, batches, methods and trainers (unit tests of methods, plug-ins and models)
 # ----------------------------------------------------------------------------------------------
 
-#: ``ModelConfig`` options of a tiny, randomly initialised instance of each built-in model (nothing
-#: is downloaded): U-Net 4-8-16-32-64, DeepLabV3+ on timm's ResNet-18, GuidedMix-Net on a ResNet-18
-#: with 4-8-8-8 stages. A model registered by another package is built with its defaults.
+#: ``model`` options (the model's ``Config``) of a tiny, randomly initialised instance of each
+#: built-in model (nothing is downloaded): U-Net 4-8-16-32-64, DeepLabV3+ on timm's ResNet-18,
+#: GuidedMix-Net on a ResNet-18 with 4-8-8-8 stages. A model registered by another package is built
+#: with its defaults.
 TINY_MODELS: dict[str, dict[str, object]] = {
     "unet": {"widths": [4, 8, 16, 32, 64]},
     "deeplabv3plus": {"backbone": "resnet18"},
@@ -160,7 +174,7 @@ TINY_MODELS: dict[str, dict[str, object]] = {
 
 
 def tiny_model_config(name: str = "unet", **changes: object) -> ModelConfig:
-    """The :data:`TINY_MODELS` config of ``name``, with ``changes``."""
+    """The :data:`TINY_MODELS` config of ``name`` (its own ``Config`` class), with ``changes``."""
     from semiseg.config import ModelConfig
 
     return ModelConfig(name=name, **{**TINY_MODELS.get(name, {}), **changes})  # type: ignore[arg-type]

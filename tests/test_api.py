@@ -18,6 +18,7 @@ from PIL import Image
 import semiseg
 from semiseg import api
 from semiseg.cli import main
+from semiseg.config import config_to_dict
 from semiseg.errors import SemisegError
 
 
@@ -63,9 +64,17 @@ def test_overrides_as_list_mapping_or_nested_mapping():
 
 
 def test_config_names_resolve_like_the_cli():
-    cfg = api.load_run_config("cpu_small/chase_db1/unimatch")
-    assert cfg.method.name == "unimatch" and cfg.data.name == "chase_db1"
-    assert api.load_run_config("configs/cpu_small/chase_db1/unimatch.yaml").method.name == "unimatch"
+    cfg = api.load_run_config(["protocols/cpu_small", "datasets/chase_db1", "methods/unimatch"])
+    assert cfg.method.name == "unimatch" and cfg.data.name == "chase_db1" and cfg.protocol == "cpu-small"
+    assert cfg.name == "cpu_small-chase_db1-unimatch"  # several files: named after them
+    files = [
+        "configs/protocols/cpu_small.yaml",
+        "configs/datasets/chase_db1.yaml",
+        "configs/methods/unimatch.yaml",
+    ]
+    again = api.load_run_config(tuple(files), {"seed": 4})  # repository paths, overridden last
+    assert config_to_dict(again) == {**config_to_dict(cfg), "seed": 4}
+    assert api.load_run_config("methods/unimatch").method.name == "unimatch"
     path = REPO / "src/semiseg/configs/demo.yaml"
     assert api.load_run_config(path).name == "demo"
     with pytest.raises(SemisegError, match="nope: config file not found"):

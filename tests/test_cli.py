@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import expect_error, run_cli, sets, tiny_overrides, write_folder_dataset
+from helpers import composed, expect_error, run_cli, sets, tiny_overrides, write_folder_dataset
 from PIL import Image
 
 
@@ -119,6 +119,32 @@ def test_nan_loss_exits_cleanly(tmp_path, capsys):
 def test_config_show_resolves(capsys):
     code, out, _ = run_cli(["config", "show", "--config", "demo", "--set", "train.iters=5"], capsys)
     assert code == 0 and "iters: 5" in out
+
+
+def test_several_configs_merge_in_order_and_set_comes_last(tmp_path, capsys):
+    """``-c A -c B -c C``: merged in order (later files win), ``--set`` last; with several files and
+    no name the run is named after them. The composition is the config the protocol, dataset and
+    method files give (what the removed per-cell ``cpu_small/<dataset>/<method>.yaml`` files held)."""
+    import yaml
+
+    from semiseg.config import config_hash, load_config
+
+    files = ["-c", "protocols/cpu_small", "-c", "datasets/chase_db1.yaml", "-c", "methods/unimatch"]
+    code, out, _ = run_cli(["config", "show", *files], capsys)
+    shown = yaml.safe_load(out)
+    assert code == 0 and shown["name"] == "cpu_small-chase_db1-unimatch" and shown["protocol"] == "cpu-small"
+    assert shown["method"]["name"] == "unimatch" and shown["data"]["name"] == "chase_db1"
+    parts = composed("cpu_small", "chase_db1", "unimatch")
+    cell = tmp_path / "cell.yaml"  # the same composition as one file inheriting the three
+    cell.write_text(yaml.safe_dump({"_base_": [str(p) for p in parts]}))
+    assert config_hash(load_config(cell)) == config_hash(load_config(parts))
+    later = tmp_path / "later.yaml"
+    later.write_text("name: mine\ntrain: {iters: 7}\n")
+    code, out, _ = run_cli(["config", "show", *files, "-c", later, "--set", "train.iters=9"], capsys)
+    shown = yaml.safe_load(out)
+    assert code == 0 and shown["name"] == "mine" and shown["train"]["iters"] == 9
+    assert shown["method"]["name"] == "unimatch"
+    expect_error(capsys, ["train", *files, "-c", tmp_path / "nope.yaml"], "nope.yaml")
 
 
 def test_a_validation_split_gives_best_pt_and_a_curve_by_default(tmp_path, capsys):

@@ -1,13 +1,11 @@
-import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from semiseg.config import (
-    HASH_NEUTRAL,
     RunConfig,
-    _drop_hash_neutral,
     apply_overrides,
     build_config,
     config_hash,
@@ -97,28 +95,62 @@ def test_resolved_config_round_trips_and_hash_is_stable():
 
 
 def test_hash_neutral_option_at_default_leaves_the_hash_unchanged():
-    """An option added later (``supmix_source``) must not invalidate cached cells at its default."""
+    """An option added later (SupMix's ``source``) must not invalidate cached cells at its default."""
     base = ["method.name=unimatch", "method.mix=supmix", "plugins.sufd={}"]
     cfg = load_config(None, base)
     tree = config_to_dict(cfg)
-    assert tree["method"]["supmix_source"] == "weak"
-    dropped = dict(tree, method={k: v for k, v in tree["method"].items() if k != "supmix_source"})
+    assert tree["method"]["mixer"]["source"] == "weak"
+    mixer = {k: v for k, v in tree["method"]["mixer"].items() if k != "source"}
+    dropped = dict(tree, method=dict(tree["method"], mixer=mixer))
     assert config_hash(build_config(dropped)) == config_hash(cfg)  # absent == default
-    assert config_hash(load_config(None, [*base, "method.supmix_source=strong"])) != config_hash(cfg)
+    assert config_hash(load_config(None, [*base, "method.mixer.source=strong"])) != config_hash(cfg)
     for changed in ("method.warmup_iters=5", "method.pseudo.mask=freematch", "train.init_from=x"):
         assert config_hash(load_config(None, [*base, changed])) != config_hash(cfg), changed
 
 
-GRIDS = sorted(p.stem for p in (REPO / "src" / "semiseg" / "configs" / "grids").glob("*.yaml"))
+def test_mixer_options_live_in_the_mixers_section_and_old_flat_keys_still_load():
+    """``method.mixer`` is validated against the chosen mixer's Config; a config written when the
+    options were flat method fields (every saved run config lists them all) loads to the same
+    config and the same hash."""
+    new = load_config(None, ["method.name=unimatch", "method.mix=supmix", "method.mixer={p: 0.7}"])
+    assert new.method.mixer.p == 0.7 and new.method.mixer.fallback == "cutmix"
+    flat = {
+        "name": "unimatch",
+        "mix": "supmix",
+        "supmix_p": 0.7,
+        "classmix_p": 0.5,
+        "classmix_rounding": "ceil",
+    }
+    old = build_config({"method": flat})
+    assert old.method.mixer == new.method.mixer and config_hash(old) == config_hash(new)
+    assert config_hash(load_config(None, ["method.name=unimatch"])) == config_hash(
+        build_config({"method": {"name": "unimatch", "supmix_p": 0.5, "supmix_exclude": [0]}})
+    )
+    cases = {
+        "method.mixer={p: 0.3}": "method.mixer.p",  # cutmix takes no such option
+        "method.supmix_p=0.3": "an option of mixer 'supmix', but method.mix is 'cutmix'",
+        "method.mixer={p: 2.0}": None,
+    }
+    for override, match in cases.items():
+        sets = ["method.name=unimatch", override] + (["method.mix=supmix"] if match is None else [])
+        with pytest.raises(ConfigError, match=re.escape(match or "method.mixer.p: must be in [0, 1]")):
+            load_config(None, sets)
+    both = ["method.name=unimatch", "method.mix=supmix", "method.mixer={p: 0.5}", "method.supmix_p=0.7"]
+    with pytest.raises(ConfigError, match="disagree"):
+        load_config(None, both)
+
+
+GRIDS_DIR = REPO / "benchmarks" / "grids"  # the studies' grids (the package ships none)
+GRIDS = sorted(p.stem for p in GRIDS_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("grid", GRIDS)
 def test_committed_grid_records_keep_their_config_hashes(grid):
-    """Every committed record of every built-in grid still matches one of its cells' config
-    hashes, so new options (at their defaults) and refactors never make finished cells run again."""
-    from semiseg.experiment import BUILTIN_CONFIGS, load_grid
+    """Every committed record of every grid in benchmarks/grids still matches one of its cells'
+    config hashes, so new options (at their defaults) and refactors never make finished cells run again."""
+    from semiseg.experiment import load_grid
 
-    loaded = load_grid(BUILTIN_CONFIGS / "grids" / f"{grid}.yaml")
+    loaded = load_grid(GRIDS_DIR / f"{grid}.yaml")
     path = REPO / loaded.reports / "records.json"
     if not path.is_file():
         pytest.skip(f"{path} not committed")
@@ -128,23 +160,6 @@ def test_committed_grid_records_keep_their_config_hashes(grid):
     assert records and not stale, stale
 
 
-def test_hash_neutral_walks_nested_and_plugin_dataclasses():
-    @dataclasses.dataclass
-    class Inner:
-        kept: int = 1
-        later: str = dataclasses.field(default="old", metadata={HASH_NEUTRAL: True})
-
-    @dataclasses.dataclass
-    class Outer:
-        inner: Inner = dataclasses.field(default_factory=Inner)
-        plugins: dict = dataclasses.field(default_factory=lambda: {"p": Inner(later="new")})
-
-    obj = Outer()
-    tree = dataclasses.asdict(obj)
-    _drop_hash_neutral(obj, tree)
-    assert tree == {"inner": {"kept": 1}, "plugins": {"p": {"kept": 1, "later": "new"}}}
-
-
 def _leaf_configs():
     return sorted(
         p
@@ -152,7 +167,6 @@ def _leaf_configs():
         if "methods" not in p.parts
         and "protocols" not in p.parts
         and "datasets" not in p.parts
-        and "grids" not in p.parts
         and "recipes" not in p.parts
     )
 
@@ -167,9 +181,10 @@ def test_recipes_overlay_every_semi_supervised_method(recipe, method):
     assert cfg.method.dice_weight == 1.0 and cfg.method.dice_squared
 
 
-@pytest.mark.parametrize("grid", sorted((CONFIGS / "grids").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_grid_builds_all_its_cells(grid):
-    """Each built-in grid resolves every cell's config (protocol, dataset, method, overrides, chains)."""
+@pytest.mark.parametrize("grid", sorted(GRIDS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_grid_builds_all_its_cells(grid):
+    """Each grid of benchmarks/grids resolves every cell's config (protocol, dataset, method,
+    overrides, chains): its references resolve beside it first, then as built-in configs."""
     from semiseg.experiment import load_grid
 
     loaded = load_grid(grid)

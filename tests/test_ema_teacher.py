@@ -43,6 +43,26 @@ def _differing(method) -> None:
             p.copy_(torch.randn_like(p))
 
 
+def capture_step(method: UniMatch) -> dict:
+    """Record the weak view's pseudo-labels (``pl``) and the plug-in context (``ctx``) of the
+    method's next training step."""
+    captured: dict = {}
+    weak_pseudo_labels, plugin_context = method.weak_pseudo_labels, method.plugin_context
+
+    def spy_labels(*args, **kwargs):
+        pl, teacher_features = weak_pseudo_labels(*args, **kwargs)
+        captured["pl"] = pl
+        return pl, teacher_features
+
+    def spy_context(*args, **kwargs):
+        captured["ctx"] = plugin_context(*args, **kwargs)
+        return captured["ctx"]
+
+    method.weak_pseudo_labels = spy_labels  # type: ignore[method-assign]
+    method.plugin_context = spy_context  # type: ignore[method-assign]
+    return captured
+
+
 @pytest.mark.parametrize("name", ["fixmatch", "unimatch"])
 @pytest.mark.parametrize("mask", ["fixed", "freematch"])
 def test_the_ema_teacher_makes_the_pseudo_labels_statistics_and_partner(
@@ -61,15 +81,7 @@ def test_the_ema_teacher_makes_the_pseudo_labels_statistics_and_partner(
         return original(self, logits, ignore, update)
 
     monkeypatch.setattr(PseudoLabeler, "__call__", spy)
-    captured = {}
-    weak_context = method.weak_context
-
-    def capture(*args, **kwargs):
-        ctx, pl = weak_context(*args, **kwargs)
-        captured["ctx"], captured["pl"] = ctx, pl
-        return ctx, pl
-
-    method.weak_context = capture  # type: ignore[method-assign]
+    captured = capture_step(method)
     result = method.training_step(batch, StepInfo(0, 10))
     with torch.no_grad():
         teacher = method.teacher.module(batch.x_w)
@@ -157,15 +169,7 @@ def test_plugins_see_the_teachers_features() -> None:
     )
     _differing(method)
     batch = make_batch(2, 2, 32)
-    captured = {}
-    weak_context = method.weak_context
-
-    def capture(*args, **kwargs):
-        ctx, pl = weak_context(*args, **kwargs)
-        captured["ctx"] = ctx
-        return ctx, pl
-
-    method.weak_context = capture  # type: ignore[method-assign]
+    captured = capture_step(method)
     result = method.training_step(batch, StepInfo(0, 10))
     ctx = captured["ctx"]
     with torch.no_grad():

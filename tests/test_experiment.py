@@ -265,6 +265,26 @@ def test_workers_share_a_grid_and_train_each_cell_once(tmp_path, capsys):
     assert "--workers 0: must be at least 1" in capsys.readouterr().err
 
 
+def test_reproduce_takes_a_grid_path_or_a_bare_name_under_benchmarks_grids(tmp_path, capsys, monkeypatch):
+    """``semiseg reproduce`` reads a grid file by path, or a bare name as ./benchmarks/grids/<name>.yaml;
+    anything else (a missing file, the package's old ``grids/<name>``) is a one-line error."""
+    from helpers import expect_error
+
+    from semiseg.cli import main
+
+    grids = tmp_path / "benchmarks" / "grids"
+    grids.mkdir(parents=True)
+    grid_file = write_grid(tmp_path).rename(grids / "tiny.yaml")
+    (tmp_path / "tiny_protocol.yaml").rename(grids / "tiny_protocol.yaml")  # found beside the grid
+    monkeypatch.chdir(tmp_path)
+    for name in (str(grid_file), "benchmarks/grids/tiny.yaml", "tiny", "tiny.yaml"):
+        assert main(["reproduce", name, "--dry-run"]) == 0, name
+        assert "grid tiny: 4 cells" in capsys.readouterr().out, name
+    expect_error(capsys, ["reproduce", "nope"], "nope: grid not found", "benchmarks/grids/nope.yaml")
+    expect_error(capsys, ["reproduce", "some/where.yaml"], "some/where.yaml: grid file not found")
+    expect_error(capsys, ["reproduce", "grids/table1_cpu_small"], "benchmarks/grids/table1_cpu_small.yaml")
+
+
 def test_eta_uses_durations_of_finished_runs_of_the_same_dataset_and_method():
     from types import SimpleNamespace
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     REPO,
+    composed,
     fit_interrupted,
     tiny_method,
     tiny_model,
@@ -24,7 +25,7 @@ from helpers import (
 )
 from torch import Tensor, nn
 
-from semiseg.config import HASH_NEUTRAL, ModelConfig, build_config, config_hash, load_config
+from semiseg.config import MIGRATIONS, build_config, config_hash, load_config
 from semiseg.errors import ConfigError
 from semiseg.methods import Batch, StepInfo, build_method
 from semiseg.methods.guidedmix import (
@@ -45,6 +46,8 @@ from semiseg.models import Segmenter, SegOutput, build_model
 from semiseg.models.guidedmix import GuidedMixNet, GuidedMixOutput, MITrans, NonLocalTransfer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "semiseg" / "configs"
+GRIDS = REPO / "benchmarks" / "grids"
+GUIDEDMIX_SYNTHETIC = composed("cpu_small", "synthetic", "guidedmix/cpu_small")
 IGN = 255
 NEW_MODEL_FIELDS = (
     "backbone_widths",
@@ -329,7 +332,7 @@ def test_pretrained_is_never_downloaded(monkeypatch: pytest.MonkeyPatch) -> None
 
     monkeypatch.setattr(timm, "create_model", spy)
     tiny_net()
-    cfg = load_config(CONFIGS / "cpu_small" / "synthetic" / "guidedmix.yaml")
+    cfg = load_config(GUIDEDMIX_SYNTHETIC)
     assert cfg.model.pretrained is False
     build_model(cfg.model, 3, 3)
     assert seen and not any(seen)
@@ -354,12 +357,13 @@ def test_bad_model_options_name_the_key(change: dict, key: str) -> None:
 
 
 def test_new_model_fields_are_hash_neutral() -> None:
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    added = {m.path for m in MIGRATIONS}
     for name in NEW_MODEL_FIELDS:
-        assert fields[name].metadata.get(HASH_NEUTRAL), name
-    base = load_config(None)
-    assert config_hash(base) == config_hash(load_config(None, ["model.psp_channels=512"]))
-    assert config_hash(base) != config_hash(load_config(None, ["model.psp_channels=64"]))
+        assert f"model.{name}" in added, name
+    gm = ["model.name=guidedmix"]
+    base = load_config(None, gm)
+    assert config_hash(base) == config_hash(load_config(None, [*gm, "model.psp_channels=512"]))
+    assert config_hash(base) != config_hash(load_config(None, [*gm, "model.psp_channels=64"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,22 +530,22 @@ def test_shipped_configs_and_grids() -> None:
     from semiseg.experiment import load_grid
 
     for ds in ("chase_db1", "covid_infnet", "synthetic"):
-        cfg = load_config(CONFIGS / "cpu_small" / ds / "guidedmix.yaml")
+        cfg = load_config(composed("cpu_small", ds, "guidedmix/cpu_small"))
         assert cfg.method.name == "guidedmix" and cfg.model.name == "guidedmix"
         assert cfg.model.backbone == "resnet18" and cfg.model.backbone_widths == [16, 32, 64, 128]
     for ds in ("chase_db1", "covid_infnet"):
-        cfg = load_config(CONFIGS / "paper" / ds / "guidedmix.yaml")
+        cfg = load_config(composed("paper", f"{ds}_paper", "guidedmix"))
         assert cfg.model.backbone == "resnet101" and cfg.model.output_stride == 32 and cfg.protocol == "paper"
     for path in sorted((CONFIGS / "methods" / "guidedmix").glob("*.yaml")):
         load_config(path)
     cells = {}
     for name in ("guidedmix_cpu_small", "guidedmix_ablation_cpu_small", "guidedmix_lambda_sweep_cpu_small"):
-        grid = load_grid(CONFIGS / "grids" / f"{name}.yaml")
+        grid = load_grid(GRIDS / f"{name}.yaml")
         assert {c.seed for c in grid.cells} == {0, 1, 2} and {c.fraction for c in grid.cells} == {0.125}
         for c in grid.cells:
             cells.setdefault(c.run_dir, set()).add(config_hash(c.cfg))
     assert all(len(h) == 1 for h in cells.values())  # a shared run directory has one config
-    ablation = load_grid(CONFIGS / "grids" / "guidedmix_ablation_cpu_small.yaml")
+    ablation = load_grid(GRIDS / "guidedmix_ablation_cpu_small.yaml")
     by = {c.method: c.cfg for c in ablation.cells if c.seed == 0}
     assert by["guidedmix_random_pairs+cedice"].method.pairing == "random"
     assert by["guidedmix_no_mitrans+cedice"].model.mitrans is False
@@ -550,7 +554,7 @@ def test_shipped_configs_and_grids() -> None:
     assert unmix.unmix and unmix.dec_decoupling == "soft" and unmix.decoupling == "soft"
     assert not by["guidedmix+cedice"].method.unmix  # the paper's equations by default
     assert all(cfg.method.dice_weight == 1.0 for cfg in by.values())  # the recipe's labeled loss
-    sweep = load_grid(CONFIGS / "grids" / "guidedmix_lambda_sweep_cpu_small.yaml")
+    sweep = load_grid(GRIDS / "guidedmix_lambda_sweep_cpu_small.yaml")
     assert sorted({c.cfg.method.lambda_max for c in sweep.cells}) == [0.1, 0.2, 0.3, 0.4, 0.5]
 
 
@@ -560,13 +564,15 @@ def test_tiny_end_to_end_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     sets = tiny_overrides(
         iters=3,
         **{
+            "model.name": "guidedmix",
             "model.backbone_widths": "[4, 8, 8, 8]",
             "model.psp_channels": 8,
             "model.decoder_channels": "[8, 8, 8, 4, 4]",
         },
     )
     run = tmp_path / "gm"
-    args = ["train", "--config", "cpu_small/synthetic/guidedmix", *[x for s in sets for x in ("--set", s)]]
+    files = ["-c", "protocols/cpu_small", "-c", "datasets/synthetic", "-c", "methods/guidedmix/cpu_small"]
+    args = ["train", *files, *[x for s in sets for x in ("--set", s)]]
     code = main([*args, "--run-dir", str(run)])
     assert code == 0, capsys.readouterr().err
     payload = json.loads((run / "results.json").read_text())
@@ -602,6 +608,7 @@ def test_resume_is_exact_with_random_pairs_and_per_sample_lambda(
     sets = tiny_overrides(
         iters=4,
         **{
+            "model.name": "guidedmix",
             "model.backbone_widths": "[4, 8, 8, 8]",
             "model.psp_channels": 8,
             "model.decoder_channels": "[8, 8, 8, 4, 4]",
@@ -610,7 +617,7 @@ def test_resume_is_exact_with_random_pairs_and_per_sample_lambda(
             "eval.splits": "[]",
         },
     )
-    config = CONFIGS / "cpu_small" / "synthetic" / "guidedmix.yaml"
+    config = GUIDEDMIX_SYNTHETIC
     train(load_config(config, sets), tmp_path / "straight")
     trainer = Trainer(load_config(config, sets), tmp_path / "interrupted")
     fit_interrupted(trainer, monkeypatch, at_step=3)

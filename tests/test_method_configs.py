@@ -1,11 +1,12 @@
 """Every committed method config loads, validates and declares the method, mixer, plug-ins and
-network its name promises (the recipe rows their recipe); every per-dataset config declares what its
-method config does; every shipped combination trains from the CLI on the synthetic default (CI-sized)."""
+network its name promises (the recipe rows their recipe); every protocol × dataset × method
+composition (``semiseg train -c PROTOCOL -c DATASET -c METHOD``) validates and declares what its
+method config does; every paper row trains from the CLI on the synthetic dataset (CI-sized)."""
 
 import json
 
 import pytest
-from helpers import REPO, Pointwise, tiny_overrides
+from helpers import REPO, Pointwise, composed, tiny_overrides
 
 from semiseg.cli import main
 from semiseg.config import load_config
@@ -69,9 +70,25 @@ DECLARED = {
 COMMITTED = sorted(
     p.relative_to(METHOD_CONFIGS).with_suffix("").as_posix() for p in METHOD_CONFIGS.rglob("*.yaml")
 )
-#: Per-dataset configs (protocol × dataset × method), named after their method config.
-CELLS = sorted(p for protocol in ("cpu_small", "paper") for p in (CONFIGS / protocol).glob("*/*.yaml"))
-NAMES = sorted(p.stem for p in (CONFIGS / "cpu_small" / "synthetic").glob("*.yaml"))
+PROTOCOLS = sorted(p.stem for p in (CONFIGS / "protocols").glob("*.yaml"))
+DATASETS = sorted(p.stem for p in (CONFIGS / "datasets").glob("*.yaml"))
+#: The method configs run on the cpu-small protocol (GuidedMix-Net's is its cpu-small network).
+NAMES = [
+    "fixmatch",
+    "guidedmix/cpu_small",
+    "mean_teacher",
+    "supervised",
+    "unimatch",
+    "unimatch_classmix",
+    "unimatch_mpmc",
+    "unimatch_mpmc_l",
+    "unimatch_mpmc_presence",
+    "unimatch_mpmc_ul",
+    "unimatch_sufd",
+    "unimatch_supmix",
+    "unimatch_supmix_sufd",
+    "unimatch_supmix_sufd_mpmc",
+]
 
 
 def declared(cfg) -> tuple:
@@ -95,11 +112,18 @@ def test_method_config_loads_and_declares_its_method_mix_plugins_and_network(nam
             assert (cfg.method.pseudo.mask, cfg.method.pseudo.align) == ("freematch", "labeled_prior")
 
 
-@pytest.mark.parametrize("path", CELLS, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}/{p.stem}")
-def test_per_dataset_config_declares_what_its_method_config_does(path):
-    cfg = load_config(path)
-    assert declared(cfg)[:3] == DECLARED[path.stem][:3]
-    assert cfg.data.name == path.parent.name and cfg.protocol == path.parent.parent.name.replace("_", "-")
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_composition_validates_and_declares_what_its_method_config_does(protocol, dataset):
+    """Each protocol × dataset × method composition builds a valid config: the method's method,
+    mixer and plug-ins, the dataset's data, the protocol's name; the name joins the three files'."""
+    data = load_config(CONFIGS / "datasets" / f"{dataset}.yaml").data
+    for method in COMMITTED:
+        cfg = load_config(composed(protocol, dataset, method))
+        assert declared(cfg)[:3] == DECLARED[method][:3], method
+        assert cfg.data.name == data.name and cfg.data.root == data.root, method
+        assert cfg.protocol == protocol.replace("_", "-"), method
+        assert cfg.name == f"{protocol}-{dataset}-{method.rsplit('/', 1)[-1]}"
 
 
 def test_the_paper_rows_are_all_shipped():
@@ -113,16 +137,18 @@ def test_the_paper_rows_are_all_shipped():
         "unimatch_supmix_sufd",
         "mean_teacher",
     ):
-        assert name in NAMES
+        assert name in NAMES and name in COMMITTED
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_method_trains_from_the_cli(tmp_path, capsys, name):
-    config = CONFIGS / "cpu_small" / "synthetic" / f"{name}.yaml"
-    sets = tiny_overrides(iters=3, **{"train.eval_every": -1})
+    config = composed("cpu_small", "synthetic", name)
+    # the model the config declares: tiny_overrides sets the U-Net widths only for a U-Net
+    sets = tiny_overrides(iters=3, **{"train.eval_every": -1, "model.name": DECLARED[name][3]})
     overrides = [x for o in sets for x in ("--set", o)]
     run = tmp_path / name
-    code = main(["train", "--config", str(config), *overrides, "--run-dir", str(run)])
+    files = [x for path in config for x in ("-c", str(path))]
+    code = main(["train", *files, *overrides, "--run-dir", str(run)])
     _, err = capsys.readouterr()
     assert code == 0, err
     cfg = load_config(config, sets)
@@ -143,8 +169,12 @@ def test_amp_on_cpu_uses_bfloat16_and_trains(tmp_path, capsys):
     code = main(
         [
             "train",
-            "--config",
-            "cpu_small/synthetic/unimatch_supmix_sufd",
+            "-c",
+            "protocols/cpu_small",
+            "-c",
+            "datasets/synthetic",
+            "-c",
+            "methods/unimatch_supmix_sufd",
             *overrides,
             "--run-dir",
             str(tmp_path / "amp"),
@@ -154,11 +184,11 @@ def test_amp_on_cpu_uses_bfloat16_and_trains(tmp_path, capsys):
 
 
 def test_supmix_from_a_strong_labeled_view_trains_from_the_cli(tmp_path, capsys):
-    """``method.supmix_source=strong``: the trainer feeds the labeled strong view the mixer pastes."""
-    sets = tiny_overrides(iters=2, **{"method.supmix_p": "1.0", "method.supmix_source": "strong"})
+    """``method.mixer.source=strong``: the trainer feeds the labeled strong view the mixer pastes."""
+    sets = tiny_overrides(iters=2, **{"method.mixer.p": "1.0", "method.mixer.source": "strong"})
     overrides = [x for o in sets for x in ("--set", o)]
     run = tmp_path / "strong_source"
-    config = "cpu_small/synthetic/unimatch_supmix"
-    code = main(["train", "--config", config, *overrides, "--run-dir", str(run)])
+    config = ["-c", "protocols/cpu_small", "-c", "datasets/synthetic", "-c", "methods/unimatch_supmix"]
+    code = main(["train", *config, *overrides, "--run-dir", str(run)])
     assert code == 0, capsys.readouterr().err
     assert json.loads((run / "results.json").read_text())["steps"] == 2

@@ -19,7 +19,8 @@ from semiseg.errors import ConfigError
 from semiseg.losses import masked_pseudo_ce, masked_softmax_mse, pseudo_label
 from semiseg.methods import METHODS, MeanTeacher, StepInfo, UniMatch, build_method
 from semiseg.methods.mean_teacher import ema_update, sigmoid_rampup
-from semiseg.plugins.base import StepContext
+from semiseg.methods.weak_strong import PixelTargets
+from semiseg.plugins.base import Plugin, PluginConfig, StepContext
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "methods"
 IGN = 255
@@ -80,11 +81,11 @@ def test_masked_softmax_mse_matches_brute_force():
 CASES = [
     ({"name": "supervised"}, {}, {"loss_x"}),
     ({"name": "fixmatch"}, {}, {"loss_x", "loss_s"}),
-    ({"name": "fixmatch", "mix": "supmix", "supmix_p": 1.0}, {"sufd": {}}, {"loss_s", "sufd/loss_adv"}),
+    ({"name": "fixmatch", "mix": "supmix", "mixer": {"p": 1.0}}, {"sufd": {}}, {"loss_s", "sufd/loss_adv"}),
     ({"name": "unimatch"}, {}, {"loss_x", "loss_s1", "loss_s2", "loss_fp", "mask_ratio"}),
-    ({"name": "unimatch", "mix": "classmix", "classmix_p": 1.0}, {}, {"loss_s1"}),
+    ({"name": "unimatch", "mix": "classmix", "mixer": {"p": 1.0}}, {}, {"loss_s1"}),
     (
-        {"name": "unimatch", "mix": "supmix", "supmix_strategy": "inverse_frequency"},
+        {"name": "unimatch", "mix": "supmix", "mixer": {"strategy": "inverse_frequency"}},
         {"sufd": {}},
         {"loss_fp", "sufd/loss_adv", "total/sufd"},
     ),
@@ -92,8 +93,7 @@ CASES = [
         {
             "name": "unimatch",
             "mix": "supmix",
-            "supmix_strategy": "difficulty",
-            "supmix_difficulty": "confidence",
+            "mixer": {"strategy": "difficulty", "difficulty": "confidence"},
         },
         {"sufd": {"input": "features"}},
         {"loss_s2", "total/sufd"},
@@ -225,7 +225,7 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
     torch.manual_seed(0)
     model = Pointwise()
     method = tiny_method(
-        {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "threshold": 1.0}, model=model
+        {"name": "unimatch", "mix": "supmix", "mixer": {"p": 1.0}, "threshold": 1.0}, model=model
     )
     batch = make_batch()
     losses = method.training_step(batch, StepInfo(0, 10)).named()
@@ -235,18 +235,18 @@ def test_supmix_in_unimatch_uses_gt_with_confidence_one():
 
 @pytest.mark.parametrize("source", ["weak", "strong"])
 def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
-    """``supmix_source``: pasted pixels come from ``x_l`` (weak, eq. 7–11) or ``x_ls`` (strong)."""
+    """SupMix's ``mixer.source``: pasted pixels come from ``x_l`` (weak, eq. 7–11) or ``x_ls`` (strong)."""
     torch.manual_seed(0)
     method = tiny_method(
-        {"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": source}, model=Pointwise()
+        {"name": "unimatch", "mix": "supmix", "mixer": {"p": 1.0, "source": source}}, model=Pointwise()
     )
     assert method.needs_labeled_strong == (source == "strong")
     batch = make_batch()
     batch.x_ls = batch.x_l + 100.0  # distinguishable from the weak view and from x_s1
-    ctx = StepContext.from_joint_pass(
-        batch, StepInfo(0, 10), method.model(torch.cat((batch.x_l, batch.x_w))), None, 2, batch.ignore
-    )
-    target = method.strong_target(batch.x_s1, None, ctx, (None, None), None)
+    with torch.no_grad():
+        conf_w, pseudo_w = method.model(batch.x_w).softmax(dim=1).max(dim=1)
+    own = PixelTargets(pseudo_w, conf_w, batch.ignore, None)
+    target = method.mix_strong_view(batch.x_s1, None, own, None, batch)
     pasted = target.confidence == 1.0
     assert bool(pasted.any())
     source = (batch.x_ls if source == "strong" else batch.x_l)[torch.arange(3) % 2]
@@ -254,8 +254,47 @@ def test_supmix_source_selects_the_labeled_view_that_is_pasted(source):
     assert torch.equal(channels_first(target.image)[:, pasted], channels_first(source)[:, pasted])
 
 
+class StrongViewProbe(Plugin):
+    """Records what the plug-in context holds when each hook runs."""
+
+    needs_features = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(PluginConfig(), 3, model, 10)
+        self.seen: list[tuple[str, bool, int | None, int]] = []
+
+    @property
+    def needs_strong_features(self) -> bool:
+        return True
+
+    def _record(self, hook: str, ctx: StepContext) -> None:
+        views = None if ctx.features_s is None else len(ctx.features_s)
+        self.seen.append((hook, ctx.has_strong_views, views, len(ctx.extras)))
+
+    def pixel_weights(self, ctx: StepContext) -> None:
+        self._record("pixel_weights", ctx)
+
+    def losses(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        self._record("losses", ctx)
+        return {}
+
+
+@pytest.mark.parametrize(("name", "views"), [("fixmatch", 1), ("unimatch", 2), ("mean_teacher", None)])
+def test_plugins_get_the_strong_views_features_after_the_strong_forward(name, views):
+    """``has_strong_views`` says whether the host hands over strong-view features; they are ``None``
+    while the mix is built (``pixel_weights``) and filled before ``losses``. Hosts leave ``extras``
+    to plug-ins."""
+    torch.manual_seed(0)
+    method = tiny_method({"name": name})
+    probe = StrongViewProbe(method.model)
+    method.attach_plugins({"probe": probe})
+    method.training_step(make_batch(), StepInfo(0, 10))
+    strong = views is not None
+    assert probe.seen == [("pixel_weights", strong, None, 0), ("losses", strong, views, 0)]
+
+
 def test_supmix_source_strong_without_labeled_strong_view_fails_clearly():
-    method = tiny_method({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0, "supmix_source": "strong"})
+    method = tiny_method({"name": "unimatch", "mix": "supmix", "mixer": {"p": 1.0, "source": "strong"}})
     with pytest.raises(AssertionError, match="x_ls"):
         method.training_step(make_batch(), StepInfo(0, 10)).named()
 
@@ -336,7 +375,7 @@ def test_supervised_rejects_plugins_that_need_unlabeled_data():
     "method_cfg,key",
     [
         ({"name": "unimatch", "threshold": 1.5}, "method.threshold"),
-        ({"name": "unimatch", "supmix_p": -0.1}, "method.supmix_p"),
+        ({"name": "unimatch", "mix": "supmix", "mixer": {"p": -0.1}}, "method.mixer.p"),
         ({"name": "fixmatch", "weight_s": -1.0}, "method.weight_s"),
         ({"name": "unimatch", "mix": "mixup"}, "method.mix"),
         ({"name": "mean_teacher", "ema_momentum": 2.0}, "method.ema_momentum"),
@@ -362,7 +401,7 @@ def test_unimatch_supmix_sufd_is_one_config():
 
 
 def test_state_dict_round_trip_keeps_statistics_and_discriminator():
-    method_cfg = {"name": "unimatch", "mix": "supmix", "supmix_strategy": "difficulty"}
+    method_cfg = {"name": "unimatch", "mix": "supmix", "mixer": {"strategy": "difficulty"}}
     trainer = tiny_trainer(method_cfg, {"sufd": {}})
     train_update(trainer, make_batch(), 0)
     a = trainer.method

@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from semiseg.mixers import (
+    ClassMixConfig,
     ClassStatistics,
     MixConfig,
     MixSample,
     StrongMixer,
+    SupMixConfig,
     choose_classes,
     classmix_count,
     classmix_mask,
@@ -280,7 +282,7 @@ def test_supmix_pastes_labeled_gt_with_confidence_one():
     torch.manual_seed(0)
     x_l, y_l, own = _supmix_case()
     labeled = labeled_source(x_l, y_l, own.label.shape[0], with_weight=True)
-    mixer = StrongMixer(MixConfig(mix="supmix", supmix_p=1.0, supmix_fallback="none"), 4)
+    mixer = StrongMixer(MixConfig(mix="supmix", mixer=SupMixConfig(p=1.0, fallback="none")), 4)
     out = mixer(own, None, labeled, None)
     for i in range(own.label.shape[0]):
         j = i % x_l.shape[0]  # labeled partner = labeled sample i mod n_l
@@ -303,7 +305,7 @@ def test_supmix_probability_zero_falls_back_to_cutmix():
     box = torch.zeros_like(own.confidence)
     box[0, 1:4, 1:4] = 1
     labeled = labeled_source(x_l, y_l, own.label.shape[0], with_weight=False)
-    sup = StrongMixer(MixConfig(mix="supmix", supmix_p=0.0), 4)(own, partner, labeled, box)
+    sup = StrongMixer(MixConfig(mix="supmix", mixer=SupMixConfig(p=0.0)), 4)(own, partner, labeled, box)
     cut = StrongMixer(MixConfig(mix="cutmix"), 4)(own, partner, None, box)
     for a, b in zip(sup, cut):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -316,7 +318,7 @@ def test_supmix_without_candidates_falls_back_to_cutmix():
     box = torch.zeros_like(own.confidence)
     box[:, 2:5, 2:5] = 1
     labeled = labeled_source(x_l, y_bg, 3, with_weight=False)
-    out = StrongMixer(MixConfig(mix="supmix", supmix_p=1.0), 4)(own, partner, labeled, box)
+    out = StrongMixer(MixConfig(mix="supmix", mixer=SupMixConfig(p=1.0)), 4)(own, partner, labeled, box)
     ref = official_cutmix(own, partner, box)
     assert torch.equal(out.label, ref.label) and torch.equal(out.image, ref.image)
 
@@ -326,7 +328,7 @@ def test_classmix_probability_one_pastes_partner_classes():
     own = sample_strategy(False, 2, 5, 5, 3, 1)
     pl = torch.tensor([0, 1, 2]).repeat(2, 5, 2)[:, :, :5]
     partner = MixSample(own.image.flip(0), pl, torch.full((2, 5, 5), 0.5), own.ignore.flip(0))
-    out = StrongMixer(MixConfig(mix="classmix", classmix_p=1.0), 3)(own, partner, None, None)
+    out = StrongMixer(MixConfig(mix="classmix", mixer=ClassMixConfig(p=1.0)), 3)(own, partner, None, None)
     for i in range(2):
         m = out.confidence[i] == 0.5
         assert pl[i][m].unique().numel() == 2  # ⌈3/2⌉ of the partner's 3 classes
@@ -376,6 +378,6 @@ def test_selection_weights_per_strategy():
 
 
 def test_strong_mixer_statistics_are_buffers_in_state_dict():
-    mixer = StrongMixer(MixConfig(mix="supmix", supmix_strategy="difficulty"), 4)
+    mixer = StrongMixer(MixConfig(mix="supmix", mixer=SupMixConfig(strategy="difficulty")), 4)
     keys = set(mixer.state_dict())
     assert {"stats.frequency", "stats.iou", "stats.confidence"} <= keys

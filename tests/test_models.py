@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY_MODELS, tiny_model, tiny_unet
 
-from semiseg.config import ModelConfig
+from semiseg.config import MODEL_CONFIGS, ModelConfig, build_config
 from semiseg.errors import ConfigError
 from semiseg.models import Segmenter, SegOutput, build_model
-from semiseg.models.deeplabv3plus import DeepLabV3Plus
-from semiseg.models.unet import SSL4MIS_DROPOUT, UNet, default_dropout
+from semiseg.models.deeplabv3plus import DeepLabV3Plus, DeepLabV3PlusConfig, TimmBackboneConfig
+from semiseg.models.guidedmix import GuidedMixConfig
+from semiseg.models.unet import SSL4MIS_DROPOUT, UNet, UNetConfig, default_dropout
 from semiseg.models.weights import load_backbone_weights
 
 TINY_WIDTHS = TINY_MODELS["unet"]["widths"]
@@ -199,12 +200,12 @@ def test_backbone_and_head_split_all_parameters(model: Segmenter) -> None:
 def test_default_unet_size_matches_unimatch_medical() -> None:
     # UniMatch's medical U-Net as its Decoder builds it (UpBlock's default bilinear=True: 1×1 conv +
     # bilinear up-sampling): 1,813,764 params for 1 channel, 4 classes — semiseg's default
-    m = build_model(ModelConfig(), 1, 4)
+    m = build_model(UNetConfig(), 1, 4)
     assert isinstance(m, UNet)
     assert m.widths == [16, 32, 64, 128, 256]
     assert n_params(m) == 1_813_764
     # the transposed-convolution up-path semiseg used before (and the committed paper-recipe tables)
-    assert n_params(build_model(ModelConfig(upsample="transpose"), 1, 4)) == 1_944_324
+    assert n_params(build_model(UNetConfig(upsample="transpose"), 1, 4)) == 1_944_324
 
 
 def test_unet_dropout_schedule() -> None:
@@ -227,7 +228,7 @@ def test_unet_bilinear_variant_keeps_sizes() -> None:
 
 
 def test_registry_sets_fp_dropout_and_dispatches() -> None:
-    m = build_model(ModelConfig(name="unet", widths=[4, 8], fp_dropout=0.3), 3, 2)
+    m = build_model(UNetConfig(widths=[4, 8], fp_dropout=0.3), 3, 2)
     assert isinstance(m, UNet) and m.fp_dropout == 0.3
     d = tiny_deeplab(fp_dropout=0.2)
     assert isinstance(d, DeepLabV3Plus) and d.fp_dropout == 0.2
@@ -237,18 +238,48 @@ def test_registry_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match=r"^model\.name: .*'segformer'"):
         build_model(ModelConfig(name="segformer"), 3, 2)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"^model\.backbone: .*'resnet_nope'"):
-        build_model(ModelConfig(name="deeplabv3plus", backbone="resnet_nope"), 3, 2)
+        build_model(DeepLabV3PlusConfig(name="deeplabv3plus", backbone="resnet_nope"), 3, 2)
+
+
+def test_each_model_owns_its_config_section() -> None:
+    """``model`` is validated against the chosen model's ``Config``; the options every model has
+    (name, weights, feature perturbation) live in the shared base."""
+    assert MODEL_CONFIGS["unet"] is UNetConfig and MODEL_CONFIGS["deeplabv3plus"] is DeepLabV3PlusConfig
+    assert MODEL_CONFIGS["guidedmix"] is GuidedMixConfig and issubclass(GuidedMixConfig, TimmBackboneConfig)
+    shared = {"name", "pretrained", "weights", "fp_dropout"}
+    for cls in (UNetConfig, DeepLabV3PlusConfig, GuidedMixConfig):
+        assert issubclass(cls, ModelConfig) and shared <= {f.name for f in cls.__dataclass_fields__.values()}
+    assert not hasattr(UNetConfig(), "backbone") and not hasattr(DeepLabV3PlusConfig(), "psp_bins")
+    cfg = build_config({"model": {"name": "guidedmix", "psp_channels": 8}})
+    assert isinstance(cfg.model, GuidedMixConfig) and cfg.model.psp_channels == 8
+    assert isinstance(build_config({}).model, UNetConfig)
+    with pytest.raises(ConfigError, match=r"^model\.psp_bins: unknown config key"):
+        build_config({"model": {"name": "unet", "psp_bins": [1, 2]}})
+    with pytest.raises(ConfigError, match=r"^model\.widths: unknown config key"):
+        build_config({"model": {"name": "deeplabv3plus", "widths": [4, 8]}})
+
+
+def test_model_config_by_name_builds_the_models_own_class() -> None:
+    """``ModelConfig(name=..., **options)`` (the flat class's call of schema version 2) builds the
+    named model's class; the base alone builds the model with its defaults."""
+    deeplab = ModelConfig(name="deeplabv3plus", backbone="resnet18")
+    assert type(deeplab) is DeepLabV3PlusConfig and deeplab.backbone == "resnet18"
+    assert type(ModelConfig(widths=[4, 8])) is UNetConfig
+    with pytest.raises(TypeError):
+        ModelConfig(name="unet", psp_bins=[1])
+    assert type(ModelConfig()) is ModelConfig
+    assert isinstance(build_model(ModelConfig(), 1, 2), UNet)
 
 
 def test_registry_rejects_bad_options(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="model.output_stride"):
         tiny_deeplab(output_stride=4)
     with pytest.raises(ConfigError, match="model.widths"):
-        build_model(ModelConfig(widths=[16]), 3, 2)
+        build_model(UNetConfig(widths=[16]), 3, 2)
     with pytest.raises(ConfigError, match="model.fp_dropout"):
-        build_model(ModelConfig(widths=[4, 8], fp_dropout=1.0), 3, 2)
+        build_model(UNetConfig(widths=[4, 8], fp_dropout=1.0), 3, 2)
     with pytest.raises(ConfigError, match="model.pretrained"):
-        build_model(ModelConfig(widths=[4, 8], pretrained=True), 3, 2)  # no ImageNet U-Net
+        build_model(UNetConfig(widths=[4, 8], pretrained=True), 3, 2)  # no ImageNet U-Net
     with pytest.raises(ConfigError, match="either model.pretrained or model.weights"):
         tiny_deeplab(pretrained=True, weights=str(tmp_path / "w.pth"))
 

@@ -12,12 +12,22 @@ import helpers
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, fit_interrupted, joint_context, nonzero, tiny_method, tiny_overrides, tiny_unet
+from helpers import (
+    REPO,
+    composed,
+    fit_interrupted,
+    joint_context,
+    nonzero,
+    tiny_method,
+    tiny_overrides,
+    tiny_unet,
+)
 
 from semiseg.checkpoint import load_checkpoint
 from semiseg.config import ModelConfig, build_config, load_config
 from semiseg.errors import ConfigError
 from semiseg.methods import StepInfo, build_method
+from semiseg.methods.weak_strong import PixelTargets
 from semiseg.models import build_model
 from semiseg.plugins import MPMC, PLUGINS, MPMCConfig
 from semiseg.plugins.mpmc import (
@@ -292,9 +302,10 @@ def test_lambda_s_follows_the_cutmix_partner_and_supmix_pastes_weight_one():
     mpmc = method.plugins["mpmc"]
     ctx = joint_context(method, batch)
     partner = method.partner_prediction(batch.x_w)
-    weights = method.mix_weights(ctx, partner)
-    weight = weights[0]
-    target = method.strong_target(batch.x_s1, batch.box1, ctx, weights, partner)
+    weight, partner_weight = method.plugin_mix_weights(ctx, partner.label)
+    own = PixelTargets(ctx.pseudo_w, ctx.conf_w, ctx.ignore, weight)
+    pasted = PixelTargets(partner.label, partner.score, ctx.ignore.flip(0), partner_weight)
+    target = method.mix_strong_view(batch.x_s1, batch.box1, own, pasted, batch)
     box = batch.box1.bool()
     # Inside the box: the partner's γ at the class the mix pastes (its eval-mode pseudo-label), by hand.
     gamma, geom = mpmc.state(ctx).gamma.flip(0), mpmc.geometry
@@ -304,17 +315,17 @@ def test_lambda_s_follows_the_cutmix_partner_and_supmix_pastes_weight_one():
             for j in range(32):
                 r = min(max(math.floor((i - geom.center) / geom.stride + 0.5), 0), gamma.shape[2] - 1)
                 c = min(max(math.floor((j - geom.center) / geom.stride + 0.5), 0), gamma.shape[3] - 1)
-                expected[n, i, j] = gamma[n, partner[0][n, i, j], r, c]
+                expected[n, i, j] = gamma[n, partner.label[n, i, j], r, c]
     assert torch.equal(target.weight[box], expected[box])
-    assert torch.equal(target.label[box], partner[0][box])
+    assert torch.equal(target.label[box], partner.label[box])
     assert torch.equal(target.weight[~box], weight[~box])
     assert not torch.equal(expected[box], weight.flip(0)[box])  # not the partner's train-mode label
 
-    method = method_with({"name": "unimatch", "mix": "supmix", "supmix_p": 1.0})
+    method = method_with({"name": "unimatch", "mix": "supmix", "mixer": {"p": 1.0}})
     ctx = joint_context(method, batch)
-    weights = method.mix_weights(ctx, None)
-    weight = weights[0]
-    target = method.strong_target(batch.x_s1, batch.box1, ctx, weights, None)
+    weight, _ = method.plugin_mix_weights(ctx, None)
+    own = PixelTargets(ctx.pseudo_w, ctx.conf_w, ctx.ignore, weight)
+    target = method.mix_strong_view(batch.x_s1, batch.box1, own, None, batch)
     pasted = target.confidence == 1.0  # ground truth (eq. 11); predictions never reach exactly 1 here
     assert bool(pasted.any()) and bool((~pasted).any())
     assert bool((target.weight[pasted] == 1.0).all())
@@ -417,7 +428,9 @@ def spy_state(mpmc) -> dict:
 def test_student_sees_the_mixed_strong_views_with_targets_from_their_source(mix):
     torch.manual_seed(0)
     batch = make_batch(n_u=3)
-    unimatch = method_with({"name": "unimatch", "mix": mix, "supmix_p": 1.0})
+    unimatch = method_with(
+        {"name": "unimatch", "mix": mix, **({"mixer": {"p": 1.0}} if mix == "supmix" else {})}
+    )
     mpmc = unimatch.plugins["mpmc"]
     seen = spy_state(mpmc)
     losses = unimatch.training_step(batch, StepInfo(0, 100)).named()
@@ -643,14 +656,15 @@ def _head_state(method) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "config,extra",
     [
-        ("cpu_small/synthetic/unimatch_supmix_sufd_mpmc.yaml", {}),
+        ("unimatch_supmix_sufd_mpmc", {}),
         (None, {"method.name": "fixmatch", "plugins.mpmc": "{}"}),
         (None, {"method.name": "mean_teacher", "plugins.mpmc": "{}"}),
     ],
     ids=["unimatch+supmix+sufd+mpmc", "fixmatch+mpmc", "mean_teacher+mpmc"],
 )
 def test_tiny_training_run(tmp_path, config, extra):
-    cfg = load_config(None if config is None else CONFIGS / config, tiny_overrides(iters=3, **extra))
+    files = None if config is None else composed("cpu_small", "synthetic", config)
+    cfg = load_config(files, tiny_overrides(iters=3, **extra))
     trainer = Trainer(cfg, tmp_path / "run")
     before = _head_state(trainer.method)
     encoder_before = [p.detach().clone() for p in trainer.model.encoder.parameters()]
@@ -699,12 +713,12 @@ def test_method_files_and_runnables():
     for name, datasets in runnables.items():
         assert (CONFIGS / "methods" / f"{name}.yaml").is_file()
         for dataset in datasets:
-            assert (CONFIGS / "cpu_small" / dataset / f"{name}.yaml").is_file(), (dataset, name)
-    full = load_config(CONFIGS / "cpu_small" / "chase_db1" / "unimatch_supmix_sufd_mpmc.yaml")
+            assert "mpmc" in load_config(composed("cpu_small", dataset, name)).plugins, (dataset, name)
+    full = load_config(composed("cpu_small", "chase_db1", "unimatch_supmix_sufd_mpmc"))
     assert full.method.name == "unimatch" and full.method.mix == "supmix"
     assert set(full.plugins) == {"sufd", "mpmc"} and full.plugins["mpmc"].scale is None
     assert full.name == "cpu_small-chase_db1-unimatch_supmix_sufd_mpmc"
-    covid = load_config(CONFIGS / "cpu_small" / "covid_infnet" / "unimatch_mpmc.yaml")
+    covid = load_config(composed("cpu_small", "covid_infnet", "unimatch_mpmc"))
     assert set(covid.plugins) == {"mpmc"} and covid.data.name == "covid_infnet"
     assert covid.plugins["mpmc"].lr == covid.optim.lr * covid.optim.lr_multi
 
@@ -713,7 +727,7 @@ def test_grids_load_without_running():
     from semiseg.config import config_hash
     from semiseg.experiment import load_grid
 
-    grid = load_grid(CONFIGS / "grids" / "mpmc_cpu_small.yaml")
+    grid = load_grid(REPO / "benchmarks" / "grids" / "mpmc_cpu_small.yaml")
     assert len(grid.cells) == 2 * 4 * 3
     assert {c.method for c in grid.cells} == {
         "unimatch+freematch+da", "unimatch+mpmc+freematch+da",
@@ -723,7 +737,7 @@ def test_grids_load_without_running():
     assert {c.fraction for c in grid.cells} == {0.125} and {c.seed for c in grid.cells} == {0, 1, 2}
     assert all(c.cfg.method.pseudo.mask == "freematch" for c in grid.cells)  # the chosen recipe
 
-    ablation = load_grid(CONFIGS / "grids" / "mpmc_ablation_cpu_small.yaml")
+    ablation = load_grid(REPO / "benchmarks" / "grids" / "mpmc_ablation_cpu_small.yaml")
     assert len(ablation.cells) == 5 * 3 and {c.dataset for c in ablation.cells} == {"chase_db1"}
     parts = {
         c.method: (
@@ -741,7 +755,7 @@ def test_grids_load_without_running():
         "unimatch+mpmc_presence+freematch+da": (True, True, "presence"),
     }
     # Cells shared with the recipe Table 1 are the same runs (same folder, same config hash): run once.
-    table1 = load_grid(CONFIGS / "grids" / "table1_cpu_small_recipe.yaml")
+    table1 = load_grid(REPO / "benchmarks" / "grids" / "table1_cpu_small_recipe.yaml")
     ours = {
         (c.dataset, c.method, c.seed): (c.run_dir, config_hash(c.cfg)) for c in [*grid.cells, *ablation.cells]
     }

@@ -163,20 +163,21 @@ class Clone:
         return None
 
     def _data_root(self, words: list[str]) -> str | None:
-        from semiseg.config import load_config_file, resolve_config_path
+        from semiseg.config import load_config_file
+        from semiseg.config_load import resolve_config_paths
 
-        args, overrides, config = words[2:], [], None
+        args, overrides, configs = words[2:], [], []
         for flag, value in zip(args, args[1:]):
             if flag == "--set":
                 overrides.append(value)
             elif flag in ("--config", "-c"):
-                config = value
-        if config is None:
+                configs.append(value)  # several: merged in order, as the CLI does
+        if not configs:
             return None
         cwd = os.getcwd()
         os.chdir(self.root)
         try:
-            root = load_config_file(resolve_config_path(config), overrides).data.root
+            root = load_config_file(resolve_config_paths(configs), overrides).data.root
         finally:
             os.chdir(cwd)
         return root if root and not Path(root).is_absolute() and root.startswith("..") else None

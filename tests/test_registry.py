@@ -147,7 +147,7 @@ from dataclasses import dataclass
 from semiseg.data.synthetic import build_synthetic
 from semiseg.methods.supervised import Supervised, SupervisedConfig
 from semiseg.mixers import NoMix
-from semiseg.models.unet import build_unet
+from semiseg.models.unet import UNetConfig, build_unet
 from semiseg.plugins.base import Plugin, PluginConfig
 
 
@@ -186,6 +186,9 @@ def toy_dataset(cfg):
 
 def toy_net(cfg, in_channels, num_classes):
     return build_unet(cfg, in_channels, num_classes)
+
+
+toy_net.Config = UNetConfig  # the schema of its model section: the U-Net's options
 '''
 
 ENTRY_POINTS_TXT = """

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 from helpers import (
-    REPO,
     Pointwise,
+    composed,
     fit_interrupted,
     make_batch,
     model_overrides,
@@ -20,8 +20,6 @@ from semiseg.errors import SemisegError, TrainingError
 from semiseg.models import build_model
 from semiseg.optim import build_optimizer, poly_lr, set_poly_lr
 from semiseg.trainer import Trainer, model_state_from_checkpoint, train
-
-CONFIGS = REPO / "src" / "semiseg" / "configs"
 
 
 def _final_weights(run_dir):
@@ -132,7 +130,7 @@ def test_each_update_uses_that_steps_poly_lr_in_each_group():
         {
             "method.name": "unimatch",
             "method.mix": "supmix",
-            "method.supmix_strategy": "difficulty",
+            "method.mixer.strategy": "difficulty",
             "plugins.sufd": "{}",
         },
         {"method.name": "mean_teacher"},
@@ -276,15 +274,15 @@ GUIDEDMIX_TINY = model_overrides("guidedmix")  # the shipped config's network, t
     [
         (None, {"method.name": "unimatch", "plugins.sufd": "{}"}),
         (None, {"method.name": "mean_teacher"}),
-        ("cpu_small/synthetic/unimatch_supmix_sufd_mpmc.yaml", {}),
-        ("cpu_small/synthetic/guidedmix.yaml", GUIDEDMIX_TINY),
+        ("unimatch_supmix_sufd_mpmc", {}),
+        ("guidedmix/cpu_small", GUIDEDMIX_TINY),
     ],
     ids=["unimatch+sufd", "mean_teacher", "unimatch+supmix+sufd+mpmc", "guidedmix"],
 )
 def test_channels_last_changes_only_rounding(tmp_path, config, extra):
     """``train.channels_last``: NHWC weights (network and plug-ins), the same config hash, and the
     same training up to floating-point rounding (dropout masks do not depend on the memory format)."""
-    base = None if config is None else str(CONFIGS / config)
+    base = None if config is None else composed("cpu_small", "synthetic", config)
     runs = {}
     for flag in ("false", "true"):
         cfg = load_config(base, tiny_overrides(iters=3, **extra, **{"train.channels_last": flag}))

@@ -4,19 +4,21 @@
 
     import semiseg
 
-    result = semiseg.train("cpu_small/chase_db1/unimatch", overrides={"train.iters": 200})
+    config = ["protocols/cpu_small", "datasets/chase_db1", "methods/unimatch"]  # merged in order
+    result = semiseg.train(config, overrides={"train.iters": 200})
     predictor = semiseg.load(result.run_dir)              # a run, a checkpoint or an export folder
     prediction = predictor.predict(image)                 # H×W or H×W×C, uint8 or float in [0, 1]
     prediction.mask, prediction.probs                     # H×W int64, C×H×W float32
     rgb = predictor.overlay(image, prediction.mask)
 
 :func:`train` resolves config names like ``semiseg train --config`` (a file, or a name under the
-built-in configs). :meth:`Predictor.predict` preprocesses exactly like ``semiseg predict``: the image
-is scaled to ``[0, 1]`` as an image file would be read, resized per ``data.resize`` /
-``data.long_side`` (bilinear), normalised with the run's mean / std, predicted with the run's
-``eval.mode`` (``whole``: padded to ``eval.size_divisor`` with the normalised black pixel;
-``sliding``: ``eval.window`` / ``eval.overlap``), and the prediction is resized back to the input
-size (nearest neighbour). Messages go to the ``semiseg`` logger.
+built-in configs; a list of them is merged in order, later ones winning, as repeated ``-c`` are).
+:meth:`Predictor.predict` preprocesses exactly like ``semiseg predict``: the image is scaled to
+``[0, 1]`` as an image file would be read, resized per ``data.resize`` / ``data.long_side``
+(bilinear), normalised with the run's mean / std, predicted with the run's ``eval.mode``
+(``whole``: padded to ``eval.size_divisor`` with the normalised black pixel; ``sliding``:
+``eval.window`` / ``eval.overlap``), and the prediction is resized back to the input size (nearest
+neighbour). Messages go to the ``semiseg`` logger.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from .config import (
     build_config,
     config_to_dict,
     load_config_file,
-    resolve_config_path,
 )
+from .config_load import resolve_config_path, resolve_config_paths
 from .errors import DataError, SemisegError
 from .modes import eval_mode
 from .registry import REGISTRIES
@@ -95,29 +97,36 @@ def override_list(overrides: Sequence[str] | Mapping[str, Any] | None) -> list[s
     return [str(item) for item in overrides]
 
 
+ConfigSource = str | Path | Sequence[str | Path] | RunConfig | None
+
+
 def load_run_config(
-    config: str | Path | RunConfig | None = None, overrides: Sequence[str] | Mapping[str, Any] | None = None
+    config: ConfigSource = None, overrides: Sequence[str] | Mapping[str, Any] | None = None
 ) -> RunConfig:
     """A validated :class:`~semiseg.config.RunConfig` from a built-in config name, a YAML path, a
-    config object or ``None`` (the defaults), with ``overrides`` applied (as ``--set`` does)."""
+    list of them (merged in order, later ones winning, like repeated ``semiseg train -c``), a config
+    object or ``None`` (the defaults), with ``overrides`` applied (as ``--set`` does)."""
     items = override_list(overrides)
     if isinstance(config, RunConfig):
         return build_config(apply_overrides(config_to_dict(config), items))
-    path = resolve_config_path(str(config)) if config is not None else None
-    return load_config_file(path, items)
+    if config is None or isinstance(config, (str, Path)):
+        path = resolve_config_path(str(config)) if config is not None else None
+        return load_config_file(path, items)
+    return load_config_file(resolve_config_paths([str(c) for c in config]), items)
 
 
 def train(
-    config: str | Path | RunConfig | None = None,
+    config: ConfigSource = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Train (or ``resume``) a run, as ``semiseg train`` does, and evaluate its final weights.
 
-    ``config``: a built-in config name (``"cpu_small/chase_db1/unimatch"``, ``"demo"``), a YAML
-    path, a :class:`~semiseg.config.RunConfig`, or ``None`` for the defaults (when resuming: the
-    config ``run_dir`` was started with). ``run_dir``: by default a new ``runs/<name>`` (``-2``,
+    ``config``: a built-in config name (``"demo"``, ``"methods/unimatch"``), a YAML path, a list of
+    them merged in order (``["protocols/cpu_small", "datasets/chase_db1", "methods/unimatch"]``), a
+    :class:`~semiseg.config.RunConfig`, or ``None`` for the defaults (when resuming: the config
+    ``run_dir`` was started with). ``run_dir``: by default a new ``runs/<name>`` (``-2``,
     ``-3``, ... when taken); resuming needs it. ``overrides``:
     ``["train.iters=200"]`` or ``{"train.iters": 200, "data": {"labeled": 4}}``. Returns the
     trainer's :class:`~semiseg.trainer.TrainResult` (``run_dir``, ``results`` per split, ``steps``,

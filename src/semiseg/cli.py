@@ -24,7 +24,8 @@ from . import __version__
 from .cli_data import add_data_commands
 from .cli_reproduce import add_reproduce_command
 from .cli_reproduce import select_cells as select_cells  # re-exported
-from .config import BUILTIN_CONFIGS, config_to_dict, load_config_file, resolve_config_path
+from .config import BUILTIN_CONFIGS, config_to_dict, load_config_file
+from .config_load import resolve_config_paths
 from .errors import OutputExistsError, SemisegError
 
 
@@ -40,7 +41,14 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file or built-in config name")
+    p.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        metavar="CONFIG",
+        help="YAML config file or built-in config name; repeat to merge several in order, later "
+        "ones winning (-c protocols/cpu_small.yaml -c datasets/chase_db1.yaml -c methods/unimatch.yaml)",
+    )
     _add_set_arg(p, "override a config value, e.g. --set train.iters=200 (repeatable)")
 
 
@@ -64,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"{exc}); pass --config with the config the run was started with"
             ) from None
     else:
-        cfg = load_config_file(resolve_config_path(args.config), args.overrides)
+        cfg = load_config_file(resolve_config_paths(args.config), args.overrides)
     result = train(cfg, run_dir=run_dir, resume=resume)
     print(f"run directory: {result.run_dir}")
     if result.results:
@@ -208,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    cfg = load_config_file(resolve_config_path(args.config), args.overrides)
+    cfg = load_config_file(resolve_config_paths(args.config), args.overrides)
     print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
     return 0
 

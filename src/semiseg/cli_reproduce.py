@@ -10,15 +10,29 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
-from .config import resolve_config_path
 from .errors import SemisegError
+
+#: Where a bare grid name (``semiseg reproduce table1_cpu_small``) is looked up, from the current
+#: folder: the repository's studies keep their grid files there; the package ships none.
+GRIDS_FOLDER = Path("benchmarks") / "grids"
 
 
 def add_reproduce_command(sub: argparse._SubParsersAction) -> None:
     """Add ``reproduce`` to the ``semiseg`` subparsers ``sub``."""
-    p = sub.add_parser("reproduce", help="run a grid of runs (cached, resumable) and write the tables")
-    p.add_argument("grid", help="grid YAML file or built-in grid name (grids/table1_cpu_small)")
+    p = sub.add_parser(
+        "reproduce",
+        help="run a grid of runs (cached, resumable) and write the tables",
+        description="Run a grid of runs (cached, resumable) and write the tables. GRID is a grid file "
+        "(benchmarks/grids/table1_cpu_small_recipe.yaml) or a bare grid name, looked up as "
+        "./benchmarks/grids/<name>.yaml (run from the repository root).",
+    )
+    p.add_argument(
+        "grid",
+        metavar="GRID",
+        help="grid YAML file, or a bare name looked up as ./benchmarks/grids/<name>.yaml",
+    )
     p.add_argument("--output", help="grid output folder (default: the grid's 'output')")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--report-only", action="store_true", help="aggregate finished cells, run nothing")
@@ -48,6 +62,24 @@ def add_reproduce_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_reproduce)
 
 
+def resolve_grid_path(name: str) -> Path:
+    """The grid file ``name`` names: a path to a file, or a bare name (no folder) looked up as
+    ``./benchmarks/grids/<name>.yaml``. Anything else is a one-line :class:`SemisegError`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        candidate = GRIDS_FOLDER / (name if path.suffix in (".yaml", ".yml") else f"{name}.yaml")
+        if candidate.is_file():
+            return candidate
+        raise SemisegError(f"{name}: grid not found (no such file, nor {candidate} in the current folder)")
+    hint = ""
+    if path.parts[0] in ("grids", "configs"):
+        moved = (GRIDS_FOLDER / f"{path.stem}.yaml").as_posix()
+        hint = f"; grids live in {GRIDS_FOLDER.as_posix()}/ (semiseg reproduce {moved})"
+    raise SemisegError(f"{name}: grid file not found{hint}")
+
+
 def select_cells(grid, only: list[str]):
     """A copy of ``grid`` restricted to the cells matching every ``KEY=VALUE`` of ``--only``."""
     keys = {"dataset", "fraction", "method", "seed"}
@@ -71,7 +103,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise SemisegError(f"--workers {args.workers}: must be at least 1")
-    grid = load_grid(resolve_config_path(args.grid), output=args.output, extra_overrides=args.overrides)
+    args.grid = str(resolve_grid_path(args.grid))
+    grid = load_grid(args.grid, output=args.output, extra_overrides=args.overrides)
     if not args.report_only:
         selected = select_cells(grid, args.only)
         if args.workers > 1 and not args.dry_run:

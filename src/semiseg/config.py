@@ -4,37 +4,40 @@ A config is YAML. A file may inherit from others with ``_base_: other.yaml`` (or
 relative to the file); mappings merge deeply, everything else is replaced. Command-line overrides
 ``--set train.iters=200`` are applied last (the value is parsed as YAML). The merged mapping is then
 checked against the schema dataclasses: an unknown key or a wrong type raises :class:`ConfigError`
-naming the dotted key. The ``method`` section and every entry of ``plugins`` are validated against
-the config dataclass registered by that method or plug-in, so each method owns its options.
+naming the dotted key. The ``method`` section, every entry of ``plugins`` and the ``model`` section
+are validated against the config dataclass registered by that method, plug-in or model, so each owns
+its options.
 
 The schema is derived from the registries (:mod:`semiseg.registry`): a field marked
 ``metadata={CHOICES: <registry>}`` (``model.name``, ``method.mix``, ``method.pseudo.mask``, ...)
-accepts the registered names, and ``method`` / ``plugins.<name>`` use the ``Config`` class of the
-registered method / plug-in. Built-in registry entries are lazy, so importing this module imports no
-method, plug-in or model (they are imported when a config naming them is built).
+accepts the registered names, and ``method`` / ``plugins.<name>`` / ``model`` use the ``Config``
+class of the registered method / plug-in / model. Built-in registry entries are lazy, so importing
+this module imports no method, plug-in or model (they are imported when a config naming them is built).
 
-Two other field-metadata keys describe how a field enters :func:`config_hash` (the identity of a
-run's result, which caches grid cells): ``VOLATILE`` (a setting that cannot change a result:
-worker and thread counts, logging and checkpoint intervals, names) and ``HASH_NEUTRAL`` (an option
-added after results were cached, left out of the hash at its default).
+What enters :func:`config_hash` (the identity of a run's result, which caches grid cells) is
+decided in one place, :mod:`semiseg.config_hashing`: the volatile settings, and the versioned
+migrations that keep every earlier result's hash valid.
 
 The code lives in three modules, re-exported here (import from ``semiseg.config``):
 :mod:`semiseg.config_schema` (the dataclasses), :mod:`semiseg.config_load` (YAML, overrides,
-validation) and :mod:`semiseg.config_hashing` (:func:`config_hash` and the field markers).
+validation) and :mod:`semiseg.config_hashing` (:func:`config_hash`, the schema version and its migrations).
 """
 
 from __future__ import annotations
 
 from .config_hashing import (
-    HASH_NEUTRAL,
+    FLAT_MODEL_DEFAULTS,
+    MIGRATIONS,
+    PINNED,
+    SCHEMA_VERSION,
     VOLATILE,
-    HashedAs,
-    _drop_hash_neutral,
-    _field_default,
-    _hash_view,
+    Added,
+    Moved,
+    Split,
     config_hash,
+    flat_model_defaults,
     hashed_tree,
-    volatile,
+    version_one_view,
 )
 from .config_load import (
     BUILTIN_CONFIGS,
@@ -45,6 +48,7 @@ from .config_load import (
     apply_overrides,
     build_config,
     build_dataclass,
+    build_model_config,
     config_to_dict,
     dump_config,
     load_config,
@@ -55,7 +59,9 @@ from .config_load import (
 from .config_schema import (
     CHOICES,
     METHOD_CONFIGS,
+    MODEL_CONFIGS,
     PLUGIN_CONFIGS,
+    SECTION,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -65,19 +71,27 @@ from .config_schema import (
     SyntheticConfig,
     TrainConfig,
     registered_name,
+    registered_section,
 )
 
 __all__ = [
     "BUILTIN_CONFIGS",
     "CHOICES",
-    "HASH_NEUTRAL",
+    "FLAT_MODEL_DEFAULTS",
     "METHOD_CONFIGS",
+    "MIGRATIONS",
+    "MODEL_CONFIGS",
+    "PINNED",
+    "SCHEMA_VERSION",
     "PLUGIN_CONFIGS",
+    "SECTION",
     "VOLATILE",
+    "Added",
     "DataConfig",
     "EvalConfig",
-    "HashedAs",
     "ModelConfig",
+    "Moved",
+    "Split",
     "OptimConfig",
     "RunConfig",
     "StrongAugConfig",
@@ -86,21 +100,21 @@ __all__ = [
     "_check_values",
     "_coerce",
     "_deep_merge",
-    "_drop_hash_neutral",
-    "_field_default",
-    "_hash_view",
     "_type_name",
     "apply_overrides",
     "build_config",
     "build_dataclass",
+    "build_model_config",
     "config_hash",
     "config_to_dict",
     "dump_config",
+    "flat_model_defaults",
     "hashed_tree",
     "load_config",
     "load_config_file",
     "load_yaml_tree",
     "registered_name",
+    "registered_section",
     "resolve_config_path",
-    "volatile",
+    "version_one_view",
 ]

@@ -1,7 +1,9 @@
 """Loading a run configuration: YAML with ``_base_`` inheritance, ``--set`` overrides, validation.
 
 A file may inherit from others with ``_base_: other.yaml`` (or a list; paths are relative to the
-file); mappings merge deeply, everything else is replaced. Command-line overrides
+file); mappings merge deeply, everything else is replaced. Several files given together
+(``semiseg train -c protocols/cpu_small.yaml -c datasets/chase_db1.yaml -c methods/unimatch.yaml``)
+merge the same way, in order. Command-line overrides
 ``--set train.iters=200`` are applied last (the value is parsed as YAML). The merged mapping is then
 checked against the schema (:mod:`semiseg.config_schema`): an unknown key or a wrong type raises
 :class:`~semiseg.errors.ConfigError` naming the dotted key. Import it from :mod:`semiseg.config`.
@@ -14,14 +16,16 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
-from .config_schema import CHOICES, RunConfig
+from .config_hashing import flat_model_defaults
+from .config_schema import CHOICES, MODEL_CONFIGS, SECTION, ModelConfig, RunConfig
 from .errors import ConfigError, SemisegError
-from .registry import METHODS, PLUGINS
+from .registry import METHODS, MODELS, PLUGINS
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -166,6 +170,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    upgrade = getattr(cls, "upgrade", None)
+    if callable(upgrade):  # a class that reads an older layout of its options
+        values = upgrade(values, prefix or "config")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -174,11 +181,16 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{dotted}: unknown config key (known here: {known})")
+        if SECTION in fields[key].metadata:
+            continue  # below, once the entry that owns it is known
         kwargs[key] = _coerce(value, hints[key], dotted)
         registry = fields[key].metadata.get(CHOICES)
         if registry is not None and kwargs[key] not in registry:
             known = ", ".join(sorted(registry))
             raise ConfigError(f"{dotted}: unknown {registry.kind} {kwargs[key]!r} (known: {known})")
+    for f in fields.values():
+        if SECTION in f.metadata:
+            kwargs[f.name] = _build_section(f, values.get(f.name), kwargs, fields, prefix)
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -189,12 +201,51 @@ def build_dataclass(cls: type, values: dict, prefix: str = "") -> Any:
     return obj
 
 
+def _build_section(f: dataclasses.Field, raw: Any, kwargs: dict, fields: dict, prefix: str) -> Any:
+    """A :func:`~semiseg.config_schema.registered_section` field's options, validated against the
+    ``Config`` of the entry its selector field names."""
+    selector, registry = f.metadata[SECTION]
+    name = kwargs.get(selector, fields[selector].default)
+    dotted = f"{prefix}.{f.name}" if prefix else f.name
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{dotted}: expected a mapping of options, got {raw!r}")
+    options_class = getattr(registry[name], "Config", None)
+    if options_class is None:
+        if raw:
+            raise ConfigError(f"{dotted}: {registry.kind} {name!r} takes no options, got {sorted(raw)}")
+        return None
+    return build_dataclass(options_class, raw or {}, dotted)
+
+
+def build_model_config(raw: Any, protocol: Any = None, strict: bool = True) -> ModelConfig:
+    """Validate a raw ``model`` mapping against the chosen model's class (:data:`MODEL_CONFIGS`).
+
+    Keys of the flat section of schema versions 1-2 that the chosen model does not own are dropped
+    while they hold the value runs recorded for them (:func:`flat_model_defaults` of ``protocol``),
+    so saved run configs load; any other value is an unknown key. ``strict=False`` drops them whatever
+    their value (an export's description: the old network never read them)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping, got {raw!r}")
+    name = raw.get("name", "unet")
+    if not isinstance(name, str) or name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r} (known: {', '.join(sorted(MODELS))})")
+    cls = MODEL_CONFIGS[name]
+    own = {f.name for f in dataclasses.fields(cls)}
+    old = flat_model_defaults(protocol)
+    raw = {k: v for k, v in raw.items() if k in own or k not in old or (strict and v != old[k])}
+    return build_dataclass(cls, {**raw, "name": name}, "model")
+
+
 def build_config(tree: dict) -> RunConfig:
     """Validate a merged raw mapping into a :class:`RunConfig`."""
     tree = dict(tree)
     method_raw = tree.pop("method", None) or {"name": "supervised"}
     plugins_raw = tree.pop("plugins", None) or {}
+    model_raw = tree.pop("model", None)
     cfg: RunConfig = build_dataclass(RunConfig, tree)
+    cfg.model = build_model_config(model_raw, cfg.protocol)
     if not isinstance(method_raw, dict):
         raise ConfigError(f"method: expected a mapping, got {method_raw!r}")
     name = method_raw.get("name", "supervised")
@@ -274,9 +325,35 @@ def _check_values(cfg: RunConfig) -> None:
         )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a config file (or the defaults when ``path`` is None), apply overrides, validate."""
-    tree = load_yaml_tree(path) if path is not None else {}
+ConfigPaths = str | Path | Sequence[str | Path] | None
+
+
+def _path_list(paths: ConfigPaths) -> list[Path]:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def compose_yaml_trees(paths: ConfigPaths) -> dict:
+    """Several config files merged in order, later files winning (as one file whose ``_base_`` lists
+    them would be): ``protocols/cpu_small.yaml``, ``datasets/chase_db1.yaml``, ``methods/unimatch.yaml``.
+    With more than one file and no ``name`` in any of them, the run is named after the files' stems
+    joined by ``-`` (``cpu_small-chase_db1-unimatch``); the name never enters the config hash."""
+    files = _path_list(paths)
+    tree: dict = {}
+    for file in files:
+        tree = _deep_merge(tree, load_yaml_tree(file))
+    if len(files) > 1 and "name" not in tree:
+        tree["name"] = "-".join(file.stem for file in files)
+    return tree
+
+
+def load_config(path: ConfigPaths = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a config file, or several merged in order (:func:`compose_yaml_trees`; the defaults when
+    ``path`` is None or empty), apply overrides, validate."""
+    tree = compose_yaml_trees(path)
     tree = apply_overrides(tree, overrides or [])
     return build_config(tree)
 
@@ -286,7 +363,7 @@ BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str | None) -> Path | None:
-    """A config path, or a name inside the built-in configs (``cpu_small/chase_db1/unimatch``).
+    """A config path, or a name inside the built-in configs (``methods/unimatch``, ``demo``).
 
     The README's ``configs/...`` paths work from any folder: ``configs/`` is the repository's link
     to the built-in configs, so that prefix is also looked up there.
@@ -307,16 +384,24 @@ def resolve_config_path(name: str | None) -> Path | None:
     raise SemisegError(f"{name}: config file not found (nor as a built-in config under {BUILTIN_CONFIGS})")
 
 
-def load_config_file(path: Path | None, overrides: list[str]) -> RunConfig:
-    """:func:`load_config`, with any failure to read the file (a ``_base_`` that is not a file
-    name, text that is not UTF-8, nesting too deep, ...) as a one-line ConfigError naming the file."""
+def resolve_config_paths(names: Sequence[str] | None) -> list[Path] | None:
+    """:func:`resolve_config_path` of each name (``--config`` given several times); None for none."""
+    if not names:
+        return None
+    return [resolve_config_path(name) for name in names]  # type: ignore[misc]
+
+
+def load_config_file(path: ConfigPaths, overrides: list[str]) -> RunConfig:
+    """:func:`load_config` (one file or several merged in order), with any failure to read a file (a
+    ``_base_`` that is not a file name, text that is not UTF-8, nesting too deep, ...) as a one-line
+    ConfigError naming the file(s)."""
     unexpected = (TypeError, ValueError, AttributeError, KeyError, RecursionError, OSError)
     try:
         return load_config(path, overrides)
     except SemisegError:
         raise
     except unexpected as exc:
-        where = str(path) if path is not None else "config"
+        where = ", ".join(map(str, _path_list(path))) or "config"
         for i in range(len(overrides) + 1):  # the first override that breaks it, if any, is named
             try:
                 load_config(path, overrides[:i])

@@ -38,7 +38,7 @@ import yaml
 from torch import nn
 
 from . import __version__
-from .config import DataConfig, EvalConfig, ModelConfig, build_dataclass
+from .config import DataConfig, EvalConfig, ModelConfig, build_dataclass, build_model_config
 from .data.io import normalization
 from .errors import OutputExistsError, SemisegError
 from .models.registry import build_model
@@ -114,7 +114,8 @@ class InferenceSpec:
     def from_dict(cls, tree: dict, where: str = SPEC_FILE) -> InferenceSpec:
         """Validate an export's ``model.yaml`` mapping (one-line :class:`SemisegError` naming the key)."""
         try:
-            model_cfg = build_dataclass(ModelConfig, dict(tree["model"]), "model")
+            # an export of schema version <= 2 lists every model's options (unread by its network)
+            model_cfg = build_model_config(dict(tree["model"]), strict=False)
             eval_cfg = build_dataclass(EvalConfig, dict(tree.get("eval") or {}), "eval")
             data = tree.get("data") or {}
             norm = tree["normalization"]

@@ -17,10 +17,12 @@ per-pixel loss weight (a plug-in's, e.g. MPMC's λ_s) all travel together::
 
 A *mixer* (:class:`Mixer`: :class:`CutMix`, :class:`ClassMix`, :class:`SupMix`, :class:`NoMix`) is
 registered by name under ``method.mix`` (:data:`semiseg.registry.MIXERS`, so a package can add its
-own). :class:`StrongMixer` applies the configured mixer to a strong view for the consistency methods
-(FixMatch, UniMatch) and keeps the running per-class statistics that the non-uniform SupMix
-class-selection strategies read (saved in ``state_dict`` as buffers). Randomness comes from torch's
-global RNG, which the trainer seeds and restores on resume.
+own) and owns its options, ``method.mixer`` (its ``Config``: :class:`ClassMixConfig`,
+:class:`SupMixConfig`; a package's mixer declares its own). :class:`StrongMixer` applies the
+configured mixer to a strong view for the consistency methods (FixMatch, UniMatch) and keeps the
+running per-class statistics that the non-uniform SupMix class-selection strategies read (saved in
+``state_dict`` as buffers). Randomness comes from torch's global RNG, which the trainer seeds and
+restores on resume.
 
 The tensor functions (:class:`MixSample`, :func:`paste`, the mask builders, :func:`labeled_source`)
 live in :mod:`semiseg.mix_ops` and are re-exported here.
@@ -28,13 +30,13 @@ live in :mod:`semiseg.mix_ops` and are re-exported here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .config import HASH_NEUTRAL, registered_name
+from .config import registered_name, registered_section
 from .errors import ConfigError
 from .mix_ops import (
     MixSample,
@@ -55,16 +57,19 @@ from .types import IGNORE_INDEX
 
 __all__ = [
     "ClassMix",
+    "ClassMixConfig",
     "ClassStatistics",
     "CutMix",
     "MixConfig",
     "MixName",
     "MixSample",
     "Mixer",
+    "MixerConfig",
     "NoMix",
     "Strategy",
     "StrongMixer",
     "SupMix",
+    "SupMixConfig",
     "choose_classes",
     "class_mask",
     "classmix_count",
@@ -72,6 +77,7 @@ __all__ = [
     "cutmix_mask",
     "labeled_source",
     "match_size",
+    "mixer_config_class",
     "paste",
     "present_classes",
     "supmix_count",
@@ -88,36 +94,104 @@ Strategy = Literal["paper", "inverse_frequency", "difficulty"]
 
 
 @dataclass
-class MixConfig:
-    """Strong-view mixing options of a method config (``method.mix`` and friends).
+class MixerConfig:
+    """Options of a registered mixer (``method.mixer``); a mixer without options (``cutmix``, whose
+    box probability is ``data.strong.cutmix_p``, and ``none``) has this empty one."""
 
-    ``mix``: ``cutmix`` (the data pipeline's boxes, probability ``data.strong.cutmix_p``),
-    ``classmix`` (ClassMix with probability ``classmix_p`` per sample and strong view, instead of
-    CutMix), ``supmix`` (SupMix with probability ``supmix_p``, else ``supmix_fallback``) or ``none``.
-    """
+    def validate(self, prefix: str) -> None:
+        """Check the values (``prefix``: the dotted key of this section, for messages)."""
+
+
+@dataclass
+class ClassMixConfig(MixerConfig):
+    """``method.mixer`` of ``mix: classmix``."""
+
+    p: float = 0.5  # probability per sample and strong view; UniMatch's CutMix rate (data.strong.cutmix_p)
+    rounding: Literal["ceil", "floor"] = "ceil"  # ⌈n/2⌉ official ClassMix code; ⌊n/2⌋ SupMix eq. 3
+
+    def validate(self, prefix: str) -> None:
+        _check_unit(prefix, "p", self.p)
+
+
+@dataclass
+class SupMixConfig(MixerConfig):
+    """``method.mixer`` of ``mix: supmix`` (SupMix paper eq. 7–11)."""
+
+    p: float = 0.5  # probability per sample and strong view (the SupMix paper leaves it open)
+    fallback: Literal["cutmix", "none"] = "cutmix"  # a sample SupMix does not paste into
+    exclude: list[int] = field(default_factory=lambda: [0])  # never pasted (background)
+    strategy: Strategy = "paper"  # class selection: uniform | ∝ 1/frequency | ∝ 1 − statistic
+    difficulty: Literal["iou", "confidence"] = "iou"  # statistic of the `difficulty` strategy
+    stat_momentum: float = 0.99  # EMA momentum of the running class statistics
+    min_weight: float = 0.05  # floor of the `difficulty` weight, so no class is never chosen
+    # Labeled view pasted from: `weak` (eq. 7–11) or `strong` (an independently jittered strong view
+    # of the same crop, so pasted regions look like their strongly augmented surroundings).
+    source: Literal["weak", "strong"] = "weak"
+
+    def validate(self, prefix: str) -> None:
+        _check_unit(prefix, "p", self.p)
+        _check_unit(prefix, "stat_momentum", self.stat_momentum)
+        if self.min_weight < 0:
+            raise ConfigError(f"{prefix}.min_weight: must be >= 0, got {self.min_weight}")
+
+
+def _check_unit(prefix: str, name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{prefix}.{name}: must be in [0, 1], got {value}")
+
+
+# Before the mixers owned their sections, their options were method fields named with these
+# prefixes (``method.supmix_p``); :meth:`MixConfig.upgrade` reads such configs.
+FLAT_PREFIXES = {"classmix": "classmix_", "supmix": "supmix_"}
+
+
+@dataclass
+class MixConfig:
+    """Strong-view mixing of a method config: ``mix`` names the mixer registered in
+    :data:`semiseg.registry.MIXERS` (``cutmix``: the data pipeline's boxes, probability
+    ``data.strong.cutmix_p``; ``classmix``; ``supmix``; ``none``) and ``mixer`` holds its options,
+    validated against that mixer's ``Config`` (:class:`ClassMixConfig`, :class:`SupMixConfig`, or
+    one a package registered), as ``method`` is against the method's."""
 
     mix: MixName = registered_name(MIXERS, "cutmix")  # type: ignore[assignment]
-    classmix_p: float = 0.5  # same rate as UniMatch's CutMix box (data.strong.cutmix_p)
-    classmix_rounding: Literal["ceil", "floor"] = "ceil"  # ⌈n/2⌉ official ClassMix code; ⌊n/2⌋ SupMix eq. 3
-    supmix_p: float = 0.5  # probability per sample and strong view (the SupMix paper leaves it open)
-    supmix_fallback: Literal["cutmix", "none"] = "cutmix"  # a sample SupMix does not paste into
-    supmix_exclude: list[int] = field(default_factory=lambda: [0])  # never pasted (background)
-    supmix_strategy: Strategy = "paper"  # class selection: uniform | ∝ 1/frequency | ∝ 1 − statistic
-    supmix_difficulty: Literal["iou", "confidence"] = "iou"  # statistic of the `difficulty` strategy
-    supmix_stat_momentum: float = 0.99  # EMA momentum of the running class statistics
-    supmix_min_weight: float = 0.05  # floor of the `difficulty` weight, so no class is never chosen
-    # Labeled view SupMix pastes from: `weak` (eq. 7–11) or `strong` (an independently jittered
-    # strong view of the same crop, so pasted regions look like their strongly augmented
-    # surroundings; an option to test whether un-jittered pastes teach a shortcut).
-    supmix_source: Literal["weak", "strong"] = field(default="weak", metadata={HASH_NEUTRAL: True})
+    mixer: Any = registered_section("mix", MIXERS)
 
-    def validate_mix(self, prefix: str) -> None:
-        for name in ("classmix_p", "supmix_p", "supmix_stat_momentum"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{prefix}.{name}: must be in [0, 1], got {value}")
-        if self.supmix_min_weight < 0:
-            raise ConfigError(f"{prefix}.supmix_min_weight: must be >= 0, got {self.supmix_min_weight}")
+    def __post_init__(self) -> None:
+        if self.mixer is None:  # built in code rather than loaded: the mixer's defaults
+            self.mixer = mixer_config_class(self.mix)()
+
+    @classmethod
+    def upgrade(cls, raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """A method mapping with the old flat mixer options (``supmix_p: 0.7``) moved into
+        ``mixer`` (``mixer: {p: 0.7}``). Those of a mixer other than ``mix`` are dropped when they
+        hold their default (every saved run config lists them all) and refused otherwise."""
+        flat = [key for key in raw if any(key.startswith(p) for p in FLAT_PREFIXES.values())]
+        if not flat:
+            return raw
+        raw = dict(raw)
+        chosen = raw.get("mix", next(f.default for f in fields(cls) if f.name == "mix"))
+        section = dict(raw.get("mixer") or {})
+        for key in flat:
+            value = raw.pop(key)
+            mixer, option = next((m, key[len(p) :]) for m, p in FLAT_PREFIXES.items() if key.startswith(p))
+            if mixer == chosen:
+                if option in section and section[option] != value:
+                    raise ConfigError(
+                        f"{prefix}.{key} and {prefix}.mixer.{option} disagree: set only the latter"
+                    )
+                section[option] = value
+            elif value != getattr(mixer_config_class(mixer)(), option, object()):
+                raise ConfigError(
+                    f"{prefix}.{key}: an option of mixer {mixer!r}, but {prefix}.mix is {chosen!r}"
+                )
+        if section:
+            raw["mixer"] = section
+        return raw
+
+
+def mixer_config_class(name: str) -> type:
+    """The ``Config`` class of the mixer registered as ``name`` (:class:`MixerConfig` if it has none)."""
+    return getattr(MIXERS[name], "Config", MixerConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +284,9 @@ class Mixer:
     """
 
     needs_labeled: bool = False  # the labeled source is built and passed (SupMix)
+    Config: type = MixerConfig  # its options, ``method.mixer``
 
-    def __init__(self, cfg: MixConfig) -> None:
+    def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
     @property
@@ -275,11 +350,14 @@ class CutMix(Mixer):
 
 
 class ClassMix(Mixer):
-    """``classmix``: with probability ``classmix_p``, the partner's pixels of half its predicted
-    classes (:func:`classmix_mask`); otherwise no mix."""
+    """``classmix``: with probability ``p``, the partner's pixels of half its predicted classes
+    (:func:`classmix_mask`); otherwise no mix."""
+
+    Config = ClassMixConfig
+    cfg: ClassMixConfig
 
     def uses_partner(self, boxes: list[Tensor | None]) -> bool:
-        return self.cfg.classmix_p > 0
+        return self.cfg.p > 0
 
     def __call__(
         self,
@@ -289,30 +367,32 @@ class ClassMix(Mixer):
         box_mask: Tensor,
         stats: ClassStatistics,
     ) -> MixSample:
-        applied = torch.rand(own.label.shape[0], device=own.label.device) < self.cfg.classmix_p
+        applied = torch.rand(own.label.shape[0], device=own.label.device) < self.cfg.p
         if not bool(applied.any()):
             return own
         partner = _need(partner, "partner")
-        mask = classmix_mask(partner.label, partner.ignore, self.cfg.classmix_rounding)
+        mask = classmix_mask(partner.label, partner.ignore, self.cfg.rounding)
         return paste(own, partner, mask & applied[:, None, None])
 
 
 class SupMix(Mixer):
-    """``supmix``: with probability ``supmix_p``, the chosen ground-truth classes of labeled sample
+    """``supmix``: with probability ``p``, the chosen ground-truth classes of labeled sample
     ``i mod n_l`` (eq. 8–11; confidence 1 and not ignored under the mask); otherwise — and when the
-    labeled image has no candidate class — ``supmix_fallback`` (CutMix by default)."""
+    labeled image has no candidate class — ``fallback`` (CutMix by default)."""
 
     needs_labeled = True
+    Config = SupMixConfig
+    cfg: SupMixConfig
 
     @property
     def labeled_strong(self) -> bool:
-        return self.cfg.supmix_source == "strong"
+        return self.cfg.source == "strong"
 
     def tracks_statistics(self) -> bool:
-        return self.cfg.supmix_strategy != "paper"
+        return self.cfg.strategy != "paper"
 
     def uses_partner(self, boxes: list[Tensor | None]) -> bool:
-        return self.cfg.supmix_fallback == "cutmix" and _any_box(boxes)
+        return self.cfg.fallback == "cutmix" and _any_box(boxes)
 
     def __call__(
         self,
@@ -323,14 +403,14 @@ class SupMix(Mixer):
         stats: ClassStatistics,
     ) -> MixSample:
         cfg = self.cfg
-        applied = torch.rand(own.label.shape[0], device=own.label.device) < cfg.supmix_p
+        applied = torch.rand(own.label.shape[0], device=own.label.device) < cfg.p
         # SupMix (eq. 8–11): ground-truth classes of the labeled weak view pasted onto the strong view.
         labeled = match_size(_need(labeled, "labeled"), tuple(own.label.shape[-2:]))
-        weights = stats.weights(cfg.supmix_strategy, cfg.supmix_difficulty, cfg.supmix_min_weight)
-        mask, _ = supmix_mask(labeled.label, tuple(cfg.supmix_exclude), weights)
+        weights = stats.weights(cfg.strategy, cfg.difficulty, cfg.min_weight)
+        mask, _ = supmix_mask(labeled.label, tuple(cfg.exclude), weights)
         mask = mask & applied[:, None, None]
         out = paste(own, labeled, mask)
-        if cfg.supmix_fallback == "cutmix":
+        if cfg.fallback == "cutmix":
             not_pasted = ~mask.flatten(1).any(1)
             fallback = box_mask & not_pasted[:, None, None]
             if bool(fallback.any()):
@@ -346,8 +426,9 @@ class StrongMixer(nn.Module):
     def __init__(self, cfg: MixConfig, num_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.kind: Mixer = MIXERS[cfg.mix](cfg)
-        self.stats = ClassStatistics(num_classes, cfg.supmix_stat_momentum)
+        self.kind: Mixer = MIXERS[cfg.mix](cfg.mixer)
+        # the statistics the non-uniform SupMix strategies read (kept, unused, for the other mixers)
+        self.stats = ClassStatistics(num_classes, getattr(cfg.mixer, "stat_momentum", 0.99))
 
     @property
     def needs_labeled(self) -> bool:

@@ -307,7 +307,8 @@ LABEL_MAPS: Registry[Any] = Registry(
     {"cityscapes_trainid": "semiseg.data.cityscapes:labelids_to_trainids"},
 )
 
-#: ``model.name`` → a builder ``(ModelConfig, in_channels, num_classes) -> Segmenter``.
+#: ``model.name`` → a builder ``(cfg, in_channels, num_classes) -> Segmenter``; its ``Config`` attribute
+#: (a ``ModelConfig`` subclass) is the schema of the ``model`` section.
 MODELS: Registry[Any] = Registry(
     "model",
     ENTRY_POINT_GROUPS["models"],

@@ -41,7 +41,7 @@ from .checkpoint import (
     stale_temp_files,
 )
 from .compiling import compile_networks, eager
-from .config import RunConfig, config_hash, config_to_dict
+from .config import SCHEMA_VERSION, RunConfig, config_hash, config_to_dict
 from .data.base import DataSplits, build_splits
 from .data.datasets import InfiniteBatches, make_batch, training_streams
 from .data.validate import check_crop_size, check_data, check_eval_splits
@@ -191,6 +191,7 @@ class Trainer:
             "train_seconds": self.train_seconds(),
             "config": config_to_dict(self.cfg),
             "config_hash": config_hash(self.cfg),
+            "config_version": SCHEMA_VERSION,
             "class_names": self.splits.class_names,
             "palette": [list(c) for c in self.splits.palette],
             "in_channels": self.splits.in_channels,
@@ -460,6 +461,7 @@ class Trainer:
                 "seconds": seconds,
                 "world_size": self.dist.world_size,
                 "config_hash": config_hash(self.cfg),
+                "config_version": SCHEMA_VERSION,
                 "weights": "final",
                 "results": results,
             }

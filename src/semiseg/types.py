@@ -66,26 +66,41 @@ class StepInfo:
 
 @dataclass
 class StepContext:
-    """What a plug-in sees of one training step (built by the host method after its weak forward).
+    """What a plug-in sees of one training step: the whole input of the plug-in interface.
 
-    ``logits_l`` N_l×C×H×W labeled prediction (with grad); ``logits_w`` N_u×C×H×W prediction of the
-    model being trained on the unlabeled batch (with grad: UniMatch/FixMatch's weak view, Mean
-    Teacher's student view); ``pseudo_w`` / ``conf_w`` N_u×H×W detached pseudo-labels and their
-    confidence (from the weak forward, or the EMA teacher); ``ignore`` N_u×H×W (255 = padding);
-    ``features_l`` / ``features_w`` encoder features (shallow to deep, with grad) of the labeled and
-    unlabeled pass, and ``teacher_features_w`` those of the network that made the pseudo-labels
-    (detached) — all three only when a plug-in has ``needs_features``.
+    The host method builds it after its weak forward pass; plug-ins read its fields and write only
+    ``extras``. A method keeps its own state (its pseudo-label policy's output, the mix partner,
+    mixed views, thresholds) in its training step, not here.
 
-    When a plug-in has ``needs_strong_features``, FixMatch / UniMatch set ``features_s = []`` (to be
-    filled) and, after the strong forward, fill it (per mixed strong view, its encoder features with
-    grad) and ``sources_s`` (per
-    strong view, N_u×H×W: which image each pixel came from — :data:`SOURCE_OWN`,
-    :data:`SOURCE_PARTNER` (the flipped batch), :data:`SOURCE_LABELED` (SupMix's ground truth)).
-    ``labeled_scale`` / ``unlabeled_scale``: what the host multiplies its own labeled loss and its
-    (α-weighted) unlabeled losses by at this step (UniMatch: ``scale`` and ``scale``·ramp-up; 1 and
-    0 in a labeled-only warm-up step), so a plug-in can keep eq.-7-style ratios to the host's terms.
-    ``warmup``: a labeled-only step (only ``x_l``, ``logits_l`` and ``features_l`` are real; the
-    unlabeled fields are empty). ``extras``: method-specific.
+    Always set:
+
+    - ``batch``, ``info``: the step's batch and where training is;
+    - ``logits_l`` N_l×C×H×W: the labeled prediction (with gradient);
+    - ``logits_w`` N_u×C×H×W: the trained model's prediction on the unlabeled batch (with gradient:
+      FixMatch / UniMatch's weak view, Mean Teacher's student view);
+    - ``pseudo_w`` / ``conf_w`` N_u×H×W: detached pseudo-labels and their confidence (the host's
+      pseudo-label policy, on the weak forward or on the EMA teacher's prediction);
+    - ``ignore`` N_u×H×W: 255 where the unlabeled crop is padding;
+    - ``labeled_scale`` / ``unlabeled_scale``: what the host multiplies its own labeled loss and its
+      (α-weighted) unlabeled losses by at this step (UniMatch: ``scale`` and ``scale``·ramp-up; 1
+      and 0 in a labeled-only warm-up step), so a plug-in can keep eq.-7-style ratios to them;
+    - ``warmup``: a labeled-only step (only ``x_l``, ``logits_l`` and ``features_l`` are real; the
+      unlabeled fields are empty tensors).
+
+    When a plug-in has ``needs_features`` (else ``None``): ``features_l`` / ``features_w``, encoder
+    features (shallow to deep, with gradient) of the labeled and unlabeled pass, and
+    ``teacher_features_w``, those of the network that made the pseudo-labels (detached).
+
+    When a plug-in has ``needs_strong_features`` and the host mixes strong views (FixMatch,
+    UniMatch), ``has_strong_views`` is True and, once the host's strong forward has run (before
+    :meth:`~semiseg.plugins.base.Plugin.losses`; not yet in ``pixel_weights``, which the mix needs
+    first), ``features_s`` holds per mixed strong view its encoder features (with gradient) and
+    ``sources_s`` per strong view an N_u×H×W map of which image each pixel came from —
+    :data:`SOURCE_OWN`, :data:`SOURCE_PARTNER` (the flipped batch), :data:`SOURCE_LABELED`
+    (SupMix's ground truth). Until then, and on hosts without strong views, both are ``None``.
+
+    ``extras``: per-step scratch space of the plug-ins, each under its own name (MPMC caches its
+    step state there); hosts put nothing in it.
     """
 
     batch: Batch
@@ -98,6 +113,7 @@ class StepContext:
     features_l: list[Tensor] | None = None
     features_w: list[Tensor] | None = None
     teacher_features_w: list[Tensor] | None = None
+    has_strong_views: bool = False
     features_s: list[list[Tensor]] | None = None
     sources_s: list[Tensor] | None = None
     labeled_scale: float = 1.0

@@ -76,9 +76,9 @@ class LabeledDataset(_RecordDataset):
 
     Padding of the crop is labeled 255 (ignored by the loss). With ``with_strong`` the sample also
     carries ``"image_s"``, a strong view of the same crop (photometric only, so ``label`` still
-    fits it), for methods that paste from a strongly augmented labeled view
-    (``method.supmix_source: strong``). Its draws come from their own generator, so the weak view
-    is the same with or without it.
+    fits it), for methods that paste from a strongly augmented labeled view (``mix: supmix`` with
+    ``mixer.source: strong``). Its draws come from their own generator, so the weak view is the
+    same with or without it.
     """
 
     def __init__(

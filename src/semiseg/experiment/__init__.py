@@ -10,6 +10,7 @@ A grid file (YAML)::
     seeds: [0, 1, 2]
     overrides: [train.iters=800]            # applied to every cell (optional)
     fraction_methods: {0.25: [supervised]}  # optional: only these methods at that fraction
+    method_seeds: {unimatch: [0, 1, 2, 3, 4]}  # optional: a method's own seeds (default: seeds)
     compare: [supervised, unimatch]         # optional: Table 1's paired intervals against these
     output: runs/grids/cpu_small            # one run directory per cell below it (grids may share it)
     reports: benchmarks/results/table1      # tables, records.json, figures (default: <output>/<name>)

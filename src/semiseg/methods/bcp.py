@@ -31,13 +31,12 @@ region outside the box and the box apart, each with ``(CE + Dice)/2``: pseudo-la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..config import HASH_NEUTRAL
 from ..ema import ModelEma
 from ..errors import ConfigError
 from ..losses import mix_loss
@@ -95,7 +94,7 @@ class BCPConfig(SemiSupervisedConfig):
     threshold: float = 0.0  # τ of the pseudo-label policy (0: every pseudo-labeled pixel teaches)
     eval_teacher: bool = False  # evaluate / export the teacher (stage 2) instead of the student
     dice_weight: float = 1.0  # L_seg = (CE + w·Dice)/(1 + w): (CE + Dice)/2
-    dice_squared: bool = field(default=True, metadata={HASH_NEUTRAL: True})  # Σp² + Σt² (DiceLoss)
+    dice_squared: bool = True  # Σp² + Σt² (DiceLoss)
 
     def validate(self, prefix: str) -> None:
         s = self.stage1_iters
@@ -263,7 +262,6 @@ class BCP(PluginHost, Method):
                 teacher_features_w=t_feats,
                 labeled_scale=1.0,
                 unlabeled_scale=ramp,
-                extras={"teacher_logits_w": t_logits, "threshold": pl.threshold},
             )  # fmt: skip
             weight = self.plugin_pixel_weights(ctx)
             if weight is not None:

@@ -22,7 +22,14 @@ import torch
 
 from ..step import StepResult
 from .base import Batch, StepInfo, register_method
-from .weak_strong import ConsistencyConfig, WeakStrongMethod, eval_mode
+from .weak_strong import (
+    ConsistencyConfig,
+    WeakStrongMethod,
+    eval_mode,
+    mask_ratio,
+    mix_targets,
+    unlabeled_ignore,
+)
 
 __all__ = ["ConsistencyConfig", "FixMatch", "FixMatchConfig", "WeakStrongMethod", "eval_mode"]
 
@@ -42,28 +49,42 @@ class FixMatch(WeakStrongMethod):
     unlabeled_terms = ("loss_s",)
 
     def training_step(self, batch: Batch, info: StepInfo) -> StepResult:
-        warm = self.warmup_step(batch, info)
-        if warm is not None:
-            return warm
         cfg = self.cfg
+        if self.recipe.in_warmup(info.step):
+            return self.warmup_step(batch, info)
         x_l, y_l, x_w, x_s = batch.x_l, batch.y_l, batch.x_w, batch.x_s1
         assert x_w is not None and x_s is not None, "fixmatch needs x_w and x_s1"
-        ignore = self.unlabeled_ignore(batch)
+        ignore = unlabeled_ignore(batch)
+        n_l = x_l.shape[0]
 
-        # Mix source: the partner's weak prediction (eval, no grad).
+        # ŷ_mix, c_mix: the mix partner x_w.flip(0), eval mode, no grad; only when this step pastes it.
         partner = self.partner_prediction(x_w) if self.mixer.uses_partner([batch.box1]) else None
 
-        # f(cat(x_l, x_w)) once; pseudo-labels from the weak prediction, detached.
+        # p_l, p_w: one forward of cat(x_l, x_w) (with encoder features when a plug-in reads them).
         out = self.net(torch.cat((x_l, x_w)), return_features=self.plugins_need_features)
-        logits, feats = (out.logits, out.features) if self.plugins_need_features else (out, None)
-        ctx, pl = self.weak_context(batch, info, logits, feats, ignore)
-        weights = self.mix_weights(ctx, partner)
+        logits, features = (out.logits, out.features) if self.plugins_need_features else (out, None)
+        logits_l, logits_w = logits[:n_l], logits[n_l:]
 
-        # Strong view, mixed; its target assembled under the same mask.
-        target = self.strong_target(x_s, batch.box1, ctx, weights, partner)
-        (logits_s,) = self.strong_forward(ctx, [target])
+        # ŷ_w, c_w: the weak view's pseudo-labels from the policy (or the EMA teacher), detached.
+        pl, teacher_features = self.weak_pseudo_labels(batch, logits_w, features, ignore)
+        pseudo_w, conf_w, tau = pl.label, pl.score, pl.threshold
 
-        loss_x = cfg.labeled_loss(ctx.logits_l, y_l)
-        loss_s = self.unlabeled_loss(logits_s, target, pl.threshold)
-        losses = {"loss_x": loss_x, "loss_s": loss_s}
-        return self.finish(ctx, pl, losses, loss_x, [cfg.weight_s * loss_s])
+        # Plug-ins see the step from here; their pixel weights (MPMC's λ_s) are mixed with the target.
+        ctx = self.plugin_context(batch, info, logits_l, logits_w, features, ignore, pl, teacher_features)
+        weights = self.plugin_mix_weights(ctx, None if partner is None else partner.label)
+
+        # mix = (x̃_s, ỹ, c̃, ĩ): the strong view mixed by the configured mixer, its target alike.
+        own, pasted = mix_targets(pl, ignore, weights, partner)
+        mix = self.mix_strong_view(x_s, batch.box1, own, pasted, batch)
+        (logits_s,) = self.strong_forward([mix], ctx)
+
+        # loss_x, loss_s (a pixel teaches iff its confidence ≥ τ) and total = ½(loss_x + λ_u·loss_s).
+        loss_x = cfg.labeled_loss(logits_l, y_l)
+        loss_s = self.recipe.loss(logits_s, mix.label, mix.confidence, mix.ignore, tau, mix.weight)
+        total = self.recipe.total(loss_x, [cfg.weight_s * loss_s], cfg.scale, info.step)
+
+        # Running statistics of the mixer, logs, then the plug-ins' terms added to the total.
+        self.mixer.observe(logits_l, y_l, pseudo_w, conf_w, ignore)
+        logs = {"loss_x": loss_x, "loss_s": loss_s, "mask_ratio": mask_ratio(conf_w, ignore, tau)}
+        logs.update(self.recipe.diagnostics(pl, ignore, logits_l, y_l))
+        return self.add_plugin_losses(ctx, StepResult(loss=total, logs=logs))

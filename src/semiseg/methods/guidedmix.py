@@ -84,14 +84,13 @@ pixel weights multiply ``L_usup``'s per-pixel terms and their losses are added t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..plugins.base import PluginHost, StepContext
@@ -127,7 +126,7 @@ class GuidedMixConfig(SupervisedConfig):
     decoupling: Literal["soft", "hard"] = "soft"  # M_u,dec = M_mix − λ·M_l (eq. 8) or M_mix − M_l (eq. 7)
     dec_decoupling: Literal["soft", "hard"] = "hard"  # L_dec's decoupling (eq. 12 writes M_mix − M_l)
     # soft decoupling divided by 1 − λ (ours: the convex mix's inverse; docstring); hash-neutral at False
-    unmix: bool = field(default=False, metadata={HASH_NEUTRAL: True})
+    unmix: bool = False
     mask_space: Literal["probs", "logits"] = "probs"  # M = softmax(Γ(x)) or the logits (released code)
     unsup_loss: Literal["mse", "focal"] = "mse"  # eq. 10, or the released sigmoid focal loss on argmax
     unsup_target: Target = "decoupled"  # L_usup's detached side: decoupled (eq. 10), direct, none

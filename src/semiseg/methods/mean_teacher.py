@@ -122,7 +122,6 @@ class MeanTeacher(PluginHost, Method):
             teacher_features_w=t_out.features if need_feats else None,
             labeled_scale=1.0 if cfg.labeled_weight is None else cfg.labeled_weight,
             unlabeled_scale=ramp,
-            extras={"teacher_logits_w": t_logits, "threshold": pl.threshold},
         )  # fmt: skip
         weight = self.plugin_pixel_weights(ctx)
 

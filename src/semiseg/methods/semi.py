@@ -19,8 +19,8 @@ alike, and :class:`UnlabeledRecipe` turns them into a step's numbers:
 * ``diagnostics`` — per-class pseudo-label shares logged every step
   (:func:`~semiseg.pseudo_labels.pseudo_label_diagnostics`).
 
-Every option is hash-neutral at its default, so grid cells run before these options existed keep
-their config hashes, and the defaults reproduce those runs exactly.
+Every option's default reproduces the runs made before the option existed, and the config hash
+leaves it out at that default (:data:`semiseg.config_hashing.MIGRATIONS`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..losses import class_balance_weights, masked_pseudo_ce, masked_pseudo_dice
 from ..pseudo_labels import PseudoLabelConfig, PseudoLabeler, PseudoLabels, pseudo_label_diagnostics
@@ -42,20 +41,16 @@ from .supervised import SupervisedConfig
 UnlabeledLoss = Literal["ce", "dice", "balanced_ce"]
 
 
-def _neutral(default: object) -> object:
-    return field(default=default, metadata={HASH_NEUTRAL: True})
-
-
 @dataclass
 class SemiSupervisedConfig(SupervisedConfig):
     """Options shared by every method that learns from unlabeled images (module docstring)."""
 
-    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig, metadata={HASH_NEUTRAL: True})
-    warmup_iters: int = _neutral(0)  # type: ignore[assignment]
-    rampup_iters: int = _neutral(0)  # type: ignore[assignment]
-    labeled_weight: float | None = _neutral(None)  # type: ignore[assignment]
-    unlabeled_loss: UnlabeledLoss = _neutral("ce")  # type: ignore[assignment]
-    diagnostics: bool = _neutral(True)  # type: ignore[assignment]
+    pseudo: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    warmup_iters: int = 0
+    rampup_iters: int = 0
+    labeled_weight: float | None = None
+    unlabeled_loss: UnlabeledLoss = "ce"
+    diagnostics: bool = True
 
     def validate_semi(self, prefix: str) -> None:
         if self.warmup_iters < 0:

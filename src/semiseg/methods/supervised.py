@@ -3,11 +3,10 @@ semi-supervised methods, so that it is the bar they have to clear."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..config import HASH_NEUTRAL
 from ..losses import dice_loss, supervised_ce
 from .base import Batch, Method, MethodConfig, StepInfo, StepResult, register_method
 
@@ -17,7 +16,7 @@ class SupervisedConfig(MethodConfig):
     name: str = "supervised"
     dice_weight: float = 0.0  # > 0: loss_x = (CE + w·Dice) / (1 + w) (the medical UniMatch variant uses 1)
     # Dice denominators Σp² + Σt² (SSL4MIS / official medical UniMatch) instead of Σp + Σt.
-    dice_squared: bool = field(default=False, metadata={HASH_NEUTRAL: True})
+    dice_squared: bool = False
 
     def labeled_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         """``loss_x`` of this config (see :func:`labeled_loss`)."""

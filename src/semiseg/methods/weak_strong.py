@@ -1,6 +1,10 @@
-"""Machinery FixMatch and UniMatch share: the weak-to-strong consistency config, the mix-source
-(partner) prediction and the assembly of each strong view's target (UniMatch's training step,
-with CutMix, ClassMix or SupMix as the mixer).
+"""The pieces FixMatch and UniMatch share, each called by name from their ``training_step``: the
+weak-to-strong consistency config; :func:`unlabeled_ignore` and :func:`mask_ratio`; and on
+:class:`WeakStrongMethod` the labeled-only warm-up step, the mix partner's prediction
+(:meth:`~WeakStrongMethod.partner_prediction`, the batch flipped), the weak view's pseudo-labels
+(:meth:`~WeakStrongMethod.weak_pseudo_labels`), the plug-in context
+(:meth:`~WeakStrongMethod.plugin_context`), a strong view mixed with its :class:`PixelTargets`
+(:meth:`~WeakStrongMethod.mix_strong_view`: CutMix, ClassMix or SupMix) and the strong forward.
 
 Pseudo-labels come from the method's :class:`~semiseg.methods.semi.UnlabeledRecipe` (its policy:
 fixed τ by default, FreeMatch / FlexMatch masks, distribution alignment): a pixel teaches iff its
@@ -20,13 +24,12 @@ is needed (the labeled loss, UniMatch's feature-perturbation branch, plug-ins re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..config import HASH_NEUTRAL
 from ..ema import ModelEma
 from ..errors import ConfigError
 from ..mixers import MixConfig, MixSample, StrongMixer, labeled_source
@@ -48,8 +51,8 @@ class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
     scale: float = 0.5  # total = scale·(loss_x + weighted unlabeled losses)  (UniMatch's "/2")
     # Which network makes the pseudo-labels, the policy's statistics and the mix partner's
     # prediction: the student itself (self) or an EMA of it (ema; module docstring).
-    teacher: Literal["self", "ema"] = field(default="self", metadata={HASH_NEUTRAL: True})
-    teacher_decay: float = field(default=0.99, metadata={HASH_NEUTRAL: True})  # d of the ema teacher
+    teacher: Literal["self", "ema"] = "self"
+    teacher_decay: float = 0.99  # d of the ema teacher
 
     def validate(self, prefix: str) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -62,7 +65,46 @@ class ConsistencyConfig(MixConfig, SemiSupervisedConfig):
             if name.startswith("weight_") and value < 0:
                 raise ConfigError(f"{prefix}.{name}: must be >= 0, got {value}")
         self.validate_semi(prefix)
-        self.validate_mix(prefix)
+
+
+class PixelTargets(NamedTuple):
+    """A strong view's per-pixel target before mixing: ``label`` N×H×W, the ``confidence`` that is
+    thresholded, the ``ignore`` map (255 = ignored) and a plug-in ``weight`` (``None`` = ones)."""
+
+    label: Tensor
+    confidence: Tensor
+    ignore: Tensor
+    weight: Tensor | None
+
+
+def mix_targets(
+    pl: PseudoLabels,
+    ignore: Tensor,
+    weights: tuple[Tensor | None, Tensor | None],
+    partner: PseudoLabels | None,
+) -> tuple[PixelTargets, PixelTargets | None]:
+    """The targets a strong view is mixed with: its own weak view's pseudo-labels, and the mix
+    partner's (flipped order, like its image ``x_s.flip(0)``; ``None`` without a partner).
+    ``weights``: the plug-ins' pixel weights of each (:meth:`PluginHost.plugin_mix_weights`)."""
+    own = PixelTargets(pl.label, pl.score, ignore, weights[0])
+    if partner is None:
+        return own, None
+    return own, PixelTargets(partner.label, partner.score, ignore.flip(0), weights[1])
+
+
+def unlabeled_ignore(batch: Batch) -> Tensor:
+    """The unlabeled ignore map (255 = padding), zeros when the batch has none."""
+    assert batch.x_w is not None, "this method needs unlabeled data (x_w, x_s1, x_s2)"
+    if batch.ignore is not None:
+        return batch.ignore
+    n, _, h, w = batch.x_w.shape
+    return torch.zeros(n, h, w, dtype=torch.uint8, device=batch.x_w.device)
+
+
+def mask_ratio(confidence: Tensor, ignore: Tensor, threshold: float) -> Tensor:
+    """Fraction of non-ignored pixels whose confidence reaches ``threshold`` (logged)."""
+    used = ignore != IGNORE_INDEX
+    return ((confidence >= threshold) & used).sum() / used.sum().clamp_min(1)
 
 
 def labeled_only_step(
@@ -83,8 +125,9 @@ def labeled_only_step(
 
 
 class WeakStrongMethod(PluginHost, Method):
-    """Machinery shared by FixMatch and UniMatch: pseudo-labels, mix-source prediction,
-    strong-view targets, the labeled-only warm-up."""
+    """What FixMatch and UniMatch share: the labeled-only warm-up, the weak view's pseudo-labels,
+    the mix partner's prediction, the plug-in context, the mixing of a strong view with its target
+    and the strong forward. Each method's ``training_step`` calls them in order."""
 
     uses_unlabeled = True
     cfg: ConsistencyConfig
@@ -101,59 +144,72 @@ class WeakStrongMethod(PluginHost, Method):
     def needs_labeled_strong(self) -> bool:
         return self.mixer.labeled_strong
 
-    @staticmethod
-    def unlabeled_ignore(batch: Batch) -> Tensor:
-        """The unlabeled ignore map (255 = padding), zeros when the batch has none."""
-        assert batch.x_w is not None, "this method needs unlabeled data (x_w, x_s1, x_s2)"
-        if batch.ignore is not None:
-            return batch.ignore
-        n, _, h, w = batch.x_w.shape
-        return torch.zeros(n, h, w, dtype=torch.uint8, device=batch.x_w.device)
-
-    def warmup_step(self, batch: Batch, info: StepInfo) -> StepResult | None:
-        """During ``warmup_iters``: the supervised step (labeled pass only), plus the labeled terms
-        of plug-ins that train in the warm-up (MPMC's L_l^M); else ``None``."""
-        if not self.recipe.in_warmup(info.step):
-            return None
+    def warmup_step(self, batch: Batch, info: StepInfo) -> StepResult:
+        """A step inside ``warmup_iters``: the supervised step (labeled pass only), plus the labeled
+        terms of plug-ins that train in the warm-up (MPMC's L_l^M)."""
         self.recipe.observe_labeled(batch.y_l)
         return labeled_only_step(self, self.recipe, batch, info, [*self.unlabeled_terms, "mask_ratio"])
 
-    def weak_context(
-        self, batch: Batch, info: StepInfo, logits: Tensor, features: list[Tensor] | None, ignore: Tensor
-    ) -> tuple[StepContext, PseudoLabels]:
-        """Plug-in context of the joint ``cat(x_l, x_w)`` pass, with the policy's pseudo-labels
-        (its running statistics updated from this step's labeled truth and weak prediction)."""
-        n_l = batch.x_l.shape[0]
-        self.recipe.observe_labeled(batch.y_l)
-        weak, teacher_features = logits[n_l:], None
-        if self.teacher is not None:  # method.teacher: ema labels the weak view
-            assert batch.x_w is not None
-            with torch.no_grad():
-                out = self.teacher(batch.x_w, return_features=features is not None)
-            weak, teacher_features = (out.logits, out.features) if features is not None else (out, None)
-        pl = self.recipe.labeler(weak, ignore, update=True)
-        ctx = StepContext.from_joint_pass(batch, info, logits, features, n_l, ignore, (pl.label, pl.score))
-        if self.teacher is not None:
-            ctx.teacher_features_w = teacher_features
-            ctx.extras["teacher_logits_w"] = weak
-        ctx.extras["threshold"] = pl.threshold
-        ctx.labeled_scale, ctx.unlabeled_scale = self.recipe.scales(info.step, self.cfg.scale)
-        if self.plugins_need_strong_features:
-            ctx.features_s = []  # filled by strong_forward
-        return ctx, pl
-
-    def partner_prediction(self, x_w: Tensor) -> tuple[Tensor, Tensor]:
-        """Pseudo-label and score of each sample's mix partner, predicted on the partner's weak
-        image ``x_w.flip(0)`` in eval mode without gradient (UniMatch's ``pred_u_w_mix``), through
-        the same policy (statistics not updated: it is the same batch). With ``teacher: ema`` the
-        EMA teacher predicts it."""
+    def partner_prediction(self, x_w: Tensor) -> PseudoLabels:
+        """Pseudo-labels of each sample's mix partner, predicted on the partner's weak image
+        ``x_w.flip(0)`` in eval mode without gradient (UniMatch's ``pred_u_w_mix``), through the
+        same policy (statistics not updated: it is the same batch). With ``teacher: ema`` the EMA
+        teacher predicts it."""
         if self.teacher is not None:
             with torch.no_grad():
-                pl = self.recipe.labeler(self.teacher(x_w.flip(0)))
-            return pl.label, pl.score
+                return self.recipe.labeler(self.teacher(x_w.flip(0)))
         with torch.no_grad(), eval_mode(self.model):
-            pl = self.recipe.labeler(self.model(x_w.flip(0)))
-        return pl.label, pl.score
+            return self.recipe.labeler(self.model(x_w.flip(0)))
+
+    def weak_pseudo_labels(
+        self, batch: Batch, logits_w: Tensor, features: list[Tensor] | None, ignore: Tensor
+    ) -> tuple[PseudoLabels, list[Tensor] | None]:
+        """The weak view's pseudo-labels (detached) from the policy, whose running statistics first
+        see this step's labeled truth and then the labelling prediction: the student's weak logits
+        ``logits_w``, or with ``teacher: ema`` the teacher's prediction of ``x_w`` (no gradient).
+        Also the teacher's encoder features when ``features`` were asked for (else ``None``)."""
+        self.recipe.observe_labeled(batch.y_l)
+        if self.teacher is None:
+            return self.recipe.labeler(logits_w, ignore, update=True), None
+        assert batch.x_w is not None
+        with torch.no_grad():
+            out = self.teacher(batch.x_w, return_features=features is not None)
+        logits_t, features_t = (out.logits, out.features) if features is not None else (out, None)
+        return self.recipe.labeler(logits_t, ignore, update=True), features_t
+
+    def plugin_context(
+        self,
+        batch: Batch,
+        info: StepInfo,
+        logits_l: Tensor,
+        logits_w: Tensor,
+        features: list[Tensor] | None,
+        ignore: Tensor,
+        pl: PseudoLabels,
+        teacher_features: list[Tensor] | None,
+    ) -> StepContext:
+        """What plug-ins see of this step: the joint pass of ``cat(x_l, x_w)`` (its two halves'
+        logits, its ``features`` split alike), the weak view's pseudo-labels ``pl`` and ``ignore``
+        map, the labelling network's features (``teacher_features`` with ``teacher: ema``, else the
+        weak half's, detached), the host's loss multipliers, and whether the strong views' features
+        follow (``has_strong_views``)."""
+        n_l = logits_l.shape[0]
+        features_l = features_w = labelling_features = None
+        if features is not None:
+            features_l, features_w = [f[:n_l] for f in features], [f[n_l:] for f in features]
+            labelling_features = [f[n_l:].detach() for f in features]
+        if self.teacher is not None:
+            labelling_features = teacher_features
+        labeled_scale, unlabeled_scale = self.recipe.scales(info.step, self.cfg.scale)
+        return StepContext(
+            batch, info, logits_l, logits_w, pl.label, pl.score, ignore,
+            features_l=features_l,
+            features_w=features_w,
+            teacher_features_w=labelling_features,
+            has_strong_views=self.plugins_need_strong_features,
+            labeled_scale=labeled_scale,
+            unlabeled_scale=unlabeled_scale,
+        )  # fmt: skip
 
     def after_step(self, info: StepInfo) -> None:
         """The EMA teacher's update from the student just stepped (``teacher: ema``), then plug-in
@@ -162,88 +218,41 @@ class WeakStrongMethod(PluginHost, Method):
             self.teacher.update(self.model)
         super().after_step(info)
 
-    def mix_weights(
-        self, ctx: StepContext, partner: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """Plug-in pixel weights ``(own, partner)``: of the weak view's pixels, and of the partner's
-        pixels for the pseudo-labels the mix pastes with them (see :class:`PluginHost`)."""
-        return self.plugin_mix_weights(ctx, None if partner is None else partner[0])
-
-    def strong_target(
-        self,
-        x_s: Tensor,
-        box: Tensor | None,
-        ctx: StepContext,
-        weights: tuple[Tensor | None, Tensor | None],
-        partner: tuple[Tensor, Tensor] | None,
+    def mix_strong_view(
+        self, x_s: Tensor, box: Tensor | None, own: PixelTargets, partner: PixelTargets | None, batch: Batch
     ) -> MixSample:
-        """Mixed strong view with its target: own weak pseudo-label outside the mixed region; inside
-        it, the partner's (CutMix / ClassMix) or the labeled ground truth (SupMix, eq. 10–11).
-        ``weights``: :meth:`mix_weights`. With a plug-in that reads strong-view features, the
-        result carries a provenance map (``source``)."""
+        """Strong view ``x_s`` mixed by the configured mixer, with its target mixed alike: ``own``
+        (the weak pseudo-labels) outside the mixed region; inside it the partner's (``partner``,
+        already in flipped order, pasted with the image ``x_s.flip(0)``: CutMix in ``box`` /
+        ClassMix) or the labeled ground truth (SupMix, eq. 10–11, weight 1). With a plug-in that
+        reads strong-view features, the result carries a provenance map (``source``)."""
         track = self.plugins_need_strong_features
 
         def origin(like: Tensor, value: int) -> Tensor | None:
             return torch.full(like.shape, value, dtype=torch.uint8, device=like.device) if track else None
 
-        own_weight, partner_weight = weights
-        own_origin = origin(ctx.pseudo_w, SOURCE_OWN)
-        own = MixSample(x_s, ctx.pseudo_w, ctx.conf_w, ctx.ignore, own_weight, own_origin)
+        own_sample = MixSample(x_s, *own, origin(own.label, SOURCE_OWN))
         partner_sample = None
         if partner is not None:
-            partner_sample = MixSample(
-                x_s.flip(0),
-                partner[0],
-                partner[1],
-                ctx.ignore.flip(0),
-                partner_weight,
-                origin(partner[0], SOURCE_PARTNER),
-            )
+            partner_sample = MixSample(x_s.flip(0), *partner, origin(partner.label, SOURCE_PARTNER))
         labeled = None
         if self.mixer.needs_labeled:
-            x_src = ctx.batch.x_ls if self.mixer.labeled_strong else ctx.batch.x_l
-            assert x_src is not None, "supmix_source=strong needs the labeled strong view (batch.x_ls)"
-            labeled = labeled_source(x_src, ctx.batch.y_l, x_s.shape[0], own_weight is not None)
+            x_src = batch.x_ls if self.mixer.labeled_strong else batch.x_l
+            assert x_src is not None, "mixer.source=strong needs the labeled strong view (batch.x_ls)"
+            labeled = labeled_source(x_src, batch.y_l, x_s.shape[0], own.weight is not None)
             labeled = labeled._replace(source=origin(labeled.label, SOURCE_LABELED))
-        return self.mixer(own, partner_sample, labeled, box)
+        return self.mixer(own_sample, partner_sample, labeled, box)
 
-    def strong_forward(self, ctx: StepContext, targets: list[MixSample]) -> list[Tensor]:
-        """Logits of the mixed strong views, one forward of their concatenation; with a plug-in that
-        reads strong-view features, also fills ``ctx.features_s`` / ``ctx.sources_s``."""
-        images = targets[0].image if len(targets) == 1 else torch.cat([t.image for t in targets])
-        if not self.plugins_need_strong_features:
+    def strong_forward(self, views: list[MixSample], ctx: StepContext) -> list[Tensor]:
+        """Logits of the mixed strong ``views``, one forward of their concatenation. When
+        ``ctx.has_strong_views`` (a plug-in reads them), also their encoder features and provenance
+        maps, handed to plug-ins as ``ctx.features_s`` / ``ctx.sources_s``."""
+        images = views[0].image if len(views) == 1 else torch.cat([v.image for v in views])
+        if not ctx.has_strong_views:
             logits = self.net(images)
-            return [logits] if len(targets) == 1 else list(logits.chunk(len(targets)))
+            return [logits] if len(views) == 1 else list(logits.chunk(len(views)))
         out = self.net(images, return_features=True)
-        per_view = [feat.chunk(len(targets)) for feat in out.features]
-        ctx.features_s = [[chunks[v] for chunks in per_view] for v in range(len(targets))]
-        ctx.sources_s = [t.source for t in targets]  # type: ignore[misc]
-        return list(out.logits.chunk(len(targets)))
-
-    def unlabeled_loss(self, logits: Tensor, target: MixSample, threshold: float) -> Tensor:
-        """One unlabeled term against a (mixed) target, with the recipe's loss."""
-        return self.recipe.loss(
-            logits, target.label, target.confidence, target.ignore, threshold, target.weight
-        )
-
-    def finish(
-        self,
-        ctx: StepContext,
-        pl: PseudoLabels,
-        losses: dict[str, Tensor],
-        loss_x: Tensor,
-        terms: list[Tensor],
-    ) -> StepResult:
-        """The step's result: the loss from ``loss_x`` and the weighted unlabeled ``terms``; logged
-        ``losses``, mixer statistics, the mask ratio and pseudo-label diagnostics; plug-in terms."""
-        loss = self.recipe.total(loss_x, terms, self.cfg.scale, ctx.info.step)
-        self.mixer.observe(ctx.logits_l, ctx.batch.y_l, ctx.pseudo_w, ctx.conf_w, ctx.ignore)
-        losses["mask_ratio"] = self.mask_ratio(ctx, pl.threshold)
-        losses.update(self.recipe.diagnostics(pl, ctx.ignore, ctx.logits_l, ctx.batch.y_l))
-        return self.add_plugin_losses(ctx, StepResult(loss=loss, logs=losses))
-
-    def mask_ratio(self, ctx: StepContext, threshold: float | None = None) -> Tensor:
-        """Fraction of non-ignored weak pixels whose pseudo-label passes the mask (logged)."""
-        used = ctx.ignore != IGNORE_INDEX
-        tau = self.cfg.threshold if threshold is None else threshold
-        return ((ctx.conf_w >= tau) & used).sum() / used.sum().clamp_min(1)
+        per_level = [feat.chunk(len(views)) for feat in out.features]
+        ctx.features_s = [[chunks[v] for chunks in per_level] for v in range(len(views))]
+        ctx.sources_s = [v.source for v in views]  # type: ignore[misc]
+        return list(out.logits.chunk(len(views)))

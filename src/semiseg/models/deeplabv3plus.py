@@ -25,6 +25,7 @@ so any timm ResNet name works (``resnet18`` … ``resnet101``; ``resnet101s`` ha
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,22 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Dropout, Segmenter
+
+
+@dataclass
+class TimmBackboneConfig(ModelConfig):
+    """Options of a model on a timm ResNet backbone (DeepLabV3+, GuidedMix-Net)."""
+
+    backbone: str = "resnet101"  # a timm ResNet name
+    output_stride: int = 16
+
+
+@dataclass
+class DeepLabV3PlusConfig(TimmBackboneConfig):
+    """``model`` options of ``name: deeplabv3plus``."""
+
+    aspp_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    low_level_channels: int = 48
 
 
 def conv_bn_relu(
@@ -120,7 +137,7 @@ def timm_features(
     )
 
 
-def backbone_or_config_error(cfg: ModelConfig, create: Callable[[], nn.Module]) -> nn.Module:
+def backbone_or_config_error(cfg: TimmBackboneConfig, create: Callable[[], nn.Module]) -> nn.Module:
     """``create()`` (a timm backbone of ``cfg.backbone``), with timm and hub errors turned into one-line
     config errors naming ``model.pretrained`` (weights that could not be fetched) or ``model.backbone``."""
     try:
@@ -202,8 +219,8 @@ class DeepLabV3Plus(Segmenter):
         return F.interpolate(out, size=size, mode="bilinear", align_corners=True)
 
 
-def build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) -> DeepLabV3Plus:
-    """``model.name: deeplabv3plus`` from a :class:`~semiseg.config.ModelConfig` (options validated
+def build_deeplabv3plus(cfg: DeepLabV3PlusConfig, in_channels: int, num_classes: int) -> DeepLabV3Plus:
+    """``model.name: deeplabv3plus`` from a :class:`DeepLabV3PlusConfig` (options validated
     here; timm and hub errors become one-line config errors)."""
     import timm  # slow to import: only when a DeepLabV3+ is built
 
@@ -226,3 +243,6 @@ def build_deeplabv3plus(cfg: ModelConfig, in_channels: int, num_classes: int) ->
         aspp_rates=cfg.aspp_rates,
         low_level_channels=cfg.low_level_channels,
     )
+
+
+build_deeplabv3plus.Config = DeepLabV3PlusConfig  # type: ignore[attr-defined]  # model.name's schema

@@ -46,16 +46,30 @@ variant is ``resnet18`` with widths 16-32-64-128 (≈ U-Net sized), the paper's 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Segmenter, SegOutput
-from .deeplabv3plus import backbone_or_config_error, conv_bn_relu, timm_features
+from .deeplabv3plus import TimmBackboneConfig, backbone_or_config_error, conv_bn_relu, timm_features
+
+
+@dataclass
+class GuidedMixConfig(TimmBackboneConfig):
+    """``model`` options of ``name: guidedmix`` (module docstring)."""
+
+    backbone_widths: list[int] | None = None  # the four ResNet stage widths; null: the backbone's own
+    psp_bins: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    psp_channels: int = 512
+    # one per decoder block, deepest first
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    mitrans: bool = True  # false: no MITrans block
+    mitrans_levels: list[int] = field(default_factory=lambda: [0, 1])
+    mitrans_zero_init: bool = False  # V = 0: identity at start
+
 
 #: timm ``features_only`` indices: the stem and the four ResNet stages.
 OUT_INDICES: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -307,8 +321,8 @@ class GuidedMixNet(Segmenter):
         return SegOutput(out.logits + tie, out.logits_fp, out.features)
 
 
-def build_guidedmix(cfg: ModelConfig, in_channels: int, num_classes: int) -> GuidedMixNet:
-    """``model.name: guidedmix`` from a :class:`~semiseg.config.ModelConfig` (options validated here,
+def build_guidedmix(cfg: GuidedMixConfig, in_channels: int, num_classes: int) -> GuidedMixNet:
+    """``model.name: guidedmix`` from a :class:`GuidedMixConfig` (options validated here,
     each error naming its ``model.<key>``)."""
     import timm  # slow to import: only when the network is built
 
@@ -355,3 +369,6 @@ def build_guidedmix(cfg: ModelConfig, in_channels: int, num_classes: int) -> Gui
         mitrans_levels=levels,
         mitrans_zero_init=cfg.mitrans_zero_init,
     )
+
+
+build_guidedmix.Config = GuidedMixConfig  # type: ignore[attr-defined]  # model.name's schema

@@ -28,6 +28,8 @@ so the logits always have the input's size (the bilinear path interpolates to th
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -37,6 +39,19 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .base import Dropout, Segmenter
+
+
+@dataclass
+class UNetConfig(ModelConfig):
+    """``model`` options of ``name: unet`` (with :class:`~semiseg.config.ModelConfig`'s)."""
+
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256])  # one per level
+    # encoder dropout per level; null = SSL4MIS/UniMatch's 0.05, 0.1, 0.2, 0.3, 0.5
+    dropout: list[float] | None = None
+    # up-path: "bilinear" = 1×1 conv + bilinear ×2, the official medical UniMatch / SSL4MIS default;
+    # "transpose" = 2×2 stride-2 transposed conv (semiseg's earlier default).
+    upsample: Literal["transpose", "bilinear"] = "bilinear"
+
 
 #: SSL4MIS / UniMatch encoder dropout for the five levels 16-32-64-128-256.
 SSL4MIS_DROPOUT: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -191,8 +206,8 @@ class UNet(Segmenter):
         return logits
 
 
-def build_unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> UNet:
-    """``model.name: unet`` from a :class:`~semiseg.config.ModelConfig` (options validated here)."""
+def build_unet(cfg: UNetConfig, in_channels: int, num_classes: int) -> UNet:
+    """``model.name: unet`` from a :class:`UNetConfig` (options validated here)."""
     if cfg.pretrained:
         raise ConfigError(
             "model.pretrained: the U-Net has no ImageNet weights; train from scratch or set model.weights "
@@ -205,3 +220,6 @@ def build_unet(cfg: ModelConfig, in_channels: int, num_classes: int) -> UNet:
     return UNet(
         in_channels, num_classes, widths=cfg.widths, dropout=cfg.dropout, bilinear=cfg.upsample == "bilinear"
     )
+
+
+build_unet.Config = UNetConfig  # type: ignore[attr-defined]  # the schema of model.name: unet

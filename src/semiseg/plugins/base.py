@@ -8,7 +8,10 @@ Mean Teacher) and every mixer, e.g. ``method: {name: unimatch, mix: supmix}`` + 
 
 Each training step the host method builds a :class:`StepContext` right after its weak forward pass
 (labeled logits, weak unlabeled logits *with* gradient, detached pseudo-labels and confidences, the
-ignore map, encoder features when a plug-in asks for them, the batch) and calls, in order:
+ignore map, encoder features when a plug-in asks for them, the batch, the host's loss multipliers).
+It is all a plug-in sees of the step: its fields are documented on the class, plug-ins read them
+and keep their own per-step state in ``ctx.extras[<name>]``, and the host keeps its private state
+(the policy's output, the mix partner, the mixed views) out of it. The host then calls, in order:
 
 1. :meth:`Plugin.pixel_weights` ``(ctx) -> N_u×H×W tensor | None`` — a per-pixel multiplier of the
    unlabeled losses, in the weak view's geometry (MPMC's λ_s). Weights of several plug-ins multiply.
@@ -35,8 +38,10 @@ ignore map, encoder features when a plug-in asks for them, the batch) and calls,
 ``needs_unlabeled`` (default True) makes :func:`semiseg.methods.build_method` reject the plug-in on a
 method without unlabeled data (``supervised``); ``needs_features`` makes the host request encoder
 features (``forward(..., return_features=True)``) and fill ``features_l`` / ``features_w``;
-``needs_strong_features`` makes FixMatch / UniMatch also return the mixed strong views' features
-and provenance maps (``ctx.features_s`` / ``ctx.sources_s``) before :meth:`Plugin.losses` runs.
+``needs_strong_features`` makes FixMatch / UniMatch set ``ctx.has_strong_views`` and, after their
+strong forward (so after :meth:`Plugin.pixel_weights`, before :meth:`Plugin.losses`), fill the mixed
+strong views' features and provenance maps (``ctx.features_s`` / ``ctx.sources_s``, ``None`` until
+then and on other hosts).
 ``trains_in_warmup`` makes the host call :meth:`Plugin.losses` / :meth:`Plugin.optimizer_losses` in
 its labeled-only warm-up steps too, with a ``ctx.warmup`` context (labeled fields only; MPMC's
 labeled patch loss trains from step 0).

@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import HASH_NEUTRAL
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..modes import eval_mode
@@ -97,7 +96,7 @@ class MPMCConfig(PluginConfig):
     gamma_neg: float = 1.0  # γ− of eq. 3
     confidence_from: Literal["logits", "probs"] = "logits"  # γ = softmax(logits) or softmax(σ(logits))
     # eq. 5's γ, or σ(q): the class occurs in the patch (added after cells were recorded: hash-neutral)
-    lambda_s: Literal["gamma", "presence"] = field(default="gamma", metadata={HASH_NEUTRAL: True})
+    lambda_s: Literal["gamma", "presence"] = "gamma"
     unlabeled_target: Literal["soft", "hard"] = "soft"  # eq. 6 target: teacher q, or [q ≥ ½]
     student_input: Literal["auto", "strong", "features", "perturbed"] = "auto"  # student MPMC input
     fp_dropout: float = 0.5  # Dropout2d of the perturbed student input
@@ -293,13 +292,13 @@ class MPMC(OwnOptimizerPlugin):
     def _awaits_strong(self, ctx: StepContext) -> bool:
         """Whether the student input is the strong views' features, not yet in ``ctx`` (λ_s is asked
         for before the strong forward)."""
-        return self._student_mode(ctx) == "strong" and ctx.features_s is not None and not ctx.features_s
+        return self._student_mode(ctx) == "strong" and ctx.has_strong_views and ctx.features_s is None
 
     def _student_mode(self, ctx: StepContext) -> str:
         mode = self.cfg.student_input
         if mode != "auto":
             return mode
-        if ctx.features_s is not None:  # the host passes them (an empty list until its strong forward)
+        if ctx.has_strong_views:  # the host passes them (after its strong forward)
             return "strong"
         assert ctx.features_w is not None and ctx.teacher_features_w is not None
         same = ctx.features_w[self.tap].data_ptr() == ctx.teacher_features_w[self.tap].data_ptr()

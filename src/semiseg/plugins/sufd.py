@@ -20,7 +20,7 @@ its channel count is found with one probe forward at construction.
 
 ``input_scale`` (default 1, the paper): ``D`` looks at ``p`` area-down-sampled by this factor, both
 players alike; 0.5 makes ``D`` 4× cheaper (D dominates SUFD's cost at cpu-small). Not the paper's: an option,
-off by default. Checked on 3 seeds (grids/sufd_input_scale_cpu_small, CHASE_DB1 1/8): +0.50 mIoU
+off by default. Checked on 3 seeds (grid sufd_input_scale_cpu_small, CHASE_DB1 1/8): +0.50 mIoU
 against the full input, 95 % interval [−3.34, +4.34], no difference beyond seed noise.
 
 ``D`` (Hung et al., BMVC 2018): 4×4 stride-2 padding-1 convolutions ``in→64→128→256→512→1`` with
@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import HASH_NEUTRAL, volatile
 from ..errors import ConfigError
 from ..models.base import Segmenter
 from ..modes import eval_mode
@@ -60,11 +59,11 @@ class SUFDConfig(PluginConfig):
     warmup_iters: int = 0  # generator term off before this step (D trains from step 0)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256, 512])  # hidden widths of D
     negative_slope: float = 0.2  # LeakyReLU
-    input_scale: float = field(default=1.0, metadata={HASH_NEUTRAL: True})  # D sees p down-sampled ×this
+    input_scale: float = 1.0  # D sees p down-sampled ×this
     # false (default): Adam's multi-tensor update, bit-identical to the per-parameter loop; true: its
     # fused kernel, the same update up to float rounding (volatile, like ``train.threads``). The fused
     # optimizer step alone is ≈ 5× faster on CPU, a whole step was not measurably (docs/studies/step-cost.md).
-    fused: bool = volatile(False)
+    fused: bool = False
 
     def validate(self, prefix: str) -> None:
         if self.lambda_adv < 0:
