@@ -58,6 +58,8 @@ args_for() {  # METHOD_CONFIG then overrides, per run name
     mean_teacher_init) echo mean_teacher "${FROM_SUP[@]}" ;;
     fixmatch_warmup_freematch_da) echo fixmatch "${WARM[@]}" "${ADAPT[@]}" ;;
     ours_warmup_freematch_da) echo unimatch_supmix_sufd "${WARM[@]}" "${ADAPT[@]}" ;;
+    bcp) echo bcp ;;  # BCP's own loss and stages (COMMON's labeled-loss settings are its defaults)
+    bcp_all_components) echo bcp --set method.largest_cc=false ;;
     *) return 1 ;;
   esac
 }
