@@ -48,6 +48,9 @@ args_for() {  # METHOD_CONFIG then overrides, per run name
     unimatch_warmup_fixed) echo unimatch "${WARM[@]}" ;;
     unimatch_warmup_freematch_da) echo unimatch "${WARM[@]}" "${ADAPT[@]}" ;;
     unimatch_warmup_freematch_da_ema) echo unimatch "${WARM[@]}" "${ADAPT[@]}" --set method.teacher=ema ;;
+    # the same run as unimatch_warmup_freematch_da (teacher: self is the default), to pair with the
+    # _ema run on the same code and settings
+    unimatch_warmup_freematch_da_self) echo unimatch "${WARM[@]}" "${ADAPT[@]}" --set method.teacher=self ;;
     unimatch_warmup_freematch) echo unimatch "${WARM[@]}" --set method.pseudo.mask=freematch ;;
     unimatch_warmup_da) echo unimatch "${WARM[@]}" --set method.pseudo.align=labeled_prior ;;
     unimatch_warmup_flexmatch_da) echo unimatch "${WARM[@]}" --set method.pseudo.mask=flexmatch --set method.pseudo.align=labeled_prior ;;
