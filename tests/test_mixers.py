@@ -381,3 +381,31 @@ def test_strong_mixer_statistics_are_buffers_in_state_dict():
     mixer = StrongMixer(MixConfig(mix="supmix", mixer=SupMixConfig(strategy="difficulty")), 4)
     keys = set(mixer.state_dict())
     assert {"stats.frequency", "stats.iou", "stats.confidence"} <= keys
+
+
+def test_a_registered_mixer_owns_its_options(monkeypatch):
+    """A mixer a package registers declares ``Config``; ``method.mixer`` is validated against it and
+    reaches the mixer (as ``cfg`` of the instance the method builds)."""
+    from dataclasses import dataclass
+
+    from semiseg.config import load_config
+    from semiseg.errors import ConfigError
+    from semiseg.mixers import Mixer, MixerConfig
+    from semiseg.registry import MIXERS
+
+    @dataclass
+    class StripesConfig(MixerConfig):
+        width: int = 2
+
+    class Stripes(Mixer):
+        Config = StripesConfig
+
+        def __call__(self, own, partner, labeled, box_mask, stats):
+            return own
+
+    monkeypatch.setitem(MIXERS._entries, "stripes", Stripes)
+    cfg = load_config(None, ["method.name=unimatch", "method.mix=stripes", "method.mixer={width: 5}"])
+    assert cfg.method.mixer == StripesConfig(width=5)
+    assert StrongMixer(cfg.method, 3).kind.cfg.width == 5
+    with pytest.raises(ConfigError, match=r"method\.mixer\.depth: unknown config key"):
+        load_config(None, ["method.name=unimatch", "method.mix=stripes", "method.mixer={depth: 1}"])
