@@ -428,7 +428,8 @@ class StrongMixer(nn.Module):
         self.cfg = cfg
         self.kind: Mixer = MIXERS[cfg.mix](cfg.mixer)
         # the statistics the non-uniform SupMix strategies read (kept, unused, for the other mixers)
-        self.stats = ClassStatistics(num_classes, getattr(cfg.mixer, "stat_momentum", 0.99))
+        momentum = getattr(cfg.mixer, "stat_momentum", SupMixConfig.stat_momentum)
+        self.stats = ClassStatistics(num_classes, momentum)
 
     @property
     def needs_labeled(self) -> bool:
