@@ -253,3 +253,14 @@ def test_readme_python_api_and_export_examples_run(tmp_path, monkeypatch, capsys
     for block in code_blocks(export, "python"):
         exec(compile(block, "README.md:Export", "exec"), namespace)
     assert (tmp_path / "runs/exported/demo/model.safetensors").is_file()
+
+
+def test_composed_names_tell_built_in_method_files_in_sub_folders_apart():
+    plain = api.load_run_config(["protocols/cpu_small", "datasets/chase_db1", "methods/unimatch"])
+    recipe = api.load_run_config(["protocols/cpu_small", "datasets/chase_db1", "methods/recipe/unimatch"])
+    guided = api.load_run_config(
+        ["protocols/cpu_small", "datasets/covid_infnet", "methods/guidedmix/cpu_small"]
+    )
+    assert plain.name == "cpu_small-chase_db1-unimatch"
+    assert recipe.name == "cpu_small-chase_db1-recipe_unimatch"
+    assert guided.name == "cpu_small-covid_infnet-guidedmix_cpu_small"

@@ -325,6 +325,10 @@ def _check_values(cfg: RunConfig) -> None:
         )
 
 
+#: The configs shipped with the package (``configs/`` in the repository links here).
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 ConfigPaths = str | Path | Sequence[str | Path] | None
 
 
@@ -339,15 +343,28 @@ def _path_list(paths: ConfigPaths) -> list[Path]:
 def compose_yaml_trees(paths: ConfigPaths) -> dict:
     """Several config files merged in order, later files winning (as one file whose ``_base_`` lists
     them would be): ``protocols/cpu_small.yaml``, ``datasets/chase_db1.yaml``, ``methods/unimatch.yaml``.
-    With more than one file and no ``name`` in any of them, the run is named after the files' stems
-    joined by ``-`` (``cpu_small-chase_db1-unimatch``); the name never enters the config hash."""
+    With more than one file and no ``name`` in any of them, the run is named after the files
+    (:func:`config_file_label`) joined by ``-`` (``cpu_small-chase_db1-unimatch``); the name never
+    enters the config hash."""
     files = _path_list(paths)
     tree: dict = {}
     for file in files:
         tree = _deep_merge(tree, load_yaml_tree(file))
     if len(files) > 1 and "name" not in tree:
-        tree["name"] = "-".join(file.stem for file in files)
+        tree["name"] = "-".join(config_file_label(file) for file in files)
     return tree
+
+
+def config_file_label(file: Path) -> str:
+    """A config file's part of a composed run name: its stem, or for a built-in config inside a
+    sub-folder of its kind the sub-folders too (``methods/recipe/unimatch.yaml`` → ``recipe_unimatch``,
+    ``methods/guidedmix/cpu_small.yaml`` → ``guidedmix_cpu_small``), so two built-in method files never
+    give two different runs the same name."""
+    try:
+        inside = Path(file).resolve().relative_to(BUILTIN_CONFIGS)
+    except ValueError:
+        return Path(file).stem
+    return "_".join([*inside.parts[1:-1], inside.stem])
 
 
 def load_config(path: ConfigPaths = None, overrides: list[str] | None = None) -> RunConfig:
@@ -356,10 +373,6 @@ def load_config(path: ConfigPaths = None, overrides: list[str] | None = None) ->
     tree = compose_yaml_trees(path)
     tree = apply_overrides(tree, overrides or [])
     return build_config(tree)
-
-
-#: The configs shipped with the package (``configs/`` in the repository links here).
-BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str | None) -> Path | None:
