@@ -16,6 +16,7 @@ from semiseg.experiment import (
     paired_delta,
     paired_interval,
     run_grid,
+    run_order,
     seed_major,
     summarize,
     table1_markdown,
@@ -375,6 +376,28 @@ def test_seed_major_order_of_the_cells_left_follows_the_whole_grid(tmp_path):
     left = [c for c in grid.cells if (c.method, c.seed) != ("supervised", 0)]
     order = [(c.method, c.seed) for c in seed_major(left, grid.cells)]
     assert order == [("fixmatch", 0), ("supervised", 1), ("fixmatch", 1)]
+
+
+def test_within_a_seed_the_longest_cells_run_first(tmp_path):
+    """Expected durations (finished runs of the same dataset and method) order the cells of a seed,
+    longest first, a cell with no timed run before all; seeds stay in order."""
+    grid = load_grid(write_grid(tmp_path, methods=("supervised", "fixmatch", "unimatch")))
+    timed = [
+        {"dataset": "synthetic", "method": "supervised", "seconds": 10.0},
+        {"dataset": "synthetic", "method": "fixmatch", "seconds": 30.0},
+        {"dataset": "synthetic", "method": "fixmatch", "seconds": 50.0},
+    ]
+    order = [(c.method, c.seed) for c in run_order(grid.cells, grid.cells, timed)]
+    assert order == [
+        ("unimatch", 0),
+        ("fixmatch", 0),
+        ("supervised", 0),
+        ("unimatch", 1),
+        ("fixmatch", 1),
+        ("supervised", 1),
+    ]
+    untimed = [(c.method, c.seed) for c in run_order(grid.cells, grid.cells, [])]
+    assert untimed == [(c.method, c.seed) for c in seed_major(grid.cells)]
 
 
 def test_chained_cells_start_from_their_base_runs(tmp_path, count_trains):

@@ -49,6 +49,7 @@ from .grid import (
     load_recorded,
     record_key,
     run_grid,
+    run_order,
     seed_major,
 )
 from .locks import claim_cell, lock_holder, release_cell
@@ -92,6 +93,7 @@ __all__ = [
     "release_cell",
     "rows_csv",
     "run_grid",
+    "run_order",
     "seed_major",
     "summarize",
     "surface_table_lines",

@@ -322,6 +322,33 @@ def seed_major(cells: list[Cell], grid_order: list[Cell] | None = None) -> list[
     )
 
 
+def expected_seconds(finished: list[dict]) -> dict[tuple[str, str], float]:
+    """Mean duration (``seconds``) of the finished runs of each (dataset, method)."""
+    durations: dict[tuple[str, str], list[float]] = {}
+    for record in finished:
+        durations.setdefault((record["dataset"], record["method"]), []).append(record["seconds"])
+    return {key: statistics.mean(values) for key, values in durations.items()}
+
+
+def run_order(cells: list[Cell], grid_order: list[Cell], finished: list[dict]) -> list[Cell]:
+    """:func:`seed_major`, and within a seed the longest cells first: by the mean duration of finished
+    runs of the same dataset and method, a cell with none first of all (it may be the longest), ties
+    in the grid file's order. With several workers the long cells then start early instead of
+    finishing alone at the end; an interrupted grid still holds whole seeds."""
+    expected = expected_seconds(finished)
+    ordered = seed_major(cells, grid_order)
+    position = {id(c): i for i, c in enumerate(ordered)}
+    seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(c.seed for c in ordered))}
+    return sorted(
+        ordered,
+        key=lambda c: (
+            seed_rank[c.seed],
+            -expected.get((c.dataset, c.method), float("inf")),
+            position[id(c)],
+        ),
+    )
+
+
 def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     """Run every cell that is not done yet, in order (``dry_run``: only list the cells' states).
 
@@ -350,12 +377,12 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     if todo:
         log(f"  {eta_text(todo, finished)}")
     if dry_run:
-        for c in seed_major(grid.cells):
+        for c in run_order(grid.cells, grid.cells, finished):
             log(f"  [{states[id(c)]:8s}] {c.label}")
         return
     # A chained cell needs its base's run directory (its final weights), not just its record.
     needed = {id(c.base): c.base for c in todo if c.base is not None and states[id(c.base)] != "done"}
-    todo = seed_major(list({id(c): c for c in [*needed.values(), *todo]}.values()), grid.cells)
+    todo = run_order(list({id(c): c for c in [*needed.values(), *todo]}.values()), grid.cells, finished)
     position = done
     while todo:
         deferred, progressed = [], False
@@ -401,10 +428,8 @@ def _run_cell(cell: Cell, recorded: dict, rerun_recorded: bool, position: int, t
 def eta_text(todo: list[Cell], finished: list[dict]) -> str:
     """Time left for ``todo`` in one process, from the durations (``seconds``) of finished runs of
     the same dataset and method; cells with no such run are counted, not guessed."""
-    durations: dict[tuple, list[float]] = {}
-    for record in finished:
-        durations.setdefault((record["dataset"], record["method"]), []).append(record["seconds"])
-    known = [statistics.mean(durations[key]) for c in todo if (key := (c.dataset, c.method)) in durations]
+    expected = expected_seconds(finished)
+    known = [expected[key] for c in todo if (key := (c.dataset, c.method)) in expected]
     unknown = len(todo) - len(known)
     if not known:
         return f"ETA unknown: no finished run of the same dataset and method timed yet ({unknown} cells)"
