@@ -380,7 +380,8 @@ def test_seed_major_order_of_the_cells_left_follows_the_whole_grid(tmp_path):
 
 def test_within_a_seed_the_longest_cells_run_first(tmp_path):
     """Expected durations (finished runs of the same dataset and method) order the cells of a seed,
-    longest first, a cell with no timed run before all; seeds stay in order."""
+    longest first, a cell with no timed run before all, a cell being resumed before those; seeds stay
+    in order."""
     grid = load_grid(write_grid(tmp_path, methods=("supervised", "fixmatch", "unimatch")))
     timed = [
         {"dataset": "synthetic", "method": "supervised", "seconds": 10.0},
@@ -398,6 +399,9 @@ def test_within_a_seed_the_longest_cells_run_first(tmp_path):
     ]
     untimed = [(c.method, c.seed) for c in run_order(grid.cells, grid.cells, [])]
     assert untimed == [(c.method, c.seed) for c in seed_major(grid.cells)]
+    resumed = [c for c in grid.cells if (c.method, c.seed) == ("supervised", 1)]
+    again = [(c.method, c.seed) for c in run_order(grid.cells, grid.cells, timed, resumed)]
+    assert again[3:] == [("supervised", 1), ("unimatch", 1), ("fixmatch", 1)]  # resumed first
 
 
 def test_chained_cells_start_from_their_base_runs(tmp_path, count_trains):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,12 +331,15 @@ def expected_seconds(finished: list[dict]) -> dict[tuple[str, str], float]:
     return {key: statistics.mean(values) for key, values in durations.items()}
 
 
-def run_order(cells: list[Cell], grid_order: list[Cell], finished: list[dict]) -> list[Cell]:
-    """:func:`seed_major`, and within a seed the longest cells first: by the mean duration of finished
-    runs of the same dataset and method, a cell with none first of all (it may be the longest), ties
-    in the grid file's order. With several workers the long cells then start early instead of
-    finishing alone at the end; an interrupted grid still holds whole seeds."""
+def run_order(
+    cells: list[Cell], grid_order: list[Cell], finished: list[dict], resuming: Sequence[Cell] = ()
+) -> list[Cell]:
+    """:func:`seed_major`, and within a seed the cells being resumed first, then the longest: by the
+    mean duration of finished runs of the same dataset and method, a cell with none first (it may be
+    the longest), ties in the grid file's order. With several workers the long cells then start early
+    instead of finishing alone at the end; an interrupted grid still holds whole seeds."""
     expected = expected_seconds(finished)
+    resumed = {id(c) for c in resuming}
     ordered = seed_major(cells, grid_order)
     position = {id(c): i for i, c in enumerate(ordered)}
     seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(c.seed for c in ordered))}
@@ -343,6 +347,7 @@ def run_order(cells: list[Cell], grid_order: list[Cell], finished: list[dict]) -
         ordered,
         key=lambda c: (
             seed_rank[c.seed],
+            id(c) not in resumed,
             -expected.get((c.dataset, c.method), float("inf")),
             position[id(c)],
         ),
@@ -377,12 +382,15 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     if todo:
         log(f"  {eta_text(todo, finished)}")
     if dry_run:
-        for c in run_order(grid.cells, grid.cells, finished):
+        partial = [c for c in grid.cells if states[id(c)] == "partial"]
+        for c in run_order(grid.cells, grid.cells, finished, partial):
             log(f"  [{states[id(c)]:8s}] {c.label}")
         return
     # A chained cell needs its base's run directory (its final weights), not just its record.
     needed = {id(c.base): c.base for c in todo if c.base is not None and states[id(c.base)] != "done"}
-    todo = run_order(list({id(c): c for c in [*needed.values(), *todo]}.values()), grid.cells, finished)
+    partial = [c for c in todo if states[id(c)] == "partial"]
+    cells = list({id(c): c for c in [*needed.values(), *todo]}.values())
+    todo = run_order(cells, grid.cells, finished, partial)
     position = done
     while todo:
         deferred, progressed = [], False
