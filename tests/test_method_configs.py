@@ -123,7 +123,7 @@ def test_every_composition_validates_and_declares_what_its_method_config_does(pr
         assert declared(cfg)[:3] == DECLARED[method][:3], method
         assert cfg.data.name == data.name and cfg.data.root == data.root, method
         assert cfg.protocol == protocol.replace("_", "-"), method
-        assert cfg.name == f"{protocol}-{dataset}-{method.rsplit('/', 1)[-1]}"
+        assert cfg.name == f"{protocol}-{dataset}-{method.replace('/', '_')}"  # sub-folders kept
 
 
 def test_the_paper_rows_are_all_shipped():
