@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import yaml
@@ -40,6 +41,8 @@ def run_record(run_dir: Path) -> dict:
         "iou": final["iou"],
         # runs evaluated by volume (ACDC): the foreground mean Dice per volume, the field's number
         **({"evaluation": "volume", "mdice": final["mdice"]} if final.get("evaluation") == "volume" else {}),
+        # runs with eval.ema: the weight-averaged model's numbers on the same split
+        **({"ema": {"miou": final["ema"]["miou"], "iou": final["ema"]["iou"]}} if "ema" in final else {}),
         "model_widths": cfg["model"].get("widths"),
         "iters": cfg["train"]["iters"],
         "threshold": method_cfg.get("threshold"),
@@ -77,7 +80,33 @@ def markdown(records: list[dict], command: str) -> str:
             f"| {tau} | {classes} "
             f"| {100 * r['miou']:.2f} | {curve} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + weight_averaged_lines(records)) + "\n"
+
+
+def weight_averaged_lines(records: list[dict]) -> list[str]:
+    """Runs with ``eval.ema``: final against weight-averaged mIoU per run, and mean ± std over runs."""
+    runs = [r for r in records if "ema" in r]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "Final weights against their moving average (`eval.ema`), same runs and split:",
+        "",
+        "| run | final mIoU | weight-averaged mIoU | weight-averaged per-class IoU |",
+        "|---|---:|---:|---|",
+    ]
+    for r in runs:
+        classes = ", ".join(f"{c} {100 * v:.2f}" for c, v in r["ema"]["iou"].items() if v is not None)
+        name, final, averaged = Path(r["run"]).name, 100 * r["miou"], 100 * r["ema"]["miou"]
+        lines.append(f"| {name} | {final:.2f} | {averaged:.2f} | {classes} |")
+    if len(runs) > 1:
+        final = [100 * r["miou"] for r in runs]
+        averaged = [100 * r["ema"]["miou"] for r in runs]
+        lines.append(
+            f"| mean ± std ({len(runs)} runs) | {statistics.mean(final):.2f} ± {statistics.stdev(final):.2f} "
+            f"| {statistics.mean(averaged):.2f} ± {statistics.stdev(averaged):.2f} | |"
+        )
+    return lines
 
 
 def volume_markdown(records: list[dict], command: str) -> str:
