@@ -341,17 +341,12 @@ def run_order(
     expected = expected_seconds(finished)
     resumed = {id(c) for c in resuming}
     ordered = seed_major(cells, grid_order)
-    position = {id(c): i for i, c in enumerate(ordered)}
     seed_rank = {seed: i for i, seed in enumerate(dict.fromkeys(c.seed for c in ordered))}
-    return sorted(
-        ordered,
-        key=lambda c: (
-            seed_rank[c.seed],
-            id(c) not in resumed,
-            -expected.get((c.dataset, c.method), float("inf")),
-            position[id(c)],
-        ),
-    )
+
+    def rank(c: Cell) -> tuple:  # sorted() is stable: ties keep the seed-major (grid file) order
+        return seed_rank[c.seed], id(c) not in resumed, -expected.get((c.dataset, c.method), float("inf"))
+
+    return sorted(ordered, key=rank)
 
 
 def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
@@ -381,14 +376,13 @@ def run_grid(grid: Grid, dry_run: bool = False, log=print) -> None:
     ]
     if todo:
         log(f"  {eta_text(todo, finished)}")
+    partial = [c for c in grid.cells if states[id(c)] == "partial"]
     if dry_run:
-        partial = [c for c in grid.cells if states[id(c)] == "partial"]
         for c in run_order(grid.cells, grid.cells, finished, partial):
             log(f"  [{states[id(c)]:8s}] {c.label}")
         return
     # A chained cell needs its base's run directory (its final weights), not just its record.
     needed = {id(c.base): c.base for c in todo if c.base is not None and states[id(c.base)] != "done"}
-    partial = [c for c in todo if states[id(c)] == "partial"]
     cells = list({id(c): c for c in [*needed.values(), *todo]}.values())
     todo = run_order(cells, grid.cells, finished, partial)
     position = done
