@@ -240,7 +240,7 @@ def test_report_prints_the_t_interval_and_says_when_there_is_no_bootstrap():
 def test_report_compares_against_the_references_and_one_seed_has_no_t_interval():
     recs = [_record(m, 0, v) for m, v in (("sup", 0.5), ("a", 0.6), ("b", 0.7))]
     text = table1_markdown(summarize(recs), "c", references=["sup", "a"])
-    assert "| a − sup | mIoU | 0 | +10.00 | n/a (1 seed) (t, 1 seed) |" in text
+    assert "| a − sup | mIoU | 0 | +10.00 | n/a (1 seed) |" in text
     assert "| b − sup |" in text and "| b − a |" in text and "| sup − a |" not in text
     default = table1_markdown(summarize(recs), "c")
     assert "| b − sup |" in default and "| b − a |" not in default  # first method by default

@@ -102,11 +102,12 @@ def paired_table_lines(
                 continue
             name = f"IoU {cls}" if metric == "iou" else METRIC_NAMES.get(metric, metric)
             n = len(result["seeds"])
-            t_text = _fmt_interval(result["t"]) or "n/a (1 seed)"
+            interval = _fmt_interval(result["t"])
+            t_text = f"{interval} (t, {n} seeds)" if interval else f"n/a ({n} seed{'s' if n > 1 else ''})"
             boot_text = _fmt_interval(result["bootstrap"]) or result["bootstrap_note"]
             lines.append(
                 f"| {row['method']} − {base['method']} | {name} | {', '.join(map(str, result['seeds']))} | "
-                f"{100 * result['mean']:+.2f} | {t_text} (t, {n} seed{'s' if n > 1 else ''}) | {boot_text} | "
+                f"{100 * result['mean']:+.2f} | {t_text} | {boot_text} | "
                 f"{result['verdict']} |"
             )
     if not lines:
