@@ -54,7 +54,8 @@ def run(folder, out, **kw):
     model = kw.pop("model", None) or ChannelThreshold()
     data = kw.pop("data", None) or DataConfig(resize=0.5)
     eval_cfg = kw.pop("eval_cfg", None) or EvalConfig(mode="whole", size_divisor=8)
-    paths = predict_folder(model, folder, out, data, eval_cfg, NAMES, PALETTE, 3, "cpu", **kw)
+    in_channels = kw.pop("in_channels", 3)
+    paths = predict_folder(model, folder, out, data, eval_cfg, NAMES, PALETTE, in_channels, "cpu", **kw)
     return model, paths
 
 
@@ -211,6 +212,100 @@ def test_mask_format_choice_is_checked(folder, tmp_path):
     assert not (tmp_path / "out").exists()
     two = mask_image(np.array([[0, 1]], np.uint8), 2, PALETTE, "visible")
     assert np.asarray(two).tolist() == [[0, 255]]
+
+
+# ----------------------------------------------------------------------------- volumes (.h5)
+
+
+def write_h5(path, **arrays):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value)
+
+
+def half_split_volume(depth: int, h: int, w: int) -> np.ndarray:
+    """Float volume in [0, 1]: dark left half, bright right half on every slice (slice 0 all dark)."""
+    vol = np.zeros((depth, h, w), dtype=np.float32)
+    vol[1:, :, w // 2 :] = 0.9
+    return vol
+
+
+def test_predict_folder_h5_volume_and_slice(tmp_path):
+    import h5py
+    from scipy import ndimage
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_h5(src / "case1.h5", image=half_split_volume(3, 20, 30), label=np.zeros((3, 20, 30), np.uint8))
+    write_h5(src / "single.h5", image=half_split_volume(2, 12, 8)[1])
+    out = tmp_path / "out"
+    model, paths = run(src, out, data=DataConfig(size=[16, 16]), in_channels=1)
+    names = ["case1_mask.h5", "case1_overlay.png", "single_mask.h5", "single_overlay.png"]
+    assert [p.name for p in paths] == names
+    assert set(model.sizes) == {(16, 16)}  # every slice at the model's input size
+    with h5py.File(out / "case1_mask.h5") as f:
+        labels = f["label"][()]
+    # at 16×16 the right half is class 1; back at 20×30 by SSL4MIS's scipy zoom(order=0), whose
+    # last column falls just outside the source grid at this size and reads as background
+    at_input = np.zeros((16, 16), np.uint8)
+    at_input[:, 8:] = 1
+    expected = np.stack(
+        [np.zeros((20, 30), np.uint8)] + [ndimage.zoom(at_input, (20 / 16, 30 / 16), order=0)] * 2
+    )
+    assert expected[1, :, 15:29].all() and not expected[1, :, 29].any()
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, expected)
+    with h5py.File(out / "single_mask.h5") as f:
+        np.testing.assert_array_equal(f["label"][()], np.repeat([[0] * 4 + [1] * 4], 12, axis=0))
+    montage_img = np.asarray(Image.open(out / "case1_overlay.png"))
+    assert montage_img.shape == (2 * 20 + 2, 2 * 30 + 2, 3)  # 3 slices on a 2×2 grid, 2-pixel gaps
+    np.testing.assert_array_equal(montage_img[:20, :30], 0)  # slice 0: dark, nothing predicted
+    assert not (montage_img[22:42, 15:30] == montage_img[22:42, 15:30, :1]).all()  # slice 2 tinted
+
+
+def test_predicted_volume_mask_is_what_volume_evaluation_scores(tmp_path):
+    """The written mask, read back by the "h5" reader as the label, scores Dice 1 on every class."""
+    from semiseg.data.base import Record
+    from semiseg.evaluate import evaluate
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_h5(src / "case1.h5", image=half_split_volume(3, 20, 30))
+    data, eval_cfg = DataConfig(size=[16, 16]), EvalConfig(mode="whole", size_divisor=8)
+    run(src, tmp_path / "out", data=data, eval_cfg=eval_cfg, in_channels=1)
+    mask_file = str(tmp_path / "out" / "case1_mask.h5")
+    records = [
+        Record(name=f"case1_slice_{k}", image=str(src / "case1.h5"), mask=mask_file, reader="h5", index=k)
+        for k in range(3)
+    ]
+    cm = evaluate(ChannelThreshold(), records, data, eval_cfg, 3, 1, "cpu", unit="volume")
+    assert cm.results(NAMES)["dice"]["vessel"] == pytest.approx(1.0)
+
+
+def test_h5_inputs_are_checked_before_anything_is_written(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_h5(src / "a.h5", image=half_split_volume(2, 8, 8))
+    with pytest.raises(DataError, match=r"a\.h5: volume has 1 channel but the model expects 3"):
+        run(src, tmp_path / "out")
+    write_h5(src / "b.h5", label=np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"b\.h5: cannot read dataset 'image'"):
+        run(src, tmp_path / "out", in_channels=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_montage_places_tiles_row_by_row():
+    from semiseg.visualize import montage
+
+    tiles = [np.full((2, 3, 3), v, np.uint8) for v in (10, 20, 30)]
+    grid = montage(tiles, gap=1)
+    assert grid.shape == (5, 7, 3)
+    assert (grid[:2, :3] == 10).all() and (grid[:2, 4:] == 20).all() and (grid[3:, :3] == 30).all()
+    assert (grid[3:, 4:] == 0).all() and (grid[2] == 0).all() and (grid[:, 3] == 0).all()
+    with pytest.raises(ValueError, match="differ in shape"):
+        montage([tiles[0], np.zeros((3, 3, 3), np.uint8)])
 
 
 # ----------------------------------------------------------------------------- demo overlay figure

@@ -200,7 +200,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         "visible": "classes spread over 0..255 (for viewing, not class indices)",
         "color": "palette PNGs in the class colours (their pixel values are the class indices)",
     }
-    print(f"wrote {len(written)} files to {args.out_dir}: *_mask.png = {kinds[args.mask_format]}")
+    parts = []
+    if any(p.name.endswith("_mask.png") for p in written):
+        parts.append(f"*_mask.png = {kinds[args.mask_format]}")
+    if any(p.name.endswith("_mask.h5") for p in written):
+        parts.append("*_mask.h5 = 'label', class indices per slice; *_overlay.png tiles the slices")
+    print(f"wrote {len(written)} files to {args.out_dir}: {'; '.join(parts)}")
     return 0
 
 
@@ -269,16 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="write index masks and colour overlays for a folder of images")
-    p.add_argument("checkpoint")
-    p.add_argument("input_dir")
-    p.add_argument("out_dir")
+    p = sub.add_parser(
+        "predict", help="write index masks and colour overlays for a folder of images or .h5 volumes"
+    )
+    p.add_argument("checkpoint", help="a run directory or a checkpoint file")
+    p.add_argument(
+        "input_dir", help="folder of images (.png, .jpg, .tif, ...) and/or .h5 volumes (SSL4MIS layout)"
+    )
+    p.add_argument("out_dir", help="where <stem>_mask.png / <stem>_mask.h5 and <stem>_overlay.png go")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument(
         "--mask-format",
         choices=["index", "visible", "color"],
         default="index",
-        help="*_mask.png: index = class indices 0..K-1 (default; what training reads), visible = "
+        help="*_mask.png of images: index = class indices 0..K-1 (default; what training reads), visible = "
         "spread over 0..255 for viewing, color = palette PNG in the class colours (values = indices)",
     )
     _add_device_arg(p)

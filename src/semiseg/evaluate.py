@@ -227,7 +227,7 @@ def _zoom_nearest(pred: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out
 
 
-class _Predictor:
+class SlicePredictor:
     """Argmax prediction of one normalised image at the model's input, with AMP on CUDA."""
 
     def __init__(
@@ -243,6 +243,15 @@ class _Predictor:
         with torch.autocast(device_type=self.device.type, enabled=self.amp):
             logits = predict_logits(self.net, x, self.eval_cfg, self.pad_value)
         return logits.argmax(1)[0]
+
+    def at_original_size(self, image: np.ndarray) -> np.ndarray:
+        """uint8 class map of an ``H×W×C`` slice read at its original size: resized to the model's
+        input size (``data.size`` / ``resize`` / ``long_side``), predicted, and zoomed back to
+        ``H×W`` by nearest neighbour, as per-volume evaluation scores it."""
+        size = target_size(image.shape[0], image.shape[1], self.data_cfg)
+        model_input, _ = resize_pair(image, None, size)
+        pred = self(model_input).cpu().numpy().astype(np.uint8)
+        return _zoom_nearest(pred, image.shape[:2])
 
 
 def evaluate(
@@ -286,7 +295,7 @@ def evaluate(
     cm = ConfusionMatrix(num_classes, device)
     if surface_metrics is None:
         surface_metrics = eval_cfg.surface_metrics
-    predict = _Predictor(net, data_cfg, eval_cfg, in_channels, device, amp)
+    predict = SlicePredictor(net, data_cfg, eval_cfg, in_channels, device, amp)
     with eval_mode(net), torch.inference_mode():
         if unit == "volume":
             cm.volumes = _evaluate_volumes(predict, records, cm, surface_metrics, rank, world_size)
@@ -306,7 +315,7 @@ def evaluate(
 
 
 def _evaluate_images(
-    predict: _Predictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
+    predict: SlicePredictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
 ):
     """Whole-image evaluation of this rank's records: fills ``cm``; returns the surface distances
     (or ``None``) and the per-image confusion counts."""
@@ -328,7 +337,7 @@ def _evaluate_images(
 
 
 def _evaluate_volumes(
-    predict: _Predictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
+    predict: SlicePredictor, records, cm: ConfusionMatrix, surface_metrics: bool, rank, world_size
 ) -> VolumeMetrics:
     """Volume evaluation of this rank's volumes (see the module docstring); fills ``cm``."""
     num_classes = cm.num_classes
@@ -339,10 +348,7 @@ def _evaluate_volumes(
         for record in slices:
             image, mask = read_record(record, original, num_classes, predict.in_channels)
             assert mask is not None
-            size = target_size(image.shape[0], image.shape[1], predict.data_cfg)
-            model_input, _ = resize_pair(image, None, size)
-            pred = predict(model_input).cpu().numpy().astype(np.uint8)
-            preds.append(_zoom_nearest(pred, mask.shape))
+            preds.append(predict.at_original_size(image))
             labels.append(np.asarray(mask))
         pred_volume, label_volume = np.stack(preds), np.stack(labels)
         as_tensor = lambda a: torch.from_numpy(a.astype(np.int64)).to(cm.mat.device)

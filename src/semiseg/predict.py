@@ -14,6 +14,14 @@ input files. For ``<stem>.<ext>`` two files are written to the output folder:
   indices (``numpy.asarray(Image.open(path))``);
 * ``<stem>_overlay.png`` — the class colours blended over the original image (background untinted).
 
+**Volumes.** A ``<stem>.h5`` file in the SSL4MIS layout (dataset ``'image'``, ``D×H×W`` or one
+``H×W`` slice; what ``datasets/acdc.yaml`` reads) is predicted slice by slice exactly as per-volume
+evaluation scores it: each slice read as the ``"h5"`` reader reads it (as stored when in [0, 1],
+else min-max scaled), resized to the model's input size, predicted, and zoomed back to its original
+size by nearest neighbour. It gives ``<stem>_mask.h5`` (dataset ``'label'``, uint8 class indices, the
+input's shape: the ``"h5"`` reader reads it back as a mask) and ``<stem>_overlay.png``, the slices'
+overlays tiled row by row. A volume needs a 1-channel model.
+
 Existing files are never overwritten unless ``overwrite=True``; the check happens before anything
 is written, and the error names the first conflicting file. Every input image is checked (readable,
 complete, channel count) before the first prediction, outputs are renamed into place only when all
@@ -34,11 +42,11 @@ from torch import nn
 
 from .checkpoint import check_writable, staged_writes
 from .config import DataConfig, EvalConfig
+from .data.acdc import h5_depth, read_h5_record
 from .data.base import Record
 from .data.io import (
     IMAGE_SUFFIXES,
     display_path,
-    image_to_tensor,
     inspect_image,
     list_images,
     open_image,
@@ -46,12 +54,13 @@ from .data.io import (
     read_record,
 )
 from .errors import DataError, OutputExistsError, SemisegError
-from .evaluate import pad_value_for, predict_logits, unwrap_model
+from .evaluate import SlicePredictor, unwrap_model
 from .modes import eval_mode
-from .visualize import overlay, save_png
+from .visualize import montage, overlay, save_png
 
 MaskFormat = Literal["index", "visible", "color"]
 MASK_FORMATS: tuple[str, ...] = ("index", "visible", "color")
+VOLUME_SUFFIXES: tuple[str, ...] = (".h5",)
 
 
 def mask_image(
@@ -71,9 +80,16 @@ def mask_image(
     raise SemisegError(f"mask_format: expected one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
 
 
+def is_volume(path: Path) -> bool:
+    """Whether ``path`` is predicted as a volume (module docstring), not as an image."""
+    return path.suffix.lower() in VOLUME_SUFFIXES
+
+
 def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path]:
-    """``(<stem>_mask.png, <stem>_overlay.png)`` in ``out_dir`` for one input image."""
-    return out_dir / f"{image.stem}_mask.png", out_dir / f"{image.stem}_overlay.png"
+    """``(<stem>_mask.png, <stem>_overlay.png)`` in ``out_dir`` for one input image; the mask of a
+    volume is ``<stem>_mask.h5``."""
+    mask_suffix = ".h5" if is_volume(image) else ".png"
+    return out_dir / f"{image.stem}_mask{mask_suffix}", out_dir / f"{image.stem}_overlay.png"
 
 
 def _plan(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path, Path, Path]]:
@@ -83,7 +99,7 @@ def _plan(images: list[Path], out_dir: Path, overwrite: bool) -> list[tuple[Path
         if img.stem in seen:
             raise DataError(
                 f"{img}: same name stem as {seen[img.stem]}; their outputs would collide "
-                f"({img.stem}_mask.png)"
+                f"({img.stem}_overlay.png)"
             )
         seen[img.stem] = img
         mask_path, overlay_path = output_paths(img, out_dir)
@@ -135,28 +151,33 @@ def predict_folder(
         raise SemisegError(f"mask_format: expected one of {', '.join(MASK_FORMATS)}, got {mask_format!r}")
     device = torch.device(device)
     images = list_images(input_dir)
-    skipped = _non_images(input_dir, images)
-    if not images:
+    volumes = [p for p in sorted(input_dir.iterdir()) if p.is_file() and is_volume(p)]
+    skipped = _non_images(input_dir, images + volumes)
+    inputs = sorted(images + volumes)
+    if not inputs:
         also = f"; it holds {len(skipped)} other file(s), e.g. {skipped[0].name}" if skipped else ""
-        raise DataError(f"{input_dir}: no images found (looked for {'/'.join(IMAGE_SUFFIXES)}){also}")
-    plan = _plan(images, out_dir, overwrite)
+        looked = "/".join(IMAGE_SUFFIXES + VOLUME_SUFFIXES)
+        raise DataError(f"{input_dir}: no images found (looked for {looked}){also}")
+    plan = _plan(inputs, out_dir, overwrite)
     num_classes = len(class_names)
     if len(palette) < num_classes:
         raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
-    for img_path in images:  # every input readable, with the model's channel count, before writing
-        info = inspect_image(img_path, utf8_name=False)  # any name: outputs keep its bytes
-        if info.channels != in_channels:
-            raise DataError(
-                f"{img_path}: image has {info.channels} channel(s) (mode {info.mode}) but the model "
-                f"expects {in_channels}"
-            )
+    depths: dict[Path, int | None] = {}  # every input readable, with the model's channels, before writing
+    for path in inputs:
+        if is_volume(path):
+            depths[path] = h5_depth(path)
+            channels, what = 1, "volume has 1 channel"
+        else:
+            info = inspect_image(path, utf8_name=False)  # any name: outputs keep its bytes
+            channels, what = info.channels, f"image has {info.channels} channel(s) (mode {info.mode})"
+        if channels != in_channels:
+            raise DataError(f"{path}: {what} but the model expects {in_channels}")
     check_writable(out_dir, "output folder")
     if skipped and log is not None:
         names = ", ".join(display_path(p.name) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         log(f"note: skipped {len(skipped)} file(s) of {input_dir} that are not images: {names}")
     net = unwrap_model(model)
-    use_amp = amp and device.type == "cuda"
-    pad_value = pad_value_for(data_cfg, in_channels)
+    predictor = SlicePredictor(net, data_cfg, eval_cfg, in_channels, device, amp)
     created = not out_dir.exists()
     # a failure leaves no temp file, and no empty folder where there was none
     with (
@@ -166,12 +187,14 @@ def predict_folder(
     ):
         out_dir.mkdir(parents=True, exist_ok=True)
         for img_path, mask_path, overlay_path in plan:
+            if is_volume(img_path):
+                _predict_volume(
+                    predictor, img_path, depths[img_path], (mask_path, overlay_path), palette, stage
+                )
+                continue
             record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
             image, _ = read_record(record, data_cfg, num_classes, in_channels)
-            x = image_to_tensor(image, data_cfg).unsqueeze(0).to(device)
-            with torch.autocast(device_type=device.type, enabled=use_amp):
-                logits = predict_logits(net, x, eval_cfg, pad_value)
-            pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            pred = predictor(image).to(torch.uint8).cpu().numpy()
             original = pil_to_float(open_image(img_path))
             oh, ow = original.shape[:2]
             if pred.shape != (oh, ow):
@@ -181,3 +204,29 @@ def predict_folder(
             overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)
             save_png(overlay(original, pred, palette), overlay_tmp)
     return [final for _, mask_path, overlay_path in plan for final in (mask_path, overlay_path)]
+
+
+def _predict_volume(
+    predictor: SlicePredictor,
+    path: Path,
+    depth: int | None,
+    outputs: tuple[Path, Path],
+    palette: Sequence[Sequence[int]],
+    stage: Callable[[Path, Path], Path],
+) -> None:
+    """Write ``<stem>_mask.h5`` and the overlay montage of one volume (module docstring)."""
+    import h5py
+
+    mask_path, overlay_path = outputs
+    preds, overlays = [], []
+    for index in [None] if depth is None else range(depth):
+        record = Record(name=path.stem, image=str(path), mask=None, reader="h5", index=index)
+        image, _ = read_h5_record(record, predictor.data_cfg)
+        pred = predictor.at_original_size(image)
+        preds.append(pred)
+        overlays.append(overlay(image, pred, palette))
+    labels = preds[0] if depth is None else np.stack(preds)
+    with h5py.File(stage(mask_path.with_name(f".{mask_path.name}.partial.h5"), mask_path), "w") as f:
+        f.create_dataset("label", data=labels, compression="gzip")
+    overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)
+    save_png(montage(overlays), overlay_tmp)

@@ -7,6 +7,7 @@ Conventions: a palette is a list of ``(r, g, b)`` uint8 triples indexed by class
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,23 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG")
     return path
+
+
+def montage(tiles: Sequence[np.ndarray], columns: int | None = None, gap: int = 2) -> np.ndarray:
+    """Equal-sized ``H×W×3`` uint8 tiles in a grid, row by row (``columns``: default
+    ``ceil(sqrt(n))``), separated by ``gap`` black pixels; empty cells of the last row stay black."""
+    if not tiles:
+        raise ValueError("montage needs at least one tile")
+    h, w = tiles[0].shape[:2]
+    if any(t.shape != tiles[0].shape for t in tiles):
+        raise ValueError(f"montage tiles differ in shape: {sorted({t.shape for t in tiles})}")
+    cols = columns or math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    out = np.zeros((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        top, left = (k // cols) * (h + gap), (k % cols) * (w + gap)
+        out[top : top + h, left : left + w] = tile
+    return out
 
 
 def legend_patches(class_names: Sequence[str], palette: Sequence[Sequence[int]]) -> list[Any]:

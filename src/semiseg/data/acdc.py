@@ -81,7 +81,7 @@ def patients_for(labeled: float | int, num_patients: int) -> int:
     return count
 
 
-def _h5_depth(path: Path) -> int | None:
+def h5_depth(path: Path) -> int | None:
     """Slices of a volume file (first axis of 'image'), or None for a 2-D slice file."""
     import h5py
 
@@ -103,7 +103,7 @@ def _volume_records(root: Path, names: list[str]) -> list[Record]:
     records = []
     for name in names:
         path = root / "data" / f"{name}.h5"
-        depth = _h5_depth(path)
+        depth = h5_depth(path)
         if depth is None:
             records.append(Record(name=name, image=str(path), mask=str(path), reader="h5"))
             continue
