@@ -19,7 +19,7 @@ import semiseg
 from semiseg import api
 from semiseg.cli import main
 from semiseg.config import config_to_dict
-from semiseg.errors import SemisegError
+from semiseg.errors import DataError, SemisegError
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,9 @@ def test_predict_array_probs_and_overlay(run_dir):
     [
         ["data.resize=0.5", "eval.size_divisor=16"],
         ["data.long_side=40", "eval.mode=sliding", "eval.window=32", "eval.overlap=0.25"],
+        ["data.size=[24, 40]", "eval.size_divisor=8"],
     ],
-    ids=["whole_resize", "sliding_long_side"],
+    ids=["whole_resize", "sliding_long_side", "fixed_size"],
 )
 def test_predict_matches_the_cli(run_dir, tmp_path, capsys, overrides):
     rng = np.random.default_rng(1)
@@ -142,6 +143,34 @@ def test_predict_matches_the_cli(run_dir, tmp_path, capsys, overrides):
             pred = predictor.predict(source)
             np.testing.assert_array_equal(pred.mask, cli_mask)
             np.testing.assert_array_equal(predictor.overlay(source, pred.mask), cli_overlay)
+
+
+def test_predict_volume_matches_the_cli(run_dir, tmp_path, capsys):
+    """A 1-channel run: ``predict_volume`` of an .h5 file or its array is the CLI's ``<stem>_mask.h5``."""
+    import h5py
+
+    run = tmp_path / "run1"
+    semiseg.train(
+        overrides=tiny_overrides(**{"data.synthetic.channels": 1, "data.size": "[24, 24]"}), run_dir=run
+    )
+    rng = np.random.default_rng(2)
+    volume = (rng.random((3, 30, 20)) * 400 - 100).astype(np.float32)  # outside [0, 1]: min-max per slice
+    src = tmp_path / "in"
+    src.mkdir()
+    with h5py.File(src / "case.h5", "w") as f:
+        f.create_dataset("image", data=volume)
+    assert main(["predict", str(run), str(src), str(tmp_path / "out")]) == 0, capsys.readouterr()
+    with h5py.File(tmp_path / "out" / "case_mask.h5") as f:
+        cli_labels = f["label"][()]
+    predictor = semiseg.load(run)
+    for source in (src / "case.h5", volume):
+        labels = predictor.predict_volume(source)
+        assert labels.shape == (3, 30, 20) and labels.dtype == np.int64
+        np.testing.assert_array_equal(labels, cli_labels)
+    with pytest.raises(DataError, match="D×H×W"):
+        predictor.predict_volume(volume[0])
+    with pytest.raises(DataError, match="1 channel but the model expects 3"):
+        semiseg.load(run_dir).predict_volume(volume)  # the module's 3-channel run
 
 
 def test_load_errors(run_dir, tmp_path):

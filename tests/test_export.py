@@ -107,6 +107,29 @@ def test_round_trip_per_model(name, tmp_path, capsys):
     np.testing.assert_array_equal(from_export.mask, from_ckpt.mask)
 
 
+def test_fixed_input_size_travels_with_the_export(tmp_path, capsys):
+    """``data.size`` (ACDC's fixed 128×128) reaches the export, and both predictors use it."""
+    ckpt = tmp_path / "latest.pt"
+    fake_checkpoint(ckpt, MODELS["unet"])
+    saved = torch.load(ckpt, weights_only=False)
+    saved["config"]["data"]["size"] = [24, 40]
+    torch.save(saved, ckpt)
+    out = tmp_path / "exported"
+    assert main(["export", str(ckpt), str(out)]) == 0, capsys.readouterr().err
+    assert yaml.safe_load((out / SPEC_FILE).read_text())["data"]["size"] == [24, 40]
+    image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
+    predictions = []
+    for source in (ckpt, out):
+        predictor = semiseg.load(source)
+        assert predictor.data_cfg.size == [24, 40]
+        predictions.append(predictor.predict(image))
+    np.testing.assert_array_equal(predictions[0].mask, predictions[1].mask)
+    resized = semiseg.load(out, overrides=["data.size=[32, 32]"])
+    assert resized.data_cfg.size == [32, 32]
+    with pytest.raises(SemisegError, match="data.size must be"):
+        semiseg.load(out, overrides=["data.size=[0, 32]"])
+
+
 def test_mean_teacher_exports_the_evaluated_network(tmp_path):
     teacher = fake_checkpoint(tmp_path / "mt.pt", {}, seed=3, teacher=True)
     model, _ = load_exported(export_model(tmp_path / "mt.pt", tmp_path / "out"))

@@ -14,8 +14,8 @@
 :func:`train` resolves config names like ``semiseg train --config`` (a file, or a name under the
 built-in configs; a list of them is merged in order, later ones winning, as repeated ``-c`` are).
 :meth:`Predictor.predict` preprocesses exactly like ``semiseg predict``: the image is scaled to
-``[0, 1]`` as an image file would be read, resized per ``data.resize`` / ``data.long_side``
-(bilinear), normalised with the run's mean / std, predicted with the run's ``eval.mode``
+``[0, 1]`` as an image file would be read, resized per ``data.size`` / ``data.resize`` /
+``data.long_side`` (bilinear), normalised with the run's mean / std, predicted with the run's ``eval.mode``
 (``whole``: padded to ``eval.size_divisor`` with the normalised black pixel; ``sliding``:
 ``eval.window`` / ``eval.overlap``), and the prediction is resized back to the input size (nearest
 neighbour). Messages go to the ``semiseg`` logger.
@@ -294,6 +294,40 @@ class Predictor:
 
     __call__ = predict
 
+    def predict_volume(self, volume: np.ndarray | str | Path) -> np.ndarray:
+        """``D×H×W`` int64 class indices of a volume: a ``D×H×W`` array, or an ``.h5`` file in the
+        SSL4MIS layout (its ``'image'``; ``H×W`` for a 2-D slice file). Each slice is taken as the
+        ``"h5"`` reader takes it (as stored when in [0, 1], else min-max scaled) and predicted as
+        per-volume evaluation and ``semiseg predict`` predict it (resized to the model's input,
+        zoomed back by nearest neighbour), so the result is the ``'label'`` of the
+        ``<stem>_mask.h5`` that ``semiseg predict`` writes."""
+        import torch
+
+        from .data.acdc import h5_depth, read_h5_record, unit_range
+        from .data.base import Record
+        from .evaluate import SlicePredictor
+
+        if self.in_channels != 1:
+            raise DataError(f"a volume has 1 channel but the model expects {self.in_channels}")
+        if isinstance(volume, (str, Path)):
+            depth = h5_depth(Path(volume))
+            records = [
+                Record(name=Path(volume).stem, image=str(volume), mask=None, reader="h5", index=k)
+                for k in ([None] if depth is None else range(depth))
+            ]
+            slices = [read_h5_record(record, self.data_cfg)[0] for record in records]
+        else:
+            arr = np.asarray(volume)
+            if arr.ndim != 3 or 0 in arr.shape:
+                raise DataError(f"volume must be D×H×W with D, H, W >= 1, got shape {arr.shape}")
+            if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+                raise DataError(f"volume: expected finite numbers, got dtype {arr.dtype}")
+            depth, slices = arr.shape[0], [unit_range(s)[..., None] for s in arr]
+        predict = SlicePredictor(self.model, self.data_cfg, self.eval_cfg, 1, self.device, amp=False)
+        with eval_mode(self.model), torch.inference_mode():
+            preds = [predict.at_original_size(s).astype(np.int64) for s in slices]
+        return preds[0] if depth is None else np.stack(preds)  # a 2-D .h5 file: its H×W slice
+
     def overlay(self, image: np.ndarray | str | Path, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """Class colours blended over ``image`` (background untinted): ``H×W×3`` uint8, as the
         ``<stem>_overlay.png`` of ``semiseg predict``."""
@@ -326,7 +360,7 @@ def load(
     (``model.pretrained`` / ``model.weights`` only initialise training; the saved weights replace
     them). ``overrides`` change the saved inference settings as ``--set`` does for ``semiseg
     predict`` (e.g. ``["eval.mode=sliding"]``); an export folder accepts ``eval.*``,
-    ``data.resize`` and ``data.long_side``.
+    ``data.size``, ``data.resize`` and ``data.long_side``.
     """
     from .export import SPEC_FILE, InferenceSpec, is_export_dir, load_exported
 
@@ -363,11 +397,12 @@ EXPORT_OVERRIDABLE = (
     "eval.size_divisor",
     "data.resize",
     "data.long_side",
+    "data.size",
 )
 
 
 def _override_spec(spec: InferenceSpec, items: list[str], where: Path) -> InferenceSpec:
-    """Apply ``eval.*`` / ``data.resize`` / ``data.long_side`` overrides to an export's spec."""
+    """Apply the ``eval.*`` / ``data.*`` overrides of :data:`EXPORT_OVERRIDABLE` to an export's spec."""
     from .export import InferenceSpec
 
     for item in items:

@@ -6,8 +6,8 @@
   teacher), no optimizer, RNG or method state;
 * ``model.yaml`` — everything inference needs: the model config (``model.*``, with ``pretrained``
   off and no ``weights`` file, since the weights are in ``model.safetensors``), input channels,
-  number of classes, class names, palette, normalisation mean / std, ``data.resize`` /
-  ``data.long_side`` and the inference settings ``eval.mode`` / ``window`` / ``overlap`` /
+  number of classes, class names, palette, normalisation mean / std, ``data.size`` /
+  ``data.resize`` / ``data.long_side`` and the inference settings ``eval.mode`` / ``window`` / ``overlap`` /
   ``size_divisor``;
 * optionally ``model.pt2`` (``torch_export=True``): a :func:`torch.export.export` program mapping a
   **normalised** ``N×C×H×W`` float batch to ``N×K×H×W`` logits at the input size, for consumers
@@ -53,6 +53,16 @@ TORCH_EXPORT_FILE = "model.pt2"
 ONNX_FILE = "model.onnx"
 
 
+def _fixed_size(value: Any) -> list[int] | None:
+    """``data.size`` of an export (absent in exports written before it existed): ``[H, W]`` or None."""
+    if value is None:
+        return None
+    size = [int(v) for v in value]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"data.size must be [H, W] with H, W >= 1, got {value}")
+    return size
+
+
 @dataclass
 class InferenceSpec:
     """What a trained network needs at inference, from a checkpoint or an export's ``model.yaml``."""
@@ -66,12 +76,17 @@ class InferenceSpec:
     std: list[float]
     resize: float = 1.0
     long_side: int | None = None
+    size: list[int] | None = None  # data.size: a fixed [H, W] input, before resize / long_side
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def data_config(self) -> DataConfig:
-        """The data settings inference reads (resize, normalisation) as a :class:`DataConfig`."""
+        """The data settings inference reads (size / resize, normalisation) as a :class:`DataConfig`."""
         return DataConfig(
-            resize=self.resize, long_side=self.long_side, mean=list(self.mean), std=list(self.std)
+            resize=self.resize,
+            long_side=self.long_side,
+            size=None if self.size is None else list(self.size),
+            mean=list(self.mean),
+            std=list(self.std),
         )
 
     @classmethod
@@ -90,6 +105,7 @@ class InferenceSpec:
             std=[float(v) for v in std],
             resize=float(cfg.data.resize),
             long_side=cfg.data.long_side,
+            size=None if not cfg.data.size else [int(v) for v in cfg.data.size],
             eval=dataclasses.replace(cfg.eval),
         )
 
@@ -101,7 +117,7 @@ class InferenceSpec:
             "class_names": list(self.class_names),
             "palette": [list(c) for c in self.palette],
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
-            "data": {"resize": self.resize, "long_side": self.long_side},
+            "data": {"resize": self.resize, "long_side": self.long_side, "size": self.size},
             "eval": {
                 "mode": self.eval.mode,
                 "window": self.eval.window,
@@ -129,6 +145,7 @@ class InferenceSpec:
                 std=[float(v) for v in norm["std"]],
                 resize=float(data.get("resize", 1.0)),
                 long_side=None if data.get("long_side") is None else int(data["long_side"]),
+                size=_fixed_size(data.get("size")),
                 eval=eval_cfg,
             )
         except SemisegError as exc:

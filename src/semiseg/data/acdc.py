@@ -136,14 +136,20 @@ def _read_h5_array(path: str, key: str, index: int | None) -> np.ndarray:
     return arr
 
 
+def unit_range(image: np.ndarray) -> np.ndarray:
+    """A slice as float32, as stored when it lies in [0, 1] (SSL4MIS), else min-max scaled to [0, 1]."""
+    image = np.asarray(image, dtype=np.float32)
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0.0 or hi > 1.0:
+        image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    return image
+
+
 @register_reader("h5")
 def read_h5_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """'image' (slice ``record.index`` or the 2-D array) as H×W×1, as stored when it lies in [0, 1]
     (SSL4MIS), else min-max scaled to [0, 1]; 'label' mask."""
-    image = _read_h5_array(record.image, "image", record.index).astype(np.float32)
-    lo, hi = float(image.min()), float(image.max())
-    if lo < 0.0 or hi > 1.0:
-        image = (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+    image = unit_range(_read_h5_array(record.image, "image", record.index))
     mask = None
     if record.mask:
         label = _read_h5_array(record.mask, "label", record.index)
