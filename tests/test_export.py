@@ -88,6 +88,7 @@ def test_round_trip_per_model(name, tmp_path, capsys):
     assert spec_tree["normalization"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert spec_tree["eval"]["size_divisor"] == (32 if name == "guidedmix" else 16)
     assert spec_tree["model"]["pretrained"] is False and spec_tree["model"]["weights"] is None
+    assert spec_tree["format_version"] == 1 and spec_tree["data"]["size"] is None  # readable by 1.x
 
     model, spec = load_exported(out)
     assert not model.training and spec.palette == [tuple(c) for c in default_palette(3)]
@@ -116,7 +117,8 @@ def test_fixed_input_size_travels_with_the_export(tmp_path, capsys):
     torch.save(saved, ckpt)
     out = tmp_path / "exported"
     assert main(["export", str(ckpt), str(out)]) == 0, capsys.readouterr().err
-    assert yaml.safe_load((out / SPEC_FILE).read_text())["data"]["size"] == [24, 40]
+    tree = yaml.safe_load((out / SPEC_FILE).read_text())
+    assert tree["data"]["size"] == [24, 40] and tree["format_version"] == 2  # older readers refuse it
     image = (np.random.default_rng(0).random((50, 70, 3)) * 255).astype(np.uint8)
     predictions = []
     for source in (ckpt, out):

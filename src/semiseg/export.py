@@ -46,7 +46,7 @@ from .models.registry import build_model
 log = logging.getLogger("semiseg")
 
 EXPORT_FORMAT = "semiseg-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: data.size (a fixed input size); 1 is still written when it is unset
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.yaml"
 TORCH_EXPORT_FILE = "model.pt2"
@@ -355,7 +355,8 @@ def export_model(
 
     description = {
         "format": EXPORT_FORMAT,
-        "format_version": EXPORT_VERSION,
+        # an export with a fixed input size must not be read by a semiseg that would ignore it
+        "format_version": EXPORT_VERSION if spec.size else 1,
         "semiseg_version": __version__,
         "source": {
             "checkpoint": str(checkpoint),
