@@ -303,30 +303,24 @@ class Predictor:
         ``<stem>_mask.h5`` that ``semiseg predict`` writes."""
         import torch
 
-        from .data.acdc import h5_depth, read_h5_record, unit_range
-        from .data.base import Record
+        from .data.acdc import read_h5_slices, unit_range
         from .evaluate import SlicePredictor
 
         if self.in_channels != 1:
             raise DataError(f"a volume has 1 channel but the model expects {self.in_channels}")
         if isinstance(volume, (str, Path)):
-            depth = h5_depth(Path(volume))
-            records = [
-                Record(name=Path(volume).stem, image=str(volume), mask=None, reader="h5", index=k)
-                for k in ([None] if depth is None else range(depth))
-            ]
-            slices = [read_h5_record(record, self.data_cfg)[0] for record in records]
+            slices, one_slice = read_h5_slices(Path(volume))
         else:
             arr = np.asarray(volume)
             if arr.ndim != 3 or 0 in arr.shape:
                 raise DataError(f"volume must be D×H×W with D, H, W >= 1, got shape {arr.shape}")
             if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
                 raise DataError(f"volume: expected finite numbers, got dtype {arr.dtype}")
-            depth, slices = arr.shape[0], [unit_range(s)[..., None] for s in arr]
+            slices, one_slice = [unit_range(s)[..., None] for s in arr], False
         predict = SlicePredictor(self.model, self.data_cfg, self.eval_cfg, 1, self.device, amp=False)
         with eval_mode(self.model), torch.inference_mode():
             preds = [predict.at_original_size(s).astype(np.int64) for s in slices]
-        return preds[0] if depth is None else np.stack(preds)  # a 2-D .h5 file: its H×W slice
+        return preds[0] if one_slice else np.stack(preds)  # a 2-D .h5 file: its H×W slice
 
     def overlay(self, image: np.ndarray | str | Path, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         """Class colours blended over ``image`` (background untinted): ``H×W×3`` uint8, as the

@@ -42,7 +42,7 @@ from torch import nn
 
 from .checkpoint import check_writable, staged_writes
 from .config import DataConfig, EvalConfig
-from .data.acdc import h5_depth, read_h5_record
+from .data.acdc import h5_depth, read_h5_slices
 from .data.base import Record
 from .data.io import (
     IMAGE_SUFFIXES,
@@ -162,10 +162,10 @@ def predict_folder(
     num_classes = len(class_names)
     if len(palette) < num_classes:
         raise ValueError(f"palette has {len(palette)} colours for {num_classes} classes")
-    depths: dict[Path, int | None] = {}  # every input readable, with the model's channels, before writing
+    # every input readable, with the model's channel count, before anything is written
     for path in inputs:
         if is_volume(path):
-            depths[path] = h5_depth(path)
+            h5_depth(path)  # checks the file and the shape of its 'image'
             channels, what = 1, "volume has 1 channel"
         else:
             info = inspect_image(path, utf8_name=False)  # any name: outputs keep its bytes
@@ -188,9 +188,7 @@ def predict_folder(
         out_dir.mkdir(parents=True, exist_ok=True)
         for img_path, mask_path, overlay_path in plan:
             if is_volume(img_path):
-                _predict_volume(
-                    predictor, img_path, depths[img_path], (mask_path, overlay_path), palette, stage
-                )
+                _predict_volume(predictor, img_path, (mask_path, overlay_path), palette, stage)
                 continue
             record = Record(name=img_path.stem, image=str(img_path), mask=None, reader="file")
             image, _ = read_record(record, data_cfg, num_classes, in_channels)
@@ -209,7 +207,6 @@ def predict_folder(
 def _predict_volume(
     predictor: SlicePredictor,
     path: Path,
-    depth: int | None,
     outputs: tuple[Path, Path],
     palette: Sequence[Sequence[int]],
     stage: Callable[[Path, Path], Path],
@@ -218,14 +215,10 @@ def _predict_volume(
     import h5py
 
     mask_path, overlay_path = outputs
-    preds, overlays = [], []
-    for index in [None] if depth is None else range(depth):
-        record = Record(name=path.stem, image=str(path), mask=None, reader="h5", index=index)
-        image, _ = read_h5_record(record, predictor.data_cfg)
-        pred = predictor.at_original_size(image)
-        preds.append(pred)
-        overlays.append(overlay(image, pred, palette))
-    labels = preds[0] if depth is None else np.stack(preds)
+    slices, one_slice = read_h5_slices(path)
+    preds = [predictor.at_original_size(image) for image in slices]
+    overlays = [overlay(image, pred, palette) for image, pred in zip(slices, preds)]
+    labels = preds[0] if one_slice else np.stack(preds)
     with h5py.File(stage(mask_path.with_name(f".{mask_path.name}.partial.h5"), mask_path), "w") as f:
         f.create_dataset("label", data=labels, compression="gzip")
     overlay_tmp = stage(overlay_path.with_name(f".{overlay_path.name}.partial.png"), overlay_path)

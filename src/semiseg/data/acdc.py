@@ -145,6 +145,21 @@ def unit_range(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def read_h5_slices(path: Path) -> tuple[list[np.ndarray], bool]:
+    """Every slice of an ``.h5`` file's ``'image'`` as ``H×W×1``, scaled per slice as the ``"h5"``
+    reader scales it (:func:`unit_range`), read in one pass; and whether the file is one 2-D slice."""
+    import h5py
+
+    depth = h5_depth(path)  # checks the file and the shape of 'image'
+    try:
+        with h5py.File(path, "r") as f:
+            data = np.asarray(f["image"][()])
+    except (OSError, KeyError) as exc:
+        raise DataError(f"{path}: cannot read dataset 'image' ({type(exc).__name__}: {exc})") from None
+    stack = data[None] if depth is None else data
+    return [unit_range(image)[..., None] for image in stack], depth is None
+
+
 @register_reader("h5")
 def read_h5_record(record: Record, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """'image' (slice ``record.index`` or the 2-D array) as H×W×1, as stored when it lies in [0, 1]
